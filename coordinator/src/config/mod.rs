@@ -1,0 +1,151 @@
+//! The coordinator's configuration: a YAML file whose every key has a
+//! default, documented in `docs/configuration.md`. The binary layers flags
+//! and `OUTPOST_*` environment variables on top.
+
+mod units;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+pub use units::{ByteSize, Span};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Address the gRPC services and the HTTP endpoints share.
+    pub listen: SocketAddr,
+    /// Where the embedded storage keeps blobs and its database.
+    pub data_dir: PathBuf,
+    /// Upper bound on the bytes of blobs kept; least recently used blobs are
+    /// evicted beyond it.
+    pub max_cas_size: ByteSize,
+    /// Largest total of blob bytes one batch call may carry (advertised to
+    /// clients as `max_batch_total_size_bytes`).
+    pub max_batch_size: ByteSize,
+    /// How long an unfinished resumable upload is kept before it is dropped.
+    pub upload_expiry: Span,
+    /// Log filter, e.g. `info` or `outpost_coordinator=debug,info`.
+    pub log: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::from(([0, 0, 0, 0], 8980)),
+            data_dir: PathBuf::from("./outpost-data"),
+            max_cas_size: ByteSize(50 << 30),
+            max_batch_size: ByteSize(4 << 20),
+            upload_expiry: Span(std::time::Duration::from_secs(600)),
+            log: "info".to_owned(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config: {0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// Reads a YAML config file. Unknown keys and bad values are errors that
+    /// name the line.
+    pub fn load(path: &Path) -> Result<Config, Error> {
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::parse(&text).map_err(|message| Error::Parse {
+            path: path.to_owned(),
+            message,
+        })
+    }
+
+    /// Parses YAML text; an empty document means all defaults.
+    pub fn parse(text: &str) -> Result<Config, String> {
+        if text.trim().is_empty() {
+            return Ok(Config::default());
+        }
+        serde_saphyr::from_str(text).map_err(|e| e.to_string())
+    }
+
+    /// Checks relations between values that each parse fine alone.
+    pub fn validate(&self) -> Result<(), Error> {
+        if self.max_batch_size.0 < 64 << 10 {
+            return Err(Error::Invalid(format!(
+                "max_batch_size {} is below the 64KiB minimum",
+                self.max_batch_size
+            )));
+        }
+        if self.max_batch_size.0 > 64 << 20 {
+            return Err(Error::Invalid(format!(
+                "max_batch_size {} is above the 64MiB maximum",
+                self.max_batch_size
+            )));
+        }
+        if self.max_cas_size.0 < 1 << 20 {
+            return Err(Error::Invalid(format!(
+                "max_cas_size {} is below the 1MiB minimum",
+                self.max_cas_size
+            )));
+        }
+        Ok(())
+    }
+
+    /// The effective configuration as YAML, for `--print-config`.
+    pub fn to_yaml(&self) -> String {
+        serde_saphyr::to_string(self).expect("the config serializes: plain fields only")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_roundtrip_through_yaml() {
+        let yaml = Config::default().to_yaml();
+        assert_eq!(Config::parse(&yaml), Ok(Config::default()));
+        assert_eq!(Config::parse(""), Ok(Config::default()));
+    }
+
+    #[test]
+    fn parses_values() {
+        let c = Config::parse("listen: 127.0.0.1:9000\nmax_cas_size: 2GiB\nupload_expiry: 1m\n")
+            .expect("valid");
+        assert_eq!(c.listen, SocketAddr::from(([127, 0, 0, 1], 9000)));
+        assert_eq!(c.max_cas_size, ByteSize(2 << 30));
+        assert_eq!(c.upload_expiry.0.as_secs(), 60);
+        assert_eq!(c.data_dir, Config::default().data_dir);
+    }
+
+    #[test]
+    fn unknown_key_names_its_line() {
+        let err =
+            Config::parse("listen: 127.0.0.1:9000\n\nmax_cas_sise: 2GiB\n").expect_err("typo");
+        assert!(err.contains("max_cas_sise"), "{err}");
+        assert!(err.contains('3'), "no line number in {err}");
+    }
+
+    #[test]
+    fn bad_value_is_an_error() {
+        let err = Config::parse("max_cas_size: plenty\n").expect_err("bad size");
+        assert!(err.contains("plenty"), "{err}");
+    }
+
+    #[test]
+    fn docs_example_config_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/examples/coordinator.yaml");
+        let config = Config::load(&path).expect("docs/examples/coordinator.yaml parses");
+        config.validate().expect("and is valid");
+    }
+}

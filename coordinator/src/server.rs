@@ -1,0 +1,139 @@
+//! One listening address for everything: the gRPC services, gRPC health and
+//! plain HTTP (`/healthz`), with TCP_NODELAY on every connection.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use axum::routing::get;
+use outpost_proto::bytestream::byte_stream_server::ByteStreamServer;
+use outpost_proto::reapi::action_cache_server::ActionCacheServer;
+use outpost_proto::reapi::capabilities_server::CapabilitiesServer;
+use outpost_proto::reapi::content_addressable_storage_server::ContentAddressableStorageServer;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tonic::service::Routes;
+use tonic::transport::server::TcpIncoming;
+
+use crate::config::Config;
+use crate::service::Context;
+use crate::service::action_cache::ActionCacheService;
+use crate::service::bytestream::ByteStreamService;
+use crate::service::capabilities::CapabilitiesService;
+use crate::service::cas::CasService;
+use crate::storage::embedded::EmbeddedStore;
+
+/// Room above the batch limit for the rest of a message.
+const MESSAGE_OVERHEAD: usize = 1 << 20;
+
+/// A coordinator with its storage open and its socket bound.
+pub struct Coordinator {
+    config: Config,
+    listener: TcpListener,
+    store: EmbeddedStore,
+    committer: JoinHandle<()>,
+}
+
+impl Coordinator {
+    pub async fn bind(config: Config) -> anyhow::Result<Coordinator> {
+        config.validate()?;
+        let (store, committer) =
+            EmbeddedStore::open(config.data_dir.clone(), config.max_cas_size.0)
+                .await
+                .with_context(|| {
+                    format!(
+                        "cannot open the data directory {}",
+                        config.data_dir.display()
+                    )
+                })?;
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", config.listen))?;
+        Ok(Coordinator {
+            config,
+            listener,
+            store,
+            committer,
+        })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Serves until `shutdown` fires, then lets in-flight requests finish
+    /// and flushes storage.
+    pub async fn serve(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let addr = self.local_addr()?;
+        if !addr.ip().is_loopback() {
+            tracing::warn!(
+                %addr,
+                "no credentials are configured: anyone who can reach this address can read and \
+                 write the cache; listen on 127.0.0.1 or keep it on a trusted network"
+            );
+        }
+        let ctx = Context {
+            cas: Arc::new(self.store.clone()),
+            action_cache: Arc::new(self.store.clone()),
+            max_batch_size: self.config.max_batch_size.0,
+        };
+        let max_message =
+            usize::try_from(self.config.max_batch_size.0).unwrap_or(usize::MAX) + MESSAGE_OVERHEAD;
+        let (health, health_service) = tonic_health::server::health_reporter();
+        for name in [
+            "build.bazel.remote.execution.v2.Capabilities",
+            "build.bazel.remote.execution.v2.ContentAddressableStorage",
+            "build.bazel.remote.execution.v2.ActionCache",
+            "google.bytestream.ByteStream",
+        ] {
+            health
+                .set_service_status(name, tonic_health::ServingStatus::Serving)
+                .await;
+        }
+        let routes = Routes::new(health_service)
+            .add_service(CapabilitiesServer::new(CapabilitiesService::new(
+                ctx.clone(),
+            )))
+            .add_service(
+                ContentAddressableStorageServer::new(CasService::new(ctx.clone()))
+                    .max_decoding_message_size(max_message)
+                    .max_encoding_message_size(max_message),
+            )
+            .add_service(
+                ActionCacheServer::new(ActionCacheService::new(ctx.clone()))
+                    .max_decoding_message_size(max_message)
+                    .max_encoding_message_size(max_message),
+            )
+            .add_service(
+                ByteStreamServer::new(ByteStreamService::new(
+                    ctx.clone(),
+                    self.config.upload_expiry.0,
+                    shutdown.child_token(),
+                ))
+                .max_decoding_message_size(max_message)
+                .max_encoding_message_size(max_message),
+            );
+        let routes = Routes::from(
+            routes
+                .into_axum_router()
+                .route("/healthz", get(|| async { "ok\n" })),
+        );
+        let incoming = TcpIncoming::from(self.listener).with_nodelay(Some(true));
+        tracing::info!("coordinator listening on {addr}");
+        tonic::transport::Server::builder()
+            .accept_http1(true)
+            .add_routes(routes)
+            .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
+            .await
+            .context("the gRPC server failed")?;
+        tracing::info!("shutting down: flushing storage");
+        drop(ctx);
+        drop(self.store);
+        self.committer
+            .await
+            .context("the storage committer failed")?;
+        tracing::info!("stopped");
+        Ok(())
+    }
+}

@@ -1,0 +1,180 @@
+//! `ActionCache`: results per instance name. A result whose outputs are no
+//! longer all in the CAS is a miss, so a client never gets a hit it cannot
+//! download; a hit refreshes those outputs in the eviction order.
+
+use outpost_proto::digest::{Digest, Function};
+use outpost_proto::reapi::{self, action_cache_server::ActionCache};
+use prost::Message;
+use tonic::{Request, Response, Status};
+
+use super::{Context, function_of, optional_digest, required_digest, storage_status};
+
+pub struct ActionCacheService {
+    ctx: Context,
+}
+
+impl ActionCacheService {
+    pub fn new(ctx: Context) -> Self {
+        ActionCacheService { ctx }
+    }
+
+    /// Every blob a result refers to, trees expanded; `None` if a tree is
+    /// gone already.
+    async fn referenced_blobs(
+        &self,
+        result: &reapi::ActionResult,
+        function: Function,
+    ) -> Result<Option<Vec<Digest>>, Status> {
+        let mut blobs = Vec::new();
+        for f in &result.output_files {
+            blobs.extend(optional_digest(
+                f.digest.as_ref(),
+                function,
+                "output_files.digest",
+            )?);
+        }
+        blobs.extend(optional_digest(
+            result.stdout_digest.as_ref(),
+            function,
+            "stdout_digest",
+        )?);
+        blobs.extend(optional_digest(
+            result.stderr_digest.as_ref(),
+            function,
+            "stderr_digest",
+        )?);
+        for dir in &result.output_directories {
+            let Some(tree_digest) =
+                optional_digest(dir.tree_digest.as_ref(), function, "tree_digest")?
+            else {
+                continue;
+            };
+            blobs.push(tree_digest);
+            let Some(bytes) = self
+                .ctx
+                .cas
+                .read_all(tree_digest)
+                .await
+                .map_err(storage_status)?
+            else {
+                return Ok(None);
+            };
+            let tree = reapi::Tree::decode(bytes).map_err(|e| {
+                Status::internal(format!("stored tree {tree_digest} does not decode: {e}"))
+            })?;
+            for directory in tree.root.iter().chain(&tree.children) {
+                for file in &directory.files {
+                    blobs.extend(optional_digest(
+                        file.digest.as_ref(),
+                        function,
+                        "tree file digest",
+                    )?);
+                }
+            }
+        }
+        Ok(Some(blobs))
+    }
+}
+
+fn validate_result(result: &reapi::ActionResult, function: Function) -> Result<(), Status> {
+    let check_path = |path: &str, field: &str| {
+        if path.is_empty() || path.starts_with('/') || path.contains('\0') {
+            Err(Status::invalid_argument(format!(
+                "{field} path {path:?} must be a non-empty relative path"
+            )))
+        } else {
+            Ok(())
+        }
+    };
+    for f in &result.output_files {
+        check_path(&f.path, "output_files")?;
+        required_digest(f.digest.as_ref(), function, "output_files.digest")?;
+    }
+    for d in &result.output_directories {
+        check_path(&d.path, "output_directories")?;
+        required_digest(
+            d.tree_digest.as_ref(),
+            function,
+            "output_directories.tree_digest",
+        )?;
+        optional_digest(
+            d.root_directory_digest.as_ref(),
+            function,
+            "root_directory_digest",
+        )?;
+    }
+    for s in result
+        .output_symlinks
+        .iter()
+        .chain(&result.output_file_symlinks)
+        .chain(&result.output_directory_symlinks)
+    {
+        check_path(&s.path, "output_symlinks")?;
+    }
+    optional_digest(result.stdout_digest.as_ref(), function, "stdout_digest")?;
+    optional_digest(result.stderr_digest.as_ref(), function, "stderr_digest")?;
+    Ok(())
+}
+
+#[tonic::async_trait]
+impl ActionCache for ActionCacheService {
+    async fn get_action_result(
+        &self,
+        request: Request<reapi::GetActionResultRequest>,
+    ) -> Result<Response<reapi::ActionResult>, Status> {
+        let req = request.into_inner();
+        let function = function_of(req.digest_function)?;
+        let action = required_digest(req.action_digest.as_ref(), function, "action_digest")?;
+        let miss = || Status::not_found(format!("no action result for {action}"));
+        let Some(bytes) = self
+            .ctx
+            .action_cache
+            .get_action_result(&req.instance_name, action)
+            .await
+            .map_err(storage_status)?
+        else {
+            return Err(miss());
+        };
+        let result = match reapi::ActionResult::decode(bytes) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(action_digest = %action, error = %e, "stored action result does not decode; treating as a miss");
+                return Err(miss());
+            }
+        };
+        let Some(blobs) = self.referenced_blobs(&result, function).await? else {
+            return Err(miss());
+        };
+        // find_missing also refreshes every present output in the LRU.
+        let missing = self
+            .ctx
+            .cas
+            .find_missing(blobs)
+            .await
+            .map_err(storage_status)?;
+        if !missing.is_empty() {
+            tracing::debug!(action_digest = %action, missing = missing.len(), "action result outputs evicted; miss");
+            return Err(miss());
+        }
+        Ok(Response::new(result))
+    }
+
+    async fn update_action_result(
+        &self,
+        request: Request<reapi::UpdateActionResultRequest>,
+    ) -> Result<Response<reapi::ActionResult>, Status> {
+        let req = request.into_inner();
+        let function = function_of(req.digest_function)?;
+        let action = required_digest(req.action_digest.as_ref(), function, "action_digest")?;
+        let result = req
+            .action_result
+            .ok_or_else(|| Status::invalid_argument("action_result is missing"))?;
+        validate_result(&result, function)?;
+        self.ctx
+            .action_cache
+            .update_action_result(&req.instance_name, action, result.encode_to_vec().into())
+            .await
+            .map_err(storage_status)?;
+        Ok(Response::new(result))
+    }
+}
