@@ -51,6 +51,9 @@ struct CoordinatorArgs {
     /// How long an unfinished upload is kept, e.g. 10m [default: 10m].
     #[arg(long, env = "OUTPOST_UPLOAD_EXPIRY")]
     upload_expiry: Option<Span>,
+    /// Grace period for in-flight requests on shutdown, e.g. 30s [default: 30s].
+    #[arg(long, env = "OUTPOST_SHUTDOWN_GRACE")]
+    shutdown_grace: Option<Span>,
     /// Log filter, e.g. info or outpost_coordinator=debug [default: info].
     #[arg(long, env = "OUTPOST_LOG")]
     log: Option<String>,
@@ -80,6 +83,9 @@ impl CoordinatorArgs {
         }
         if let Some(v) = self.upload_expiry {
             config.upload_expiry = v;
+        }
+        if let Some(v) = self.shutdown_grace {
+            config.shutdown_grace = v;
         }
         if let Some(v) = &self.log {
             config.log = v.clone();
@@ -185,6 +191,7 @@ fn init_logging(filter: &str) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init()
         .map_err(|e| anyhow::anyhow!("cannot set up logging: {e}"))
 }

@@ -24,8 +24,10 @@ use crate::service::capabilities::CapabilitiesService;
 use crate::service::cas::CasService;
 use crate::storage::embedded::EmbeddedStore;
 
-/// Room above the batch limit for the rest of a message.
-const MESSAGE_OVERHEAD: usize = 1 << 20;
+/// Room above the batch limit for the rest of a message. Generous, so that
+/// a batch somewhat over the limit gets the clear batch-limit error rather
+/// than a transport one.
+const MESSAGE_OVERHEAD: usize = 4 << 20;
 
 /// A coordinator with its storage open and its socket bound.
 pub struct Coordinator {
@@ -121,12 +123,20 @@ impl Coordinator {
         );
         let incoming = TcpIncoming::from(self.listener).with_nodelay(Some(true));
         tracing::info!("coordinator listening on {addr}");
-        tonic::transport::Server::builder()
+        let server = tonic::transport::Server::builder()
             .accept_http1(true)
             .add_routes(routes)
-            .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
-            .await
-            .context("the gRPC server failed")?;
+            .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned());
+        let grace = self.config.shutdown_grace.0;
+        tokio::select! {
+            served = server => served.context("the gRPC server failed")?,
+            () = async {
+                shutdown.cancelled().await;
+                tokio::time::sleep(grace).await;
+            } => {
+                tracing::warn!(?grace, "requests still running after the shutdown grace period; closing their connections");
+            }
+        }
         tracing::info!("shutting down: flushing storage");
         drop(ctx);
         drop(self.store);

@@ -26,6 +26,9 @@ pub struct Config {
     pub max_batch_size: ByteSize,
     /// How long an unfinished resumable upload is kept before it is dropped.
     pub upload_expiry: Span,
+    /// On shutdown, how long in-flight requests may take before the
+    /// remaining connections are closed.
+    pub shutdown_grace: Span,
     /// Log filter, e.g. `info` or `outpost_coordinator=debug,info`.
     pub log: String,
 }
@@ -38,6 +41,7 @@ impl Default for Config {
             max_cas_size: ByteSize(50 << 30),
             max_batch_size: ByteSize(4 << 20),
             upload_expiry: Span(std::time::Duration::from_secs(600)),
+            shutdown_grace: Span(std::time::Duration::from_secs(30)),
             log: "info".to_owned(),
         }
     }

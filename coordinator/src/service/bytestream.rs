@@ -140,11 +140,11 @@ impl ByteStreamService {
             // The client starts over.
             *session = Session::new(session.digest, session.compressor);
         } else if first.write_offset != session.received as i64 {
-            return Err(Status::invalid_argument(format!(
+            return Ok(WriteOutcome::Interrupted(Status::invalid_argument(format!(
                 "write_offset {} does not continue this upload: {} bytes are committed; \
                  resume at {} or restart at 0",
                 first.write_offset, session.received, session.received
-            )));
+            ))));
         }
         let mut next = Some(first);
         loop {
@@ -152,16 +152,16 @@ impl ByteStreamService {
                 return Ok(WriteOutcome::Incomplete);
             };
             if !msg.resource_name.is_empty() && msg.resource_name != name {
-                return Err(Status::invalid_argument(format!(
+                return Ok(WriteOutcome::Interrupted(Status::invalid_argument(format!(
                     "resource_name changed within one Write: {:?} after {name:?}",
                     msg.resource_name
-                )));
+                ))));
             }
             if msg.write_offset != session.received as i64 {
-                return Err(Status::invalid_argument(format!(
+                return Ok(WriteOutcome::Interrupted(Status::invalid_argument(format!(
                     "write_offset {} skips or rewinds: {} bytes were received so far",
                     msg.write_offset, session.received
-                )));
+                ))));
             }
             session.last_used = Instant::now();
             if !msg.data.is_empty() {
@@ -172,7 +172,7 @@ impl ByteStreamService {
             }
             next = match stream.message().await {
                 Ok(m) => m,
-                Err(status) => return Ok(WriteOutcome::Broken(status)),
+                Err(status) => return Ok(WriteOutcome::Interrupted(status)),
             };
         }
     }
@@ -182,8 +182,9 @@ enum WriteOutcome {
     Finished,
     /// The client closed the stream without `finish_write`.
     Incomplete,
-    /// The transport broke; the session is kept for a resume.
-    Broken(Status),
+    /// The stream broke or went wrong (transport error, bad offset); what
+    /// arrived so far is kept for a resume.
+    Interrupted(Status),
 }
 
 /// Appends wire bytes to the session's blob, decompressing if needed.
@@ -334,7 +335,7 @@ impl ByteStream for ByteStreamService {
                     session.received
                 )));
             }
-            Ok(WriteOutcome::Broken(status)) => return Err(status),
+            Ok(WriteOutcome::Interrupted(status)) => return Err(status),
             Err(status) => {
                 // Bad data: nothing of this upload is kept.
                 self.uploads.remove(&key);

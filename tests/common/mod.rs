@@ -1,0 +1,259 @@
+//! Shared helpers for the end-to-end tests: start the real `outpost`
+//! binary as a separate process and talk to it over gRPC.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use outpost_proto::bytestream::{self, byte_stream_client::ByteStreamClient};
+use outpost_proto::digest::{Digest, Function};
+use outpost_proto::reapi::{
+    self, action_cache_client::ActionCacheClient, capabilities_client::CapabilitiesClient,
+    content_addressable_storage_client::ContentAddressableStorageClient,
+};
+use outpost_proto::resource::{self, Compressor};
+use tonic::transport::Channel;
+
+pub const OUTPOST: &str = env!("CARGO_BIN_EXE_outpost");
+
+/// A coordinator process; killed when dropped.
+pub struct Coordinator {
+    child: Child,
+    pub addr: SocketAddr,
+    pub data_dir: PathBuf,
+}
+
+impl Coordinator {
+    /// Starts `outpost coordinator` on a free loopback port.
+    pub fn start(data_dir: &Path, extra: &[&str]) -> Coordinator {
+        Coordinator::start_with(Command::new(OUTPOST), data_dir, extra)
+    }
+
+    /// Starts it through a prepared command (e.g. a wrapper like `unshare`
+    /// whose last argument will be the outpost binary).
+    pub fn start_with(mut cmd: Command, data_dir: &Path, extra: &[&str]) -> Coordinator {
+        cmd.args(["coordinator", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data_dir)
+            .args(extra)
+            .env("OUTPOST_LOG", "info,outpost_coordinator=debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("start the outpost binary");
+        let stderr = child.stderr.take().expect("stderr is piped");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("[coordinator] {line}");
+                if let Some(rest) = line.split("coordinator listening on ").nth(1) {
+                    let addr = rest.split_whitespace().next().unwrap_or_default().to_owned();
+                    let _ = tx.send(addr);
+                }
+            }
+        });
+        let addr = match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(addr) => addr.parse().expect("a socket address in the log"),
+            Err(_) => {
+                let _ = child.kill();
+                panic!("the coordinator did not start listening within 30s (see its log above)");
+            }
+        };
+        Coordinator {
+            child,
+            addr,
+            data_dir: data_dir.to_owned(),
+        }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("grpc://{}", self.addr)
+    }
+
+    pub async fn client(&self) -> Client {
+        Client::connect(&format!("http://{}", self.addr)).await
+    }
+
+    /// kill -9.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then wait (off the async runtime, so clients in this
+    /// process can still answer the server's goodbye) for a clean exit.
+    pub async fn stop(mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("signal");
+        let mut child = std::mem::replace(&mut self.child, Command::new("true").spawn().expect("spawn true"));
+        let status = tokio::task::spawn_blocking(move || child.wait())
+            .await
+            .expect("join")
+            .expect("wait");
+        assert!(status.success(), "coordinator exited with {status}");
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Coordinator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// REAPI clients on one channel.
+#[derive(Clone)]
+pub struct Client {
+    pub cas: ContentAddressableStorageClient<Channel>,
+    pub bytestream: ByteStreamClient<Channel>,
+    pub ac: ActionCacheClient<Channel>,
+    pub capabilities: CapabilitiesClient<Channel>,
+}
+
+impl Client {
+    pub async fn connect(uri: &str) -> Client {
+        let channel = Channel::from_shared(uri.to_owned())
+            .expect("uri")
+            .connect()
+            .await
+            .expect("connect to the coordinator");
+        let max = 64 << 20;
+        Client {
+            cas: ContentAddressableStorageClient::new(channel.clone())
+                .max_decoding_message_size(max)
+                .max_encoding_message_size(max),
+            bytestream: ByteStreamClient::new(channel.clone()).max_decoding_message_size(max),
+            ac: ActionCacheClient::new(channel.clone()),
+            capabilities: CapabilitiesClient::new(channel),
+        }
+    }
+
+    pub async fn find_missing(&mut self, digests: &[Digest]) -> Vec<reapi::Digest> {
+        let function = digests.first().map_or(Function::Sha256, |d| d.function);
+        self.cas
+            .find_missing_blobs(reapi::FindMissingBlobsRequest {
+                instance_name: String::new(),
+                blob_digests: digests.iter().map(Digest::to_proto).collect(),
+                digest_function: function.to_proto() as i32,
+            })
+            .await
+            .expect("FindMissingBlobs")
+            .into_inner()
+            .missing_blob_digests
+    }
+
+    /// Uploads with ByteStream in `chunk`-sized messages.
+    pub async fn write(
+        &mut self,
+        name: String,
+        data: Bytes,
+        chunk: usize,
+    ) -> Result<bytestream::WriteResponse, tonic::Status> {
+        let requests = write_requests(name, data, 0, chunk, true);
+        self.bytestream
+            .write(tokio_stream::iter(requests))
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    pub async fn upload(&mut self, digest: &Digest, data: Bytes) {
+        let name = resource::write_name("", &upload_id(), digest, Compressor::Identity);
+        let r = self.write(name, data, 1 << 20).await.expect("upload");
+        assert_eq!(r.committed_size, digest.size as i64);
+    }
+
+    /// Reads with ByteStream; the whole result.
+    pub async fn read(&mut self, name: String, offset: i64, limit: i64) -> Result<Vec<u8>, tonic::Status> {
+        let mut stream = self
+            .bytestream
+            .read(bytestream::ReadRequest {
+                resource_name: name,
+                read_offset: offset,
+                read_limit: limit,
+            })
+            .await?
+            .into_inner();
+        let mut out = Vec::new();
+        while let Some(msg) = stream.message().await? {
+            out.extend_from_slice(&msg.data);
+        }
+        Ok(out)
+    }
+
+    pub async fn download(&mut self, digest: &Digest) -> Result<Vec<u8>, tonic::Status> {
+        self.read(resource::read_name("", digest, Compressor::Identity), 0, 0).await
+    }
+}
+
+/// Write messages for `data` starting at `offset`.
+pub fn write_requests(
+    name: String,
+    data: Bytes,
+    offset: i64,
+    chunk: usize,
+    finish: bool,
+) -> Vec<bytestream::WriteRequest> {
+    let mut requests = Vec::new();
+    let mut at = 0usize;
+    loop {
+        let end = (at + chunk).min(data.len());
+        let last = end == data.len();
+        requests.push(bytestream::WriteRequest {
+            resource_name: if at == 0 { name.clone() } else { String::new() },
+            write_offset: offset + at as i64,
+            finish_write: last && finish,
+            data: data.slice(at..end),
+        });
+        if last {
+            return requests;
+        }
+        at = end;
+    }
+}
+
+pub fn upload_id() -> String {
+    format!("{:032x}", rand_u128())
+}
+
+fn rand_u128() -> u128 {
+    use std::hash::{BuildHasher, Hasher};
+    let a = std::collections::hash_map::RandomState::new().build_hasher().finish();
+    let b = std::collections::hash_map::RandomState::new().build_hasher().finish();
+    (u128::from(a) << 64) | u128::from(b)
+}
+
+/// Deterministic pseudo-random bytes (incompressible enough for tests).
+pub fn blob(seed: u64, len: usize) -> (Digest, Bytes) {
+    blob_with(Function::Sha256, seed, len)
+}
+
+pub fn blob_with(function: Function, seed: u64, len: usize) -> (Digest, Bytes) {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut data = Vec::with_capacity(len + 8);
+    while data.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        data.extend_from_slice(&x.to_le_bytes());
+    }
+    data.truncate(len);
+    (function.digest_of(&data), Bytes::from(data))
+}
+
+pub fn zstd(data: &[u8]) -> Bytes {
+    Bytes::from(zstd::bulk::compress(data, 3).expect("compress"))
+}
+
+/// A temp directory that survives for the test.
+pub fn tempdir() -> tempfile::TempDir {
+    tempfile::Builder::new().prefix("outpost-test-").tempdir().expect("tempdir")
+}
