@@ -201,10 +201,10 @@ fn raise_open_file_limit() {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
     if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
         let target = hard.min(1 << 20);
-        if soft < target {
-            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, target, hard) {
-                tracing::warn!(error = %e, "cannot raise the open file limit");
-            }
+        if soft < target
+            && let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, target, hard)
+        {
+            tracing::warn!(error = %e, "cannot raise the open file limit");
         }
     }
 }

@@ -45,7 +45,7 @@ impl FromStr for ByteSize {
 impl fmt::Display for ByteSize {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for (name, mult) in SIZE_UNITS.iter().take(4) {
-            if self.0 >= *mult && self.0 % mult == 0 {
+            if self.0 >= *mult && self.0.is_multiple_of(*mult) {
                 return write!(f, "{}{name}", self.0 / mult);
             }
         }
@@ -87,7 +87,7 @@ impl fmt::Display for Span {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let ms = u64::try_from(self.0.as_millis()).unwrap_or(u64::MAX);
         for (name, mult) in DURATION_UNITS.iter().rev() {
-            if ms >= *mult && ms % mult == 0 {
+            if ms >= *mult && ms.is_multiple_of(*mult) {
                 return write!(f, "{}{name}", ms / mult);
             }
         }

@@ -448,10 +448,10 @@ fn evict_round(core: &Core, low_water: u64) -> Result<usize, Error> {
     })();
     if result.is_ok() {
         for d in &victims {
-            if let Err(e) = std::fs::remove_file(core.layout.blob(d)) {
-                if e.kind() != std::io::ErrorKind::NotFound {
-                    tracing::warn!(digest = %d, error = %e, "cannot delete evicted blob");
-                }
+            if let Err(e) = std::fs::remove_file(core.layout.blob(d))
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                tracing::warn!(digest = %d, error = %e, "cannot delete evicted blob");
             }
         }
         tracing::debug!(count = victims.len(), "evicted blobs");

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Runs every test of Outpost: formatting, lints, unit, component and
+# end-to-end tests (the real outpost binary, real Bazel).
+#
+# On a fresh Debian/Ubuntu machine it first installs what the tests need:
+#   bazel-bootstrap  Bazel 4.2.3 for the end-to-end build (needs a JDK, pulled in by apt)
+#   util-linux       unshare, for the full-disk test's private tmpfs
+#   cargo-nextest    the test runner (falls back to cargo test if it cannot be installed)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+say() { printf '\n== %s\n' "$*"; }
+
+apt_install() {
+  local sudo=""
+  [ "$(id -u)" = 0 ] || sudo="sudo"
+  say "installing $*"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "$@"
+}
+
+missing=()
+command -v bazel >/dev/null 2>&1 || missing+=(bazel-bootstrap)
+command -v unshare >/dev/null 2>&1 || missing+=(util-linux)
+if [ ${#missing[@]} -gt 0 ]; then
+  apt_install "${missing[@]}"
+fi
+
+runner=(cargo nextest run --workspace --no-fail-fast)
+if ! cargo nextest --version >/dev/null 2>&1; then
+  say "installing cargo-nextest"
+  if ! cargo install cargo-nextest --locked; then
+    echo "cargo-nextest could not be installed; using cargo test" >&2
+    runner=(cargo test --workspace --no-fail-fast)
+  fi
+fi
+
+say "cargo fmt --check"
+cargo fmt --all -- --check
+
+say "cargo clippy"
+cargo clippy --workspace --all-targets -- -D warnings
+
+say "tests"
+# The end-to-end Bazel test must run, not skip, here.
+OUTPOST_REQUIRE_BAZEL=1 "${runner[@]}" "$@"
