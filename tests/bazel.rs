@@ -66,7 +66,11 @@ impl Drop for Bazel {
 /// Kinds of spawns in a summary like
 /// `INFO: 63 processes: 35 remote cache hit, 28 internal.`
 fn spawn_kinds(summary: &str) -> Vec<(u32, String)> {
-    let list = summary.split(" processes: ").nth(1).expect("summary").trim_end_matches('.');
+    let list = summary
+        .split(" processes: ")
+        .nth(1)
+        .expect("summary")
+        .trim_end_matches('.');
     list.split(", ")
         .map(|part| {
             let (n, kind) = part.split_once(' ').expect("COUNT KIND");
@@ -77,17 +81,31 @@ fn spawn_kinds(summary: &str) -> Vec<(u32, String)> {
 
 fn assert_all_hits(summary: &str) {
     let kinds = spawn_kinds(summary);
-    let hits = kinds.iter().find(|(_, k)| k == "remote cache hit").map_or(0, |(n, _)| *n);
-    assert!(hits >= 30, "expected every action to be a remote cache hit: {summary}");
+    let hits = kinds
+        .iter()
+        .find(|(_, k)| k == "remote cache hit")
+        .map_or(0, |(n, _)| *n);
+    assert!(
+        hits >= 30,
+        "expected every action to be a remote cache hit: {summary}"
+    );
     for (n, kind) in &kinds {
-        assert!(kind == "remote cache hit" || kind == "internal", "{n} actions ran as {kind}: {summary}");
+        assert!(
+            kind == "remote cache hit" || kind == "internal",
+            "{n} actions ran as {kind}: {summary}"
+        );
     }
 }
 
 /// Copies the workspace, leaving out Bazel's convenience symlinks that a
 /// local build may have left in the source tree.
 fn copy_workspace(from: &Path, to: &Path) {
-    let status = Command::new("cp").arg("-a").arg(from).arg(to).status().expect("cp");
+    let status = Command::new("cp")
+        .arg("-a")
+        .arg(from)
+        .arg(to)
+        .status()
+        .expect("cp");
     assert!(status.success());
     for entry in std::fs::read_dir(to).expect("copied workspace").flatten() {
         if entry.file_name().to_string_lossy().starts_with("bazel-") {
@@ -100,14 +118,18 @@ fn copy_workspace(from: &Path, to: &Path) {
 fn bazel_builds_from_the_remote_cache_after_clean_and_restart() {
     if Command::new("bazel").arg("help").output().is_err() {
         let required = std::env::var_os("OUTPOST_REQUIRE_BAZEL").is_some();
-        let why = "bazel is not installed (apt-get install bazel-bootstrap; scripts/test.sh does this)";
+        let why =
+            "bazel is not installed (apt-get install bazel-bootstrap; scripts/test.sh does this)";
         assert!(!required, "{why}");
         eprintln!("SKIPPED: {why}");
         return;
     }
     let scratch = tempdir();
     let workspace = scratch.path().join("workspace");
-    copy_workspace(&Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/bazel-workspace"), &workspace);
+    copy_workspace(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/bazel-workspace"),
+        &workspace,
+    );
     let bazel = Bazel {
         workspace,
         output_root: scratch.path().join("bazel-root"),
@@ -136,5 +158,10 @@ fn bazel_builds_from_the_remote_cache_after_clean_and_restart() {
     // too); look at it directly as well.
     let blob = bazel.workspace.join("bazel-bin/gen/blob.bin");
     let meta = std::fs::metadata(&blob).expect("bazel downloaded gen/blob.bin");
-    assert!(meta.len() >= 50 << 20, "{} is only {} bytes", blob.display(), meta.len());
+    assert!(
+        meta.len() >= 50 << 20,
+        "{} is only {} bytes",
+        blob.display(),
+        meta.len()
+    );
 }

@@ -19,7 +19,10 @@ fn assert_err<T: std::fmt::Debug>(result: Result<T, tonic::Status>, code: Code, 
         Err(status) => {
             assert_eq!(status.code(), code, "wrong code for {:?}", status.message());
             assert!(
-                status.message().to_lowercase().contains(&words.to_lowercase()),
+                status
+                    .message()
+                    .to_lowercase()
+                    .contains(&words.to_lowercase()),
                 "message {:?} does not mention {words:?}",
                 status.message()
             );
@@ -29,25 +32,34 @@ fn assert_err<T: std::fmt::Debug>(result: Result<T, tonic::Status>, code: Code, 
 
 /// Nothing of a refused upload may remain: not in the index, no temp file.
 async fn assert_not_stored(server: &Coordinator, client: &mut Client, digest: &Digest) {
-    assert_eq!(client.find_missing(&[*digest]).await, vec![digest.to_proto()], "{digest:?} was stored");
+    assert_eq!(
+        client.find_missing(&[*digest]).await,
+        vec![digest.to_proto()],
+        "{digest:?} was stored"
+    );
     let tmp = server.data_dir.join("tmp");
     let left: Vec<_> = std::fs::read_dir(&tmp).expect("tmp dir").collect();
     assert!(left.is_empty(), "temp files left behind: {left:?}");
 }
 
-fn batch_update(function: Function, blobs: Vec<(reapi::Digest, Bytes, Compressor)>) -> reapi::BatchUpdateBlobsRequest {
+fn batch_update(
+    function: Function,
+    blobs: Vec<(reapi::Digest, Bytes, Compressor)>,
+) -> reapi::BatchUpdateBlobsRequest {
     reapi::BatchUpdateBlobsRequest {
         instance_name: String::new(),
         requests: blobs
             .into_iter()
-            .map(|(digest, data, c)| reapi::batch_update_blobs_request::Request {
-                digest: Some(digest),
-                data,
-                compressor: match c {
-                    Compressor::Identity => reapi::compressor::Value::Identity as i32,
-                    Compressor::Zstd => reapi::compressor::Value::Zstd as i32,
+            .map(
+                |(digest, data, c)| reapi::batch_update_blobs_request::Request {
+                    digest: Some(digest),
+                    data,
+                    compressor: match c {
+                        Compressor::Identity => reapi::compressor::Value::Identity as i32,
+                        Compressor::Zstd => reapi::compressor::Value::Zstd as i32,
+                    },
                 },
-            })
+            )
             .collect(),
         digest_function: function.to_proto() as i32,
     }
@@ -67,13 +79,23 @@ async fn capabilities_describe_the_cache() {
     let cache = caps.cache_capabilities.expect("cache capabilities");
     assert_eq!(cache.digest_functions, vec![1, 9], "SHA256 and BLAKE3");
     assert_eq!(cache.max_batch_total_size_bytes, 4 << 20);
-    assert!(cache.action_cache_update_capabilities.expect("ac").update_enabled);
-    assert_eq!(cache.supported_compressors, vec![reapi::compressor::Value::Zstd as i32]);
+    assert!(
+        cache
+            .action_cache_update_capabilities
+            .expect("ac")
+            .update_enabled
+    );
+    assert_eq!(
+        cache.supported_compressors,
+        vec![reapi::compressor::Value::Zstd as i32]
+    );
     assert!(!caps.execution_capabilities.expect("exec").exec_enabled);
     assert_eq!(caps.low_api_version.expect("low").major, 2);
     assert_eq!(caps.high_api_version.expect("high").minor, 3);
     // Plain HTTP health on the same port.
-    let mut stream = tokio::net::TcpStream::connect(server.addr).await.expect("connect");
+    let mut stream = tokio::net::TcpStream::connect(server.addr)
+        .await
+        .expect("connect");
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     stream
         .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
@@ -90,7 +112,9 @@ async fn batch_calls_roundtrip_with_both_digest_functions_and_zstd() {
     let server = Coordinator::start(dir.path(), &[]);
     let mut client = server.client().await;
     for function in [Function::Sha256, Function::Blake3] {
-        let blobs: Vec<_> = (0..20).map(|i| blob_with(function, i, 100 + i as usize * 1000)).collect();
+        let blobs: Vec<_> = (0..20)
+            .map(|i| blob_with(function, i, 100 + i as usize * 1000))
+            .collect();
         let digests: Vec<Digest> = blobs.iter().map(|b| b.0).collect();
         assert_eq!(client.find_missing(&digests).await.len(), 20);
         let request = batch_update(
@@ -107,7 +131,13 @@ async fn batch_calls_roundtrip_with_both_digest_functions_and_zstd() {
                 })
                 .collect(),
         );
-        let responses = client.cas.batch_update_blobs(request).await.expect("update").into_inner().responses;
+        let responses = client
+            .cas
+            .batch_update_blobs(request)
+            .await
+            .expect("update")
+            .into_inner()
+            .responses;
         assert_eq!(responses.len(), 20);
         for r in &responses {
             assert_eq!(r.status.as_ref().expect("status").code, 0, "{r:?}");
@@ -136,7 +166,12 @@ async fn batch_calls_roundtrip_with_both_digest_functions_and_zstd() {
         }
     }
     // The empty blob is always there.
-    assert!(client.find_missing(&[Function::Sha256.empty()]).await.is_empty());
+    assert!(
+        client
+            .find_missing(&[Function::Sha256.empty()])
+            .await
+            .is_empty()
+    );
 }
 
 #[tokio::test]
@@ -150,12 +185,25 @@ async fn bytestream_reads_and_writes_with_offsets_compression_and_resume() {
     client.upload(&d, data.clone()).await;
     assert_eq!(client.download(&d).await.expect("read"), data.to_vec());
     let name = resource::read_name("", &d, Compressor::Identity);
-    assert_eq!(client.read(name.clone(), 1000, 10).await.expect("window"), data[1000..1010].to_vec());
-    assert_eq!(client.read(name.clone(), d.size as i64, 0).await.expect("at end"), Vec::<u8>::new());
+    assert_eq!(
+        client.read(name.clone(), 1000, 10).await.expect("window"),
+        data[1000..1010].to_vec()
+    );
+    assert_eq!(
+        client
+            .read(name.clone(), d.size as i64, 0)
+            .await
+            .expect("at end"),
+        Vec::<u8>::new()
+    );
 
     // Uploading it again finishes at once with the full size.
     let again = client
-        .write(resource::write_name("", &upload_id(), &d, Compressor::Identity), data.clone(), 1 << 20)
+        .write(
+            resource::write_name("", &upload_id(), &d, Compressor::Identity),
+            data.clone(),
+            1 << 20,
+        )
         .await
         .expect("re-upload");
     assert_eq!(again.committed_size, d.size as i64);
@@ -165,13 +213,19 @@ async fn bytestream_reads_and_writes_with_offsets_compression_and_resume() {
     let packed = zstd(&data3);
     let name = resource::write_name("team/a", &upload_id(), &d3, Compressor::Zstd);
     assert!(name.contains("/blake3/"), "{name}");
-    let r = client.write(name, packed.clone(), 64 << 10).await.expect("zstd upload");
+    let r = client
+        .write(name, packed.clone(), 64 << 10)
+        .await
+        .expect("zstd upload");
     assert_eq!(r.committed_size, packed.len() as i64);
     let compressed = client
         .read(resource::read_name("team/a", &d3, Compressor::Zstd), 0, 0)
         .await
         .expect("zstd read");
-    assert_eq!(zstd::bulk::decompress(&compressed, data3.len()).expect("valid zstd"), data3.to_vec());
+    assert_eq!(
+        zstd::bulk::decompress(&compressed, data3.len()).expect("valid zstd"),
+        data3.to_vec()
+    );
     let tail = client
         .read(resource::read_name("", &d3, Compressor::Zstd), 10, 0)
         .await
@@ -185,25 +239,45 @@ async fn bytestream_reads_and_writes_with_offsets_compression_and_resume() {
     let half = data4.slice(..(1 << 20));
     let first = client
         .bytestream
-        .write(tokio_stream::iter(write_requests(name.clone(), half, 0, 256 << 10, false)))
+        .write(tokio_stream::iter(write_requests(
+            name.clone(),
+            half,
+            0,
+            256 << 10,
+            false,
+        )))
         .await;
     assert_err(first, Code::InvalidArgument, "without finish_write");
     let status = client
         .bytestream
-        .query_write_status(bytestream::QueryWriteStatusRequest { resource_name: name.clone() })
+        .query_write_status(bytestream::QueryWriteStatusRequest {
+            resource_name: name.clone(),
+        })
         .await
         .expect("status")
         .into_inner();
     assert_eq!((status.committed_size, status.complete), (1 << 20, false));
     let wrong_resume = client
         .bytestream
-        .write(tokio_stream::iter(write_requests(name.clone(), data4.slice(5..), 5, 1 << 20, true)))
+        .write(tokio_stream::iter(write_requests(
+            name.clone(),
+            data4.slice(5..),
+            5,
+            1 << 20,
+            true,
+        )))
         .await;
     assert_err(wrong_resume, Code::InvalidArgument, "resume at 1048576");
     let rest = data4.slice((1 << 20)..);
     let done = client
         .bytestream
-        .write(tokio_stream::iter(write_requests(name.clone(), rest, 1 << 20, 256 << 10, true)))
+        .write(tokio_stream::iter(write_requests(
+            name.clone(),
+            rest,
+            1 << 20,
+            256 << 10,
+            true,
+        )))
         .await
         .expect("resumed upload")
         .into_inner();
@@ -211,7 +285,9 @@ async fn bytestream_reads_and_writes_with_offsets_compression_and_resume() {
     assert_eq!(client.download(&d4).await.expect("read"), data4.to_vec());
     let status = client
         .bytestream
-        .query_write_status(bytestream::QueryWriteStatusRequest { resource_name: name })
+        .query_write_status(bytestream::QueryWriteStatusRequest {
+            resource_name: name,
+        })
         .await
         .expect("status")
         .into_inner();
@@ -240,7 +316,12 @@ async fn identical_concurrent_uploads_are_safe() {
     }
     let mut client = client;
     assert_eq!(client.download(&d).await.expect("read"), data.to_vec());
-    assert!(std::fs::read_dir(dir.path().join("tmp")).expect("tmp").next().is_none());
+    assert!(
+        std::fs::read_dir(dir.path().join("tmp"))
+            .expect("tmp")
+            .next()
+            .is_none()
+    );
 }
 
 #[tokio::test]
@@ -268,15 +349,31 @@ async fn get_tree_pages_through_every_directory_once() {
         for j in 0..2 {
             let (d, bytes) = put(&leaf(&format!("f{i}{j}")));
             uploads.push((d.to_proto(), bytes, Compressor::Identity));
-            children.push(reapi::DirectoryNode { name: format!("c{j}"), digest: Some(d.to_proto()) });
+            children.push(reapi::DirectoryNode {
+                name: format!("c{j}"),
+                digest: Some(d.to_proto()),
+            });
         }
-        let (d, bytes) = put(&reapi::Directory { directories: children, ..Default::default() });
+        let (d, bytes) = put(&reapi::Directory {
+            directories: children,
+            ..Default::default()
+        });
         uploads.push((d.to_proto(), bytes, Compressor::Identity));
-        middles.push(reapi::DirectoryNode { name: format!("m{i}"), digest: Some(d.to_proto()) });
+        middles.push(reapi::DirectoryNode {
+            name: format!("m{i}"),
+            digest: Some(d.to_proto()),
+        });
     }
-    let (root, bytes) = put(&reapi::Directory { directories: middles, ..Default::default() });
+    let (root, bytes) = put(&reapi::Directory {
+        directories: middles,
+        ..Default::default()
+    });
     uploads.push((root.to_proto(), bytes, Compressor::Identity));
-    client.cas.batch_update_blobs(batch_update(Function::Sha256, uploads)).await.expect("upload tree");
+    client
+        .cas
+        .batch_update_blobs(batch_update(Function::Sha256, uploads))
+        .await
+        .expect("upload tree");
 
     let mut seen = Vec::new();
     let mut token = String::new();
@@ -322,7 +419,10 @@ async fn get_tree_pages_through_every_directory_once() {
     assert_err(
         client
             .cas
-            .get_tree(reapi::GetTreeRequest { root_digest: Some(absent.to_proto()), ..Default::default() })
+            .get_tree(reapi::GetTreeRequest {
+                root_digest: Some(absent.to_proto()),
+                ..Default::default()
+            })
             .await,
         Code::NotFound,
         "not in the cas",
@@ -348,34 +448,74 @@ async fn action_cache_is_per_instance_and_misses_when_outputs_are_gone() {
         exit_code: 0,
         ..Default::default()
     };
-    let update = |instance: &str, action: &Digest, r: reapi::ActionResult| reapi::UpdateActionResultRequest {
-        instance_name: instance.into(),
-        action_digest: Some(action.to_proto()),
-        action_result: Some(r),
-        ..Default::default()
+    let update = |instance: &str, action: &Digest, r: reapi::ActionResult| {
+        reapi::UpdateActionResultRequest {
+            instance_name: instance.into(),
+            action_digest: Some(action.to_proto()),
+            action_result: Some(r),
+            ..Default::default()
+        }
     };
     let get = |instance: &str, action: &Digest| reapi::GetActionResultRequest {
         instance_name: instance.into(),
         action_digest: Some(action.to_proto()),
         ..Default::default()
     };
-    client.ac.update_action_result(update("main", &action, result(&out))).await.expect("update");
-    let hit = client.ac.get_action_result(get("main", &action)).await.expect("hit").into_inner();
+    client
+        .ac
+        .update_action_result(update("main", &action, result(&out)))
+        .await
+        .expect("update");
+    let hit = client
+        .ac
+        .get_action_result(get("main", &action))
+        .await
+        .expect("hit")
+        .into_inner();
     assert_eq!(hit, result(&out));
-    assert_err(client.ac.get_action_result(get("other", &action)).await, Code::NotFound, "no action result");
+    assert_err(
+        client.ac.get_action_result(get("other", &action)).await,
+        Code::NotFound,
+        "no action result",
+    );
 
     // A result whose output is not in the CAS is a miss, not a broken build.
     let (action2, _) = blob(23, 100);
-    client.ac.update_action_result(update("main", &action2, result(&absent))).await.expect("update");
-    assert_err(client.ac.get_action_result(get("main", &action2)).await, Code::NotFound, "no action result");
+    client
+        .ac
+        .update_action_result(update("main", &action2, result(&absent)))
+        .await
+        .expect("update");
+    assert_err(
+        client.ac.get_action_result(get("main", &action2)).await,
+        Code::NotFound,
+        "no action result",
+    );
 
     // Invalid results are refused.
     let mut bad = result(&out);
-    bad.output_files[0].digest = Some(reapi::Digest { hash: "xyz".into(), size_bytes: 1 });
-    assert_err(client.ac.update_action_result(update("main", &action2, bad)).await, Code::InvalidArgument, "hash");
+    bad.output_files[0].digest = Some(reapi::Digest {
+        hash: "xyz".into(),
+        size_bytes: 1,
+    });
+    assert_err(
+        client
+            .ac
+            .update_action_result(update("main", &action2, bad))
+            .await,
+        Code::InvalidArgument,
+        "hash",
+    );
     let mut bad = result(&out);
     bad.output_files[0].path = "/etc/passwd".into();
-    assert_err(client.ac.update_action_result(update("main", &action2, bad)).await, Code::InvalidArgument, "relative");
+    assert_err(
+        client
+            .ac
+            .update_action_result(update("main", &action2, bad))
+            .await,
+        Code::InvalidArgument,
+        "relative",
+    );
 }
 
 #[tokio::test]
@@ -389,7 +529,10 @@ async fn bad_digests_and_digest_functions_are_refused() {
     let (other, _) = blob(31, 5000);
     let r = client
         .cas
-        .batch_update_blobs(batch_update(Function::Sha256, vec![(other.to_proto(), data.clone(), Compressor::Identity)]))
+        .batch_update_blobs(batch_update(
+            Function::Sha256,
+            vec![(other.to_proto(), data.clone(), Compressor::Identity)],
+        ))
         .await
         .expect("batch answers per blob")
         .into_inner();
@@ -398,16 +541,28 @@ async fn bad_digests_and_digest_functions_are_refused() {
     assert!(status.message.contains("hashes to"), "{}", status.message);
     assert_not_stored(&server, &mut client, &other).await;
     let name = resource::write_name("", &upload_id(), &other, Compressor::Identity);
-    assert_err(client.write(name, data.clone(), 1000).await, Code::InvalidArgument, "hashes to");
+    assert_err(
+        client.write(name, data.clone(), 1000).await,
+        Code::InvalidArgument,
+        "hashes to",
+    );
     assert_not_stored(&server, &mut client, &other).await;
 
     // Wrong size: more bytes than declared, and fewer.
     let small = Digest { size: 4000, ..d };
     let name = resource::write_name("", &upload_id(), &small, Compressor::Identity);
-    assert_err(client.write(name, data.clone(), 1000).await, Code::InvalidArgument, "declares 4000");
+    assert_err(
+        client.write(name, data.clone(), 1000).await,
+        Code::InvalidArgument,
+        "declares 4000",
+    );
     let big = Digest { size: 6000, ..d };
     let name = resource::write_name("", &upload_id(), &big, Compressor::Identity);
-    assert_err(client.write(name, data.clone(), 1000).await, Code::InvalidArgument, "declares 6000");
+    assert_err(
+        client.write(name, data.clone(), 1000).await,
+        Code::InvalidArgument,
+        "declares 6000",
+    );
     assert_not_stored(&server, &mut client, &small).await;
     assert_not_stored(&server, &mut client, &big).await;
 
@@ -417,16 +572,49 @@ async fn bad_digests_and_digest_functions_are_refused() {
         blob_digests: vec![digest],
         digest_function: function,
     };
-    assert_err(client.cas.find_missing_blobs(find(2, d.to_proto())).await, Code::InvalidArgument, "sha1 is not supported");
-    assert_err(client.cas.find_missing_blobs(find(77, d.to_proto())).await, Code::InvalidArgument, "unknown digest function");
-    let upper = reapi::Digest { hash: d.hash_hex().to_uppercase(), size_bytes: 1 };
-    assert_err(client.cas.find_missing_blobs(find(1, upper)).await, Code::InvalidArgument, "lower-case hex");
-    let short = reapi::Digest { hash: "abc".into(), size_bytes: 1 };
-    assert_err(client.cas.find_missing_blobs(find(1, short)).await, Code::InvalidArgument, "lower-case hex");
-    let negative = reapi::Digest { hash: d.hash_hex(), size_bytes: -1 };
-    assert_err(client.cas.find_missing_blobs(find(1, negative)).await, Code::InvalidArgument, "negative");
+    assert_err(
+        client.cas.find_missing_blobs(find(2, d.to_proto())).await,
+        Code::InvalidArgument,
+        "sha1 is not supported",
+    );
+    assert_err(
+        client.cas.find_missing_blobs(find(77, d.to_proto())).await,
+        Code::InvalidArgument,
+        "unknown digest function",
+    );
+    let upper = reapi::Digest {
+        hash: d.hash_hex().to_uppercase(),
+        size_bytes: 1,
+    };
+    assert_err(
+        client.cas.find_missing_blobs(find(1, upper)).await,
+        Code::InvalidArgument,
+        "lower-case hex",
+    );
+    let short = reapi::Digest {
+        hash: "abc".into(),
+        size_bytes: 1,
+    };
+    assert_err(
+        client.cas.find_missing_blobs(find(1, short)).await,
+        Code::InvalidArgument,
+        "lower-case hex",
+    );
+    let negative = reapi::Digest {
+        hash: d.hash_hex(),
+        size_bytes: -1,
+    };
+    assert_err(
+        client.cas.find_missing_blobs(find(1, negative)).await,
+        Code::InvalidArgument,
+        "negative",
+    );
     let name = format!("uploads/{}/blobs/md5/{}/5000", upload_id(), d.hash_hex());
-    assert_err(client.write(name, data.clone(), 1000).await, Code::InvalidArgument, "md5 is not supported");
+    assert_err(
+        client.write(name, data.clone(), 1000).await,
+        Code::InvalidArgument,
+        "md5 is not supported",
+    );
     assert_not_stored(&server, &mut client, &d).await;
 }
 
@@ -448,7 +636,11 @@ async fn malformed_resource_names_are_refused() {
         format!("compressed-blobs/gzip/{h}/100"),
         format!("uploads/{}/blobs/{h}/100", upload_id()),
     ] {
-        assert_err(client.read(name.clone(), 0, 0).await, Code::InvalidArgument, "resource name");
+        assert_err(
+            client.read(name.clone(), 0, 0).await,
+            Code::InvalidArgument,
+            "resource name",
+        );
     }
     for name in [
         format!("blobs/{h}/100"),
@@ -456,11 +648,17 @@ async fn malformed_resource_names_are_refused() {
         format!("uploads/not a uuid/blobs/{h}/100"),
         format!("uploads/{}/compressed-blobs/brotli/{h}/100", upload_id()),
     ] {
-        assert_err(client.write(name.clone(), data.clone(), 100).await, Code::InvalidArgument, "resource name");
+        assert_err(
+            client.write(name.clone(), data.clone(), 100).await,
+            Code::InvalidArgument,
+            "resource name",
+        );
         assert_err(
             client
                 .bytestream
-                .query_write_status(bytestream::QueryWriteStatusRequest { resource_name: name })
+                .query_write_status(bytestream::QueryWriteStatusRequest {
+                    resource_name: name,
+                })
                 .await,
             Code::InvalidArgument,
             "resource name",
@@ -480,33 +678,63 @@ async fn write_offsets_must_continue_and_reads_must_stay_inside() {
     // A new upload cannot start in the middle.
     let mut requests = write_requests(name.clone(), data.slice(1000..), 1000, 100_000, true);
     requests[0].resource_name = name.clone();
-    assert_err(client.bytestream.write(tokio_stream::iter(requests)).await, Code::InvalidArgument, "write_offset");
+    assert_err(
+        client.bytestream.write(tokio_stream::iter(requests)).await,
+        Code::InvalidArgument,
+        "write_offset",
+    );
     // An offset that skips ahead, and one that rewinds.
     for delta in [1000i64, -1000] {
         let name = resource::write_name("", &upload_id(), &d, Compressor::Identity);
         let mut requests = write_requests(name, data.clone(), 0, 100_000, true);
         requests[2].write_offset += delta;
-        assert_err(client.bytestream.write(tokio_stream::iter(requests)).await, Code::InvalidArgument, "skips or rewinds");
+        assert_err(
+            client.bytestream.write(tokio_stream::iter(requests)).await,
+            Code::InvalidArgument,
+            "skips or rewinds",
+        );
     }
     // A changed resource name within one stream.
     let mut requests = write_requests(name.clone(), data.clone(), 0, 100_000, true);
     requests[1].resource_name = resource::write_name("", &upload_id(), &d, Compressor::Identity);
-    assert_err(client.bytestream.write(tokio_stream::iter(requests)).await, Code::InvalidArgument, "changed");
+    assert_err(
+        client.bytestream.write(tokio_stream::iter(requests)).await,
+        Code::InvalidArgument,
+        "changed",
+    );
     assert_not_stored(&server, &mut client, &d).await;
 
     // Reads past the end, negative values, absent blobs.
     client.upload(&d, data).await;
     let read_name = resource::read_name("", &d, Compressor::Identity);
-    assert_err(client.read(read_name.clone(), 300_001, 0).await, Code::OutOfRange, "past the end");
-    assert_err(client.read(read_name.clone(), -1, 0).await, Code::OutOfRange, "negative");
-    assert_err(client.read(read_name.clone(), 0, -5).await, Code::InvalidArgument, "negative");
     assert_err(
-        client.read(resource::read_name("", &d, Compressor::Zstd), 10_000_000, 0).await,
+        client.read(read_name.clone(), 300_001, 0).await,
+        Code::OutOfRange,
+        "past the end",
+    );
+    assert_err(
+        client.read(read_name.clone(), -1, 0).await,
+        Code::OutOfRange,
+        "negative",
+    );
+    assert_err(
+        client.read(read_name.clone(), 0, -5).await,
+        Code::InvalidArgument,
+        "negative",
+    );
+    assert_err(
+        client
+            .read(resource::read_name("", &d, Compressor::Zstd), 10_000_000, 0)
+            .await,
         Code::OutOfRange,
         "past the end",
     );
     let (absent, _) = blob(51, 10);
-    assert_err(client.download(&absent).await, Code::NotFound, "not in the cas");
+    assert_err(
+        client.download(&absent).await,
+        Code::NotFound,
+        "not in the cas",
+    );
 }
 
 #[tokio::test]
@@ -517,9 +745,16 @@ async fn batches_over_the_advertised_limit_are_refused_whole() {
     let blobs: Vec<_> = (0..9).map(|i| blob(60 + i, 512 << 10)).collect();
     let request = batch_update(
         Function::Sha256,
-        blobs.iter().map(|(d, data)| (d.to_proto(), data.clone(), Compressor::Identity)).collect(),
+        blobs
+            .iter()
+            .map(|(d, data)| (d.to_proto(), data.clone(), Compressor::Identity))
+            .collect(),
     );
-    assert_err(client.cas.batch_update_blobs(request).await, Code::InvalidArgument, "max_batch_total_size_bytes");
+    assert_err(
+        client.cas.batch_update_blobs(request).await,
+        Code::InvalidArgument,
+        "max_batch_total_size_bytes",
+    );
     for (d, _) in &blobs {
         assert_not_stored(&server, &mut client, d).await;
     }
@@ -527,11 +762,26 @@ async fn batches_over_the_advertised_limit_are_refused_whole() {
         digests: blobs.iter().map(|(d, _)| d.to_proto()).collect(),
         ..Default::default()
     };
-    assert_err(client.cas.batch_read_blobs(read).await, Code::InvalidArgument, "max_batch_total_size_bytes");
+    assert_err(
+        client.cas.batch_read_blobs(read).await,
+        Code::InvalidArgument,
+        "max_batch_total_size_bytes",
+    );
     // A missing blob in a batch read is reported per blob.
-    let read = reapi::BatchReadBlobsRequest { digests: vec![blobs[0].0.to_proto()], ..Default::default() };
-    let r = client.cas.batch_read_blobs(read).await.expect("read").into_inner();
-    assert_eq!(r.responses[0].status.as_ref().expect("status").code, Code::NotFound as i32);
+    let read = reapi::BatchReadBlobsRequest {
+        digests: vec![blobs[0].0.to_proto()],
+        ..Default::default()
+    };
+    let r = client
+        .cas
+        .batch_read_blobs(read)
+        .await
+        .expect("read")
+        .into_inner();
+    assert_eq!(
+        r.responses[0].status.as_ref().expect("status").code,
+        Code::NotFound as i32
+    );
 }
 
 #[tokio::test]
@@ -545,19 +795,34 @@ async fn bad_zstd_uploads_are_refused() {
     // Decompresses to other bytes than the digest says.
     let wrong = zstd(&other_data);
     let name = resource::write_name("", &upload_id(), &d, Compressor::Zstd);
-    assert_err(client.write(name, wrong.clone(), 10_000).await, Code::InvalidArgument, "hashes to");
+    assert_err(
+        client.write(name, wrong.clone(), 10_000).await,
+        Code::InvalidArgument,
+        "hashes to",
+    );
     // Decompresses beyond the declared size (a bomb: 64 MiB of zeros).
     let bomb = zstd(&vec![0u8; 64 << 20]);
     let name = resource::write_name("", &upload_id(), &d, Compressor::Zstd);
-    assert_err(client.write(name, bomb.clone(), 10_000).await, Code::InvalidArgument, "more than the declared");
+    assert_err(
+        client.write(name, bomb.clone(), 10_000).await,
+        Code::InvalidArgument,
+        "more than the declared",
+    );
     // Not zstd at all, and a truncated stream.
     let name = resource::write_name("", &upload_id(), &d, Compressor::Zstd);
-    assert_err(client.write(name, data.clone(), 10_000).await, Code::InvalidArgument, "zstd");
+    assert_err(
+        client.write(name, data.clone(), 10_000).await,
+        Code::InvalidArgument,
+        "zstd",
+    );
     let good = zstd(&data);
     let name = resource::write_name("", &upload_id(), &d, Compressor::Zstd);
     let truncated = good.slice(..good.len() - 10);
     let r = client.write(name, truncated, 10_000).await;
-    assert!(matches!(&r, Err(s) if s.code() == Code::InvalidArgument), "{r:?}");
+    assert!(
+        matches!(&r, Err(s) if s.code() == Code::InvalidArgument),
+        "{r:?}"
+    );
     assert_not_stored(&server, &mut client, &d).await;
 
     // The same through BatchUpdateBlobs, per blob.
@@ -566,12 +831,26 @@ async fn bad_zstd_uploads_are_refused() {
         vec![
             (d.to_proto(), wrong, Compressor::Zstd),
             (d.to_proto(), bomb, Compressor::Zstd),
-            (other.to_proto(), Bytes::from_static(b"garbage"), Compressor::Zstd),
+            (
+                other.to_proto(),
+                Bytes::from_static(b"garbage"),
+                Compressor::Zstd,
+            ),
         ],
     );
-    let responses = client.cas.batch_update_blobs(request).await.expect("batch").into_inner().responses;
+    let responses = client
+        .cas
+        .batch_update_blobs(request)
+        .await
+        .expect("batch")
+        .into_inner()
+        .responses;
     for r in &responses {
-        assert_eq!(r.status.as_ref().expect("status").code, Code::InvalidArgument as i32, "{r:?}");
+        assert_eq!(
+            r.status.as_ref().expect("status").code,
+            Code::InvalidArgument as i32,
+            "{r:?}"
+        );
     }
     assert_not_stored(&server, &mut client, &d).await;
     assert_not_stored(&server, &mut client, &other).await;

@@ -41,13 +41,21 @@ fn up_serves_from_the_current_directory_and_prints_bazelrc_lines() {
         }
     });
     let line = loop {
-        let line = rx.recv_timeout(Duration::from_secs(30)).expect("outpost up printed its bazelrc lines");
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("outpost up printed its bazelrc lines");
         if line.starts_with("build --remote_cache=") {
             break line;
         }
     };
-    assert!(line.starts_with("build --remote_cache=grpc://127.0.0.1:"), "{line}");
-    assert!(dir.path().join("outpost-data/FORMAT").exists(), "no ./outpost-data");
+    assert!(
+        line.starts_with("build --remote_cache=grpc://127.0.0.1:"),
+        "{line}"
+    );
+    assert!(
+        dir.path().join("outpost-data/FORMAT").exists(),
+        "no ./outpost-data"
+    );
     let _ = child.kill();
     let _ = child.wait();
 }
@@ -56,7 +64,11 @@ fn up_serves_from_the_current_directory_and_prints_bazelrc_lines() {
 fn config_file_environment_and_flags_layer_in_that_order() {
     let dir = tempdir();
     let config = dir.path().join("c.yaml");
-    std::fs::write(&config, "max_cas_size: 2GiB\nmax_batch_size: 1MiB\nlog: warn\n").expect("write");
+    std::fs::write(
+        &config,
+        "max_cas_size: 2GiB\nmax_batch_size: 1MiB\nlog: warn\n",
+    )
+    .expect("write");
     let out = Command::new(OUTPOST)
         .args(["coordinator", "--print-config", "--config"])
         .arg(&config)
@@ -67,23 +79,45 @@ fn config_file_environment_and_flags_layer_in_that_order() {
         .expect("run");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
-    assert!(text.contains("max_cas_size: 3GiB"), "env beats file: {text}");
-    assert!(text.contains("max_batch_size: 2MiB"), "flag beats file: {text}");
+    assert!(
+        text.contains("max_cas_size: 3GiB"),
+        "env beats file: {text}"
+    );
+    assert!(
+        text.contains("max_batch_size: 2MiB"),
+        "flag beats file: {text}"
+    );
     assert!(text.contains("log: debug"), "{text}");
-    assert!(text.contains("listen: 0.0.0.0:8980"), "defaults fill the rest: {text}");
+    assert!(
+        text.contains("listen: 0.0.0.0:8980"),
+        "defaults fill the rest: {text}"
+    );
 }
 
 #[test]
 fn bad_configuration_is_refused_with_the_line() {
     let dir = tempdir();
     let config = dir.path().join("c.yaml");
-    std::fs::write(&config, "listen: 127.0.0.1:1\n# a comment\nmax_cas_sise: 2GiB\n").expect("write");
-    let (code, _, err) = outpost(&["coordinator", "--config", config.to_str().expect("utf-8")], dir.path());
+    std::fs::write(
+        &config,
+        "listen: 127.0.0.1:1\n# a comment\nmax_cas_sise: 2GiB\n",
+    )
+    .expect("write");
+    let (code, _, err) = outpost(
+        &["coordinator", "--config", config.to_str().expect("utf-8")],
+        dir.path(),
+    );
     assert_eq!(code, 2, "{err}");
-    assert!(err.contains("line 3") && err.contains("max_cas_sise"), "{err}");
+    assert!(
+        err.contains("line 3") && err.contains("max_cas_sise"),
+        "{err}"
+    );
 
     std::fs::write(&config, "max_batch_size: 1KiB\n").expect("write");
-    let (code, _, err) = outpost(&["coordinator", "--config", config.to_str().expect("utf-8")], dir.path());
+    let (code, _, err) = outpost(
+        &["coordinator", "--config", config.to_str().expect("utf-8")],
+        dir.path(),
+    );
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("64KiB minimum"), "{err}");
 
@@ -99,18 +133,33 @@ fn a_foreign_or_newer_data_directory_is_refused() {
     std::fs::create_dir(&foreign).expect("mkdir");
     std::fs::write(foreign.join("precious.txt"), "keep me").expect("write");
     let (code, _, err) = outpost(
-        &["coordinator", "--listen", "127.0.0.1:0", "--data-dir", foreign.to_str().expect("utf-8")],
+        &[
+            "coordinator",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            foreign.to_str().expect("utf-8"),
+        ],
         dir.path(),
     );
     assert_ne!(code, 0);
     assert!(err.contains("not an outpost data directory"), "{err}");
-    assert_eq!(std::fs::read_to_string(foreign.join("precious.txt")).expect("kept"), "keep me");
+    assert_eq!(
+        std::fs::read_to_string(foreign.join("precious.txt")).expect("kept"),
+        "keep me"
+    );
 
     let newer = dir.path().join("newer");
     std::fs::create_dir(&newer).expect("mkdir");
     std::fs::write(newer.join("FORMAT"), "outpost-data-format 7\n").expect("write");
     let (code, _, err) = outpost(
-        &["coordinator", "--listen", "127.0.0.1:0", "--data-dir", newer.to_str().expect("utf-8")],
+        &[
+            "coordinator",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            newer.to_str().expect("utf-8"),
+        ],
         dir.path(),
     );
     assert_ne!(code, 0);

@@ -12,7 +12,9 @@ use tonic::Code;
 
 fn files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     let mut out = Vec::new();
-    let Ok(entries) = std::fs::read_dir(dir) else { return out };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return out;
+    };
     for e in entries.flatten() {
         let path = e.path();
         if path.is_dir() {
@@ -51,26 +53,48 @@ async fn kill_during_a_large_upload_leaves_no_blob_and_allows_a_retry() {
     // Wait until the coordinator has written part of it to disk.
     let tmp = data_dir.join("tmp");
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while files_under(&tmp).iter().all(|f| f.metadata().map_or(0, |m| m.len()) == 0) {
-        assert!(std::time::Instant::now() < deadline, "the upload never reached the disk");
+    while files_under(&tmp)
+        .iter()
+        .all(|f| f.metadata().map_or(0, |m| m.len()) == 0)
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the upload never reached the disk"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     server.kill();
     let outcome = upload.await.expect("join");
-    assert!(outcome.is_err(), "the upload cannot have succeeded: {outcome:?}");
+    assert!(
+        outcome.is_err(),
+        "the upload cannot have succeeded: {outcome:?}"
+    );
     drop(tx);
 
     let server = Coordinator::start(&data_dir, &[]);
     let mut client2 = server.client().await;
-    assert_eq!(client2.find_missing(&[d]).await, vec![d.to_proto()], "a half-written blob is present");
+    assert_eq!(
+        client2.find_missing(&[d]).await,
+        vec![d.to_proto()],
+        "a half-written blob is present"
+    );
     let err = client2.download(&d).await.expect_err("absent");
     assert_eq!(err.code(), Code::NotFound);
-    assert!(files_under(&tmp).is_empty(), "temp files survived the restart");
+    assert!(
+        files_under(&tmp).is_empty(),
+        "temp files survived the restart"
+    );
     let blob_files: Vec<_> = files_under(&data_dir.join("cas"));
-    assert!(blob_files.is_empty(), "blob files without a finished upload: {blob_files:?}");
+    assert!(
+        blob_files.is_empty(),
+        "blob files without a finished upload: {blob_files:?}"
+    );
 
     client2.upload(&d, data.clone()).await;
-    assert!(client2.download(&d).await.expect("read") == data.to_vec(), "re-uploaded blob reads back wrong");
+    assert!(
+        client2.download(&d).await.expect("read") == data.to_vec(),
+        "re-uploaded blob reads back wrong"
+    );
     drop(client);
 }
 
@@ -79,7 +103,9 @@ async fn stored_blobs_and_results_survive_a_restart() {
     let dir = tempdir();
     let server = Coordinator::start(dir.path(), &[]);
     let mut client = server.client().await;
-    let blobs: Vec<_> = (0..30).map(|i| blob(100 + i, 10_000 * i as usize + 1)).collect();
+    let blobs: Vec<_> = (0..30)
+        .map(|i| blob(100 + i, 10_000 * i as usize + 1))
+        .collect();
     for (d, data) in &blobs {
         client.upload(d, data.clone()).await;
     }
@@ -93,7 +119,10 @@ async fn stored_blobs_and_results_survive_a_restart() {
     let server = Coordinator::start(dir.path(), &[]);
     let mut client = server.client().await;
     for (d, data) in blobs.iter().chain([(late, late_data)].iter()) {
-        assert_eq!(client.download(d).await.expect("present after restart"), data.to_vec());
+        assert_eq!(
+            client.download(d).await.expect("present after restart"),
+            data.to_vec()
+        );
     }
 }
 
@@ -125,14 +154,23 @@ async fn a_full_disk_refuses_the_upload_and_keeps_serving() {
     client.upload(&first, first_data.clone()).await;
     let (big, big_data) = blob(2, 48 << 20);
     let name = resource::write_name("", &upload_id(), &big, Compressor::Identity);
-    let err = client.write(name, big_data, 1 << 20).await.expect_err("the disk is too small");
+    let err = client
+        .write(name, big_data, 1 << 20)
+        .await
+        .expect_err("the disk is too small");
     assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
     assert!(err.message().contains("no space left"), "{}", err.message());
     assert_eq!(client.find_missing(&[big]).await, vec![big.to_proto()]);
 
     // Still serving: an earlier blob reads back, a small one still fits.
-    assert_eq!(client.download(&first).await.expect("read"), first_data.to_vec());
+    assert_eq!(
+        client.download(&first).await.expect("read"),
+        first_data.to_vec()
+    );
     let (small, small_data) = blob(3, 1 << 20);
     client.upload(&small, small_data.clone()).await;
-    assert_eq!(client.download(&small).await.expect("read"), small_data.to_vec());
+    assert_eq!(
+        client.download(&small).await.expect("read"),
+        small_data.to_vec()
+    );
 }

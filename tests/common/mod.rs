@@ -52,7 +52,11 @@ impl Coordinator {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 eprintln!("[coordinator] {line}");
                 if let Some(rest) = line.split("coordinator listening on ").nth(1) {
-                    let addr = rest.split_whitespace().next().unwrap_or_default().to_owned();
+                    let addr = rest
+                        .split_whitespace()
+                        .next()
+                        .unwrap_or_default()
+                        .to_owned();
                     let _ = tx.send(addr);
                 }
             }
@@ -90,7 +94,10 @@ impl Coordinator {
     pub async fn stop(mut self) {
         let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
         nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("signal");
-        let mut child = std::mem::replace(&mut self.child, Command::new("true").spawn().expect("spawn true"));
+        let mut child = std::mem::replace(
+            &mut self.child,
+            Command::new("true").spawn().expect("spawn true"),
+        );
         let status = tokio::task::spawn_blocking(move || child.wait())
             .await
             .expect("join")
@@ -172,7 +179,12 @@ impl Client {
     }
 
     /// Reads with ByteStream; the whole result.
-    pub async fn read(&mut self, name: String, offset: i64, limit: i64) -> Result<Vec<u8>, tonic::Status> {
+    pub async fn read(
+        &mut self,
+        name: String,
+        offset: i64,
+        limit: i64,
+    ) -> Result<Vec<u8>, tonic::Status> {
         let mut stream = self
             .bytestream
             .read(bytestream::ReadRequest {
@@ -190,7 +202,8 @@ impl Client {
     }
 
     pub async fn download(&mut self, digest: &Digest) -> Result<Vec<u8>, tonic::Status> {
-        self.read(resource::read_name("", digest, Compressor::Identity), 0, 0).await
+        self.read(resource::read_name("", digest, Compressor::Identity), 0, 0)
+            .await
     }
 }
 
@@ -226,8 +239,12 @@ pub fn upload_id() -> String {
 
 fn rand_u128() -> u128 {
     use std::hash::{BuildHasher, Hasher};
-    let a = std::collections::hash_map::RandomState::new().build_hasher().finish();
-    let b = std::collections::hash_map::RandomState::new().build_hasher().finish();
+    let a = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
+    let b = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
     (u128::from(a) << 64) | u128::from(b)
 }
 
@@ -255,5 +272,8 @@ pub fn zstd(data: &[u8]) -> Bytes {
 
 /// A temp directory that survives for the test.
 pub fn tempdir() -> tempfile::TempDir {
-    tempfile::Builder::new().prefix("outpost-test-").tempdir().expect("tempdir")
+    tempfile::Builder::new()
+        .prefix("outpost-test-")
+        .tempdir()
+        .expect("tempdir")
 }

@@ -140,11 +140,13 @@ impl ByteStreamService {
             // The client starts over.
             *session = Session::new(session.digest, session.compressor);
         } else if first.write_offset != session.received as i64 {
-            return Ok(WriteOutcome::Interrupted(Status::invalid_argument(format!(
-                "write_offset {} does not continue this upload: {} bytes are committed; \
+            return Ok(WriteOutcome::Interrupted(Status::invalid_argument(
+                format!(
+                    "write_offset {} does not continue this upload: {} bytes are committed; \
                  resume at {} or restart at 0",
-                first.write_offset, session.received, session.received
-            ))));
+                    first.write_offset, session.received, session.received
+                ),
+            )));
         }
         let mut next = Some(first);
         loop {
@@ -152,16 +154,20 @@ impl ByteStreamService {
                 return Ok(WriteOutcome::Incomplete);
             };
             if !msg.resource_name.is_empty() && msg.resource_name != name {
-                return Ok(WriteOutcome::Interrupted(Status::invalid_argument(format!(
-                    "resource_name changed within one Write: {:?} after {name:?}",
-                    msg.resource_name
-                ))));
+                return Ok(WriteOutcome::Interrupted(Status::invalid_argument(
+                    format!(
+                        "resource_name changed within one Write: {:?} after {name:?}",
+                        msg.resource_name
+                    ),
+                )));
             }
             if msg.write_offset != session.received as i64 {
-                return Ok(WriteOutcome::Interrupted(Status::invalid_argument(format!(
-                    "write_offset {} skips or rewinds: {} bytes were received so far",
-                    msg.write_offset, session.received
-                ))));
+                return Ok(WriteOutcome::Interrupted(Status::invalid_argument(
+                    format!(
+                        "write_offset {} skips or rewinds: {} bytes were received so far",
+                        msg.write_offset, session.received
+                    ),
+                )));
             }
             session.last_used = Instant::now();
             if !msg.data.is_empty() {
