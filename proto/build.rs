@@ -8,6 +8,7 @@ const SCHEMAS: &[&str] = &[
     "build/bazel/remote/execution/v2/remote_execution.proto",
     "google/bytestream/bytestream.proto",
     "google/longrunning/operations.proto",
+    "outpost/fleet/v1/fleet.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

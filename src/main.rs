@@ -24,11 +24,67 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the coordinator: the REAPI endpoint, CAS and Action Cache.
+    /// Run the coordinator: the REAPI endpoint, CAS, Action Cache and queue.
     Coordinator(CoordinatorArgs),
+    /// Run an agent: dial out to a coordinator and run the actions it leases.
+    Agent(AgentArgs),
     /// Try Outpost on this machine: a coordinator on 127.0.0.1:8980 with its
-    /// data in ./outpost-data, and the .bazelrc lines to use it.
+    /// data in ./outpost-data and a local agent, and the .bazelrc lines to
+    /// use them.
     Up(CoordinatorArgs),
+}
+
+#[derive(Args)]
+struct AgentArgs {
+    /// YAML config file (see docs/configuration.md).
+    #[arg(long, env = "OUTPOST_CONFIG")]
+    config: Option<PathBuf>,
+    /// The coordinator to dial, grpc://HOST:PORT [default: grpc://127.0.0.1:8980].
+    #[arg(long, env = "OUTPOST_COORDINATOR")]
+    coordinator: Option<String>,
+    /// Work directory: agent id, input cache, action directories [default: ./outpost-agent].
+    #[arg(long, env = "OUTPOST_WORK_DIR")]
+    work_dir: Option<PathBuf>,
+    /// Actions to run at once [default: one per CPU].
+    #[arg(long, env = "OUTPOST_SLOTS")]
+    slots: Option<u32>,
+    /// A property actions can require, KEY=VALUE (repeatable).
+    #[arg(long = "label", env = "OUTPOST_LABELS", value_delimiter = ',')]
+    labels: Vec<String>,
+    /// The pool this agent serves (the Pool property).
+    #[arg(long, env = "OUTPOST_POOL")]
+    pool: Option<String>,
+    /// Bound on the local input cache, e.g. 20GiB [default: 10GiB].
+    #[arg(long, env = "OUTPOST_CACHE_SIZE")]
+    cache_size: Option<ByteSize>,
+    /// Log filter [default: info].
+    #[arg(long, env = "OUTPOST_LOG")]
+    log: Option<String>,
+    /// Print the effective configuration as YAML and exit.
+    #[arg(long)]
+    print_config: bool,
+}
+
+impl AgentArgs {
+    fn resolve(&self) -> anyhow::Result<outpost_agent::Config> {
+        let mut config = match &self.config {
+            Some(path) => outpost_agent::Config::load(path)?,
+            None => outpost_agent::Config::default(),
+        };
+        overlay(&mut config.coordinator, self.coordinator.clone());
+        overlay(&mut config.work_dir, self.work_dir.clone());
+        overlay(&mut config.slots, self.slots);
+        if !self.labels.is_empty() {
+            config.labels = self.labels.clone();
+        }
+        if self.pool.is_some() {
+            config.pool = self.pool.clone();
+        }
+        overlay(&mut config.cache_size, self.cache_size);
+        overlay(&mut config.log, self.log.clone());
+        config.validate()?;
+        Ok(config)
+    }
 }
 
 #[derive(Args)]
@@ -54,6 +110,27 @@ struct CoordinatorArgs {
     /// Grace period for in-flight requests on shutdown, e.g. 30s [default: 30s].
     #[arg(long, env = "OUTPOST_SHUTDOWN_GRACE")]
     shutdown_grace: Option<Span>,
+    /// Agents' heartbeat interval [default: 5s].
+    #[arg(long, env = "OUTPOST_HEARTBEAT_INTERVAL")]
+    heartbeat_interval: Option<Span>,
+    /// How long a lost agent may take to reconnect [default: 10s].
+    #[arg(long, env = "OUTPOST_AGENT_RECONNECT_GRACE")]
+    agent_reconnect_grace: Option<Span>,
+    /// Attempts of an action whose agent was lost [default: 3].
+    #[arg(long, env = "OUTPOST_MAX_ATTEMPTS")]
+    max_attempts: Option<u32>,
+    /// How long a disconnected agent still counts for matching [default: 10m].
+    #[arg(long, env = "OUTPOST_FLEET_MEMORY")]
+    fleet_memory: Option<Span>,
+    /// Time after start-up before unsatisfiable actions fail fast [default: 15s].
+    #[arg(long, env = "OUTPOST_STARTUP_GRACE")]
+    startup_grace: Option<Span>,
+    /// Timeout of actions that set none [default: 1h].
+    #[arg(long, env = "OUTPOST_DEFAULT_ACTION_TIMEOUT")]
+    default_action_timeout: Option<Span>,
+    /// Longest timeout an action may ask for [default: 6h].
+    #[arg(long, env = "OUTPOST_MAX_ACTION_TIMEOUT")]
+    max_action_timeout: Option<Span>,
     /// Log filter, e.g. info or outpost_coordinator=debug [default: info].
     #[arg(long, env = "OUTPOST_LOG")]
     log: Option<String>,
@@ -90,16 +167,45 @@ impl CoordinatorArgs {
         if let Some(v) = &self.log {
             config.log = v.clone();
         }
+        overlay(&mut config.heartbeat_interval, self.heartbeat_interval);
+        overlay(
+            &mut config.agent_reconnect_grace,
+            self.agent_reconnect_grace,
+        );
+        overlay(&mut config.max_attempts, self.max_attempts);
+        overlay(&mut config.fleet_memory, self.fleet_memory);
+        overlay(&mut config.startup_grace, self.startup_grace);
+        overlay(
+            &mut config.default_action_timeout,
+            self.default_action_timeout,
+        );
+        overlay(&mut config.max_action_timeout, self.max_action_timeout);
         config.validate()?;
         Ok(config)
     }
 }
 
+fn overlay<T>(slot: &mut T, value: Option<T>) {
+    if let Some(v) = value {
+        *slot = v;
+    }
+}
+
 fn main() -> ExitCode {
+    let argv: Vec<String> = std::env::args().collect();
+    // The reaper stub runs in front of every action: no flag parsing, no
+    // logging, no runtime.
+    if argv.get(1).map(String::as_str) == Some("__reap") {
+        let rest = argv.get(2..).unwrap_or_default();
+        let rest = rest.strip_prefix(&["--".to_owned()]).unwrap_or(rest);
+        let code = outpost_sandbox::reaper::main(rest);
+        return ExitCode::from(u8::try_from(code).unwrap_or(1));
+    }
     let cli = Cli::parse();
     let (args, up) = match &cli.command {
         Command::Coordinator(args) => (args, false),
         Command::Up(args) => (args, true),
+        Command::Agent(args) => return agent_main(args),
     };
     let base = if up {
         Config {
@@ -145,20 +251,82 @@ fn main() -> ExitCode {
     }
 }
 
+fn agent_main(args: &AgentArgs) -> ExitCode {
+    let config = match args.resolve() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("outpost: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    if args.print_config {
+        print!("{}", config.to_yaml());
+        return ExitCode::SUCCESS;
+    }
+    if let Err(e) = init_logging(&config.log) {
+        eprintln!("outpost: {e:#}");
+        return ExitCode::from(2);
+    }
+    raise_open_file_limit();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("outpost: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        let shutdown = CancellationToken::new();
+        tokio::spawn(stop_on_signal(shutdown.clone()));
+        outpost_agent::run(config, shutdown).await
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("outpost: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 async fn run_coordinator(config: Config, up: bool) -> anyhow::Result<()> {
+    let data_dir = config.data_dir.clone();
+    let log = config.log.clone();
     let coordinator = Coordinator::bind(config).await?;
     let addr = coordinator.local_addr()?;
+    let shutdown = CancellationToken::new();
+    tokio::spawn(stop_on_signal(shutdown.clone()));
+    let mut agent = None;
     if up {
+        let agent_config = outpost_agent::Config {
+            coordinator: format!("grpc://{addr}"),
+            work_dir: data_dir.join("agent"),
+            log,
+            ..outpost_agent::Config::default()
+        };
+        agent = Some(tokio::spawn(outpost_agent::run(
+            agent_config,
+            shutdown.clone(),
+        )));
         println!(
-            "Outpost is running. Add these lines to your project's .bazelrc:\n\n\
-             build --remote_cache=grpc://{addr}\n\
-             build --remote_timeout=60\n\n\
+            "Outpost is running: a coordinator on {addr} and an agent on this machine.\n\
+             Add these lines to your project's .bazelrc:\n\n\
+             build --remote_executor=grpc://{addr}\n\
+             build --remote_timeout=3600\n\n\
+             Or, to share only a cache:\n\n\
+             build --remote_cache=grpc://{addr}\n\n\
              Press Ctrl-C to stop."
         );
     }
-    let shutdown = CancellationToken::new();
-    tokio::spawn(stop_on_signal(shutdown.clone()));
-    coordinator.serve(shutdown).await
+    let served = coordinator.serve(shutdown).await;
+    if let Some(agent) = agent {
+        agent.await??;
+    }
+    served
 }
 
 /// First SIGINT/SIGTERM: graceful shutdown. Second: exit at once.

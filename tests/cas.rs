@@ -89,7 +89,7 @@ async fn capabilities_describe_the_cache() {
         cache.supported_compressors,
         vec![reapi::compressor::Value::Zstd as i32]
     );
-    assert!(!caps.execution_capabilities.expect("exec").exec_enabled);
+    assert!(caps.execution_capabilities.expect("exec").exec_enabled);
     assert_eq!(caps.low_api_version.expect("low").major, 2);
     assert_eq!(caps.high_api_version.expect("high").minor, 3);
     // Plain HTTP health on the same port.

@@ -1,7 +1,117 @@
-//! The Outpost agent: dials out to a coordinator over one stream, advertises
-//! what its host can do, runs the actions it is leased in the requested
-//! isolation, and uploads their results. It opens no listening port.
+//! The Outpost agent: dials out to a coordinator over one stream
+//! ([`link`]), advertises what its host can do ([`host`]), runs the actions
+//! it is leased ([`exec`]) with inputs from a local hard-linked cache
+//! ([`cache`]), and uploads their results ([`remote`]). It opens no
+//! listening port.
 //!
-//! The dial-out link, host capabilities, local CAS cache and runners arrive
-//! with the fleet work; the crate exists now so that the workspace has its
-//! final shape and `coordinator` and `agent` stay independent.
+//! Start at [`run`]. Every command runs behind the reaper stub of
+//! `outpost-sandbox`, so a timeout or cancellation kills everything it
+//! started.
+
+pub mod cache;
+pub mod config;
+pub mod error;
+pub mod exec;
+pub mod host;
+pub mod link;
+pub mod remote;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use outpost_proto::fleet;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Endpoint;
+
+pub use config::Config;
+
+/// The agent's stable id: kept in the work directory, made once from the
+/// host name and a random suffix.
+fn agent_id(work_dir: &Path) -> anyhow::Result<String> {
+    let path = work_dir.join("agent-id");
+    if let Ok(id) = std::fs::read_to_string(&path) {
+        let id = id.trim().to_owned();
+        if !id.is_empty() {
+            return Ok(id);
+        }
+    }
+    let host = hostname();
+    let id = format!("{host}-{:08x}", rand::random::<u32>());
+    std::fs::write(&path, format!("{id}\n"))
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(id)
+}
+
+fn hostname() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "agent".to_owned())
+}
+
+/// Runs the agent until `shutdown` fires and running actions finished.
+pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    config.validate()?;
+    std::fs::create_dir_all(&config.work_dir)
+        .with_context(|| format!("creating the work directory {}", config.work_dir.display()))?;
+    let work_dir = std::fs::canonicalize(&config.work_dir)?;
+    let id = agent_id(&work_dir)?;
+    let slots = if config.slots == 0 {
+        host::cpus()
+    } else {
+        config.slots
+    };
+    let actions_dir = work_dir.join("actions");
+    if actions_dir.exists() {
+        // Left by a previous run that was killed.
+        let _ = std::fs::remove_dir_all(&actions_dir);
+    }
+    let cache = cache::Cache::open(work_dir.join("cache"), &actions_dir, config.cache_size.0)?;
+    let capabilities = host::capabilities(&config, slots, &work_dir);
+    tracing::info!(
+        agent_id = %id,
+        slots,
+        os = %capabilities.os_version,
+        gpus = capabilities.gpus.len(),
+        coordinator = %config.coordinator,
+        "agent starting"
+    );
+    let channel = Endpoint::from_shared(config.endpoint())
+        .with_context(|| format!("coordinator address {:?}", config.coordinator))?
+        .connect_timeout(Duration::from_secs(10))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_while_idle(true)
+        .connect_lazy();
+    let reaper: PathBuf =
+        std::env::current_exe().context("finding this binary to run actions through")?;
+    let executor = Arc::new(exec::Executor {
+        agent_id: id.clone(),
+        remote: remote::Remote::new(channel.clone(), ""),
+        cache,
+        actions_dir,
+        reaper,
+    });
+    let (outbox_tx, outbox) = tokio::sync::mpsc::channel(1024);
+    let link = link::Link {
+        channel,
+        register: fleet::Register {
+            protocol_version: outpost_proto::FLEET_PROTOCOL_VERSION,
+            agent_id: id,
+            hostname: hostname(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            capabilities: Some(capabilities),
+            running_leases: Vec::new(),
+        },
+        executor,
+        running: link::Running::default(),
+        outbox_tx,
+        outbox,
+        unsent: Vec::new(),
+    };
+    link.run(shutdown).await;
+    tracing::info!("agent stopped");
+    Ok(())
+}

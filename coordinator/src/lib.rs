@@ -1,14 +1,18 @@
 //! The Outpost coordinator: the Remote Execution API v2 server that owns the
-//! CAS and the Action Cache (and, as the fleet work lands, the queue and the
-//! agents' streams).
+//! CAS, the Action Cache, the queue and the agents' streams.
 //!
-//! It is not a client and runs no actions itself. Start at [`Coordinator`]:
+//! It is not a client and runs no actions itself: agents dial in
+//! ([`fleet`]) and the [`scheduler`] leases them work that [`execution`]
+//! accepted. Start at [`Coordinator`]:
 //! [`Coordinator::bind`] opens storage and the listening socket,
 //! [`Coordinator::serve`] runs until the shutdown token fires, then flushes
-//! storage. [`service`] holds the gRPC services, [`storage`] the CAS and
+//! storage. [`service`] holds the cache's gRPC services, [`storage`] the CAS and
 //! Action Cache behind traits, [`config`] the configuration.
 
 pub mod config;
+mod execution;
+mod fleet;
+pub mod scheduler;
 mod server;
 pub mod service;
 pub mod storage;

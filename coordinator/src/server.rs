@@ -17,12 +17,19 @@ use tonic::service::Routes;
 use tonic::transport::server::TcpIncoming;
 
 use crate::config::Config;
+use crate::execution::{ExecutionService, OperationsService, Timeouts};
+use crate::fleet::FleetService;
+use crate::scheduler::{Scheduler, Settings};
 use crate::service::Context;
 use crate::service::action_cache::ActionCacheService;
 use crate::service::bytestream::ByteStreamService;
 use crate::service::capabilities::CapabilitiesService;
 use crate::service::cas::CasService;
 use crate::storage::embedded::EmbeddedStore;
+use outpost_proto::fleet::fleet_server::FleetServer;
+use outpost_proto::longrunning::operations_server::OperationsServer;
+use outpost_proto::reapi::execution_server::ExecutionServer;
+use std::time::Duration;
 
 /// Room above the batch limit for the rest of a message. Generous, so that
 /// a batch somewhat over the limit gets the clear batch-limit error rather
@@ -72,13 +79,31 @@ impl Coordinator {
             tracing::warn!(
                 %addr,
                 "no credentials are configured: anyone who can reach this address can read and \
-                 write the cache; listen on 127.0.0.1 or keep it on a trusted network"
+                 write the cache and run commands on agents; listen on 127.0.0.1 or keep it on \
+                 a trusted network"
             );
         }
         let ctx = Context {
             cas: Arc::new(self.store.clone()),
             action_cache: Arc::new(self.store.clone()),
             max_batch_size: self.config.max_batch_size.0,
+        };
+        let scheduler = Scheduler::start(
+            Settings {
+                heartbeat_interval: self.config.heartbeat_interval.0,
+                reconnect_grace: self.config.agent_reconnect_grace.0,
+                max_attempts: self.config.max_attempts,
+                fleet_memory: self.config.fleet_memory.0,
+                startup_grace: self.config.startup_grace.0,
+                abandon_after: Duration::from_secs(10),
+                keep_finished: Duration::from_secs(600),
+            },
+            Arc::clone(&ctx.action_cache),
+            shutdown.child_token(),
+        );
+        let timeouts = Timeouts {
+            default: self.config.default_action_timeout.0,
+            max: self.config.max_action_timeout.0,
         };
         let max_message =
             usize::try_from(self.config.max_batch_size.0).unwrap_or(usize::MAX) + MESSAGE_OVERHEAD;
@@ -88,6 +113,9 @@ impl Coordinator {
             "build.bazel.remote.execution.v2.ContentAddressableStorage",
             "build.bazel.remote.execution.v2.ActionCache",
             "google.bytestream.ByteStream",
+            "build.bazel.remote.execution.v2.Execution",
+            "google.longrunning.Operations",
+            "outpost.fleet.v1.Fleet",
         ] {
             health
                 .set_service_status(name, tonic_health::ServingStatus::Serving)
@@ -116,6 +144,16 @@ impl Coordinator {
                 .max_decoding_message_size(max_message)
                 .max_encoding_message_size(max_message),
             );
+        let routes = routes
+            .add_service(ExecutionServer::new(ExecutionService::new(
+                ctx.clone(),
+                scheduler.clone(),
+                timeouts,
+            )))
+            .add_service(OperationsServer::new(OperationsService::new(
+                scheduler.clone(),
+            )))
+            .add_service(FleetServer::new(FleetService::new(scheduler)));
         let routes = Routes::from(
             routes
                 .into_axum_router()

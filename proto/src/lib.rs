@@ -12,6 +12,7 @@
 
 pub mod digest;
 pub mod resource;
+pub mod units;
 
 #[allow(clippy::all, missing_docs)]
 pub mod build {
@@ -42,6 +43,21 @@ pub mod google {
     }
 }
 
+#[allow(clippy::all, missing_docs)]
+pub mod outpost {
+    pub mod fleet {
+        pub mod v1 {
+            include!(concat!(env!("OUT_DIR"), "/outpost.fleet.v1.rs"));
+        }
+    }
+}
+
+/// Outpost's own coordinator ⇄ agent protocol.
+pub use outpost::fleet::v1 as fleet;
+
+/// The fleet protocol version this build speaks; see `fleet.proto`.
+pub const FLEET_PROTOCOL_VERSION: u32 = 1;
+
 /// The Remote Execution API v2 (`build.bazel.remote.execution.v2`).
 pub use build::bazel::remote::execution::v2 as reapi;
 pub use google::bytestream;
@@ -56,4 +72,5 @@ pub mod type_url {
         "type.googleapis.com/build.bazel.remote.execution.v2.ExecuteOperationMetadata";
     pub const EXECUTE_RESPONSE: &str =
         "type.googleapis.com/build.bazel.remote.execution.v2.ExecuteResponse";
+    pub const PRECONDITION_FAILURE: &str = "type.googleapis.com/google.rpc.PreconditionFailure";
 }

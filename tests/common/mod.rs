@@ -35,10 +35,23 @@ impl Coordinator {
         Coordinator::start_with(Command::new(OUTPOST), data_dir, extra)
     }
 
+    /// Starts it on a given address (to restart on the same port).
+    pub fn start_at(data_dir: &Path, listen: &str, extra: &[&str]) -> Coordinator {
+        let mut args = vec!["--listen", listen];
+        args.extend_from_slice(extra);
+        Coordinator::start_inner(Command::new(OUTPOST), data_dir, &args)
+    }
+
     /// Starts it through a prepared command (e.g. a wrapper like `unshare`
     /// whose last argument will be the outpost binary).
-    pub fn start_with(mut cmd: Command, data_dir: &Path, extra: &[&str]) -> Coordinator {
-        cmd.args(["coordinator", "--listen", "127.0.0.1:0", "--data-dir"])
+    pub fn start_with(cmd: Command, data_dir: &Path, extra: &[&str]) -> Coordinator {
+        let mut args = vec!["--listen", "127.0.0.1:0"];
+        args.extend_from_slice(extra);
+        Coordinator::start_inner(cmd, data_dir, &args)
+    }
+
+    fn start_inner(mut cmd: Command, data_dir: &Path, extra: &[&str]) -> Coordinator {
+        cmd.args(["coordinator", "--data-dir"])
             .arg(data_dir)
             .args(extra)
             .env("OUTPOST_LOG", "info,outpost_coordinator=debug")
@@ -117,6 +130,114 @@ impl Drop for Coordinator {
     }
 }
 
+/// An agent process; killed when dropped. Its log lines are kept.
+pub struct Agent {
+    child: Child,
+    pub work_dir: PathBuf,
+    log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Agent {
+    pub fn start(coordinator: &str, work_dir: &Path, extra: &[&str]) -> Agent {
+        let mut child = Command::new(OUTPOST)
+            .args(["agent", "--coordinator", coordinator, "--work-dir"])
+            .arg(work_dir)
+            .args(extra)
+            .env("OUTPOST_LOG", "info,outpost_agent=debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start the outpost agent");
+        let stderr = child.stderr.take().expect("stderr is piped");
+        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = std::sync::Arc::clone(&log);
+        let name = work_dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("[agent {name}] {line}");
+                sink.lock().expect("log lock").push(line);
+            }
+        });
+        Agent {
+            child,
+            work_dir: work_dir.to_owned(),
+            log,
+        }
+    }
+
+    /// Log lines containing `needle`.
+    pub fn count(&self, needle: &str) -> usize {
+        self.log
+            .lock()
+            .expect("log lock")
+            .iter()
+            .filter(|l| l.contains(needle))
+            .count()
+    }
+
+    /// Waits until a log line contains `needle`.
+    pub async fn wait_for(&self, needle: &str, within: Duration) {
+        let deadline = std::time::Instant::now() + within;
+        while self.count(needle) == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "agent never logged {needle:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The id it registers with.
+    pub fn id(&self) -> String {
+        std::fs::read_to_string(self.work_dir.join("agent-id"))
+            .expect("the agent wrote its id")
+            .trim()
+            .to_owned()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then wait for it to drain and exit.
+    pub async fn stop(mut self) -> std::process::ExitStatus {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("signal");
+        let mut child = std::mem::replace(
+            &mut self.child,
+            Command::new("true").spawn().expect("spawn true"),
+        );
+        tokio::task::spawn_blocking(move || child.wait())
+            .await
+            .expect("join")
+            .expect("wait")
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A free loopback port (bound and released; fine for tests).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
 /// REAPI clients on one channel.
 #[derive(Clone)]
 pub struct Client {
@@ -124,6 +245,8 @@ pub struct Client {
     pub bytestream: ByteStreamClient<Channel>,
     pub ac: ActionCacheClient<Channel>,
     pub capabilities: CapabilitiesClient<Channel>,
+    pub execution: reapi::execution_client::ExecutionClient<Channel>,
+    pub operations: outpost_proto::longrunning::operations_client::OperationsClient<Channel>,
 }
 
 impl Client {
@@ -140,7 +263,11 @@ impl Client {
                 .max_encoding_message_size(max),
             bytestream: ByteStreamClient::new(channel.clone()).max_decoding_message_size(max),
             ac: ActionCacheClient::new(channel.clone()),
-            capabilities: CapabilitiesClient::new(channel),
+            capabilities: CapabilitiesClient::new(channel.clone()),
+            execution: reapi::execution_client::ExecutionClient::new(channel.clone()),
+            operations: outpost_proto::longrunning::operations_client::OperationsClient::new(
+                channel,
+            ),
         }
     }
 
@@ -205,6 +332,140 @@ impl Client {
         self.read(resource::read_name("", digest, Compressor::Identity), 0, 0)
             .await
     }
+}
+
+/// An action to upload and run.
+#[derive(Default, Clone)]
+pub struct ActionSpec {
+    pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub platform: Vec<(String, String)>,
+    pub output_paths: Vec<String>,
+    pub timeout: Option<Duration>,
+    pub do_not_cache: bool,
+    /// Files in the input root: (name, contents).
+    pub inputs: Vec<(String, Bytes)>,
+}
+
+impl ActionSpec {
+    pub fn shell(script: &str) -> ActionSpec {
+        ActionSpec {
+            args: vec!["/bin/sh".into(), "-c".into(), script.into()],
+            env: vec![("PATH".into(), "/usr/bin:/bin".into())],
+            ..ActionSpec::default()
+        }
+    }
+
+    pub fn with_platform(mut self, name: &str, value: &str) -> ActionSpec {
+        self.platform.push((name.into(), value.into()));
+        self
+    }
+}
+
+fn put_message<M: prost::Message>(m: &M, uploads: &mut Vec<(Digest, Bytes)>) -> Digest {
+    let bytes = Bytes::from(m.encode_to_vec());
+    let d = Function::Sha256.digest_of(&bytes);
+    uploads.push((d, bytes));
+    d
+}
+
+impl Client {
+    /// Uploads the action, its command and inputs; returns the action digest.
+    pub async fn upload_action(&mut self, spec: &ActionSpec) -> Digest {
+        let mut uploads = Vec::new();
+        let platform = reapi::Platform {
+            properties: spec
+                .platform
+                .iter()
+                .map(|(n, v)| reapi::platform::Property {
+                    name: n.clone(),
+                    value: v.clone(),
+                })
+                .collect(),
+        };
+        let command = reapi::Command {
+            arguments: spec.args.clone(),
+            environment_variables: spec
+                .env
+                .iter()
+                .map(|(n, v)| reapi::command::EnvironmentVariable {
+                    name: n.clone(),
+                    value: v.clone(),
+                })
+                .collect(),
+            output_paths: spec.output_paths.clone(),
+            ..Default::default()
+        };
+        let mut root = reapi::Directory::default();
+        let mut inputs = spec.inputs.clone();
+        inputs.sort();
+        for (name, data) in inputs {
+            let d = Function::Sha256.digest_of(&data);
+            uploads.push((d, data));
+            root.files.push(reapi::FileNode {
+                name,
+                digest: Some(d.to_proto()),
+                ..Default::default()
+            });
+        }
+        let command_digest = put_message(&command, &mut uploads);
+        let root_digest = put_message(&root, &mut uploads);
+        let action = reapi::Action {
+            command_digest: Some(command_digest.to_proto()),
+            input_root_digest: Some(root_digest.to_proto()),
+            timeout: spec
+                .timeout
+                .map(|t| prost_types::Duration::try_from(t).expect("duration")),
+            do_not_cache: spec.do_not_cache,
+            platform: Some(platform),
+            ..Default::default()
+        };
+        let action_digest = put_message(&action, &mut uploads);
+        for (d, data) in uploads {
+            self.upload(&d, data).await;
+        }
+        action_digest
+    }
+
+    /// Executes and follows the operation to its end; returns its name and
+    /// the response.
+    pub async fn execute(
+        &mut self,
+        action: &Digest,
+        skip_cache_lookup: bool,
+    ) -> Result<(String, reapi::ExecuteResponse), tonic::Status> {
+        let stream = self
+            .execution
+            .execute(reapi::ExecuteRequest {
+                action_digest: Some(action.to_proto()),
+                skip_cache_lookup,
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        follow(stream).await
+    }
+}
+
+/// Reads an operation stream to its end.
+pub async fn follow(
+    mut stream: tonic::Streaming<outpost_proto::longrunning::Operation>,
+) -> Result<(String, reapi::ExecuteResponse), tonic::Status> {
+    while let Some(op) = stream.message().await? {
+        if op.done {
+            let response = match op.result {
+                Some(outpost_proto::longrunning::operation::Result::Response(any)) => {
+                    <reapi::ExecuteResponse as prost::Message>::decode(any.value.as_slice())
+                        .expect("ExecuteResponse")
+                }
+                other => panic!("operation done without a response: {other:?}"),
+            };
+            return Ok((op.name, response));
+        }
+    }
+    Err(tonic::Status::unknown(
+        "the operation stream ended before the operation was done",
+    ))
 }
 
 /// Write messages for `data` starting at `offset`.

@@ -2,14 +2,13 @@
 //! default, documented in `docs/configuration.md`. The binary layers flags
 //! and `OUTPOST_*` environment variables on top.
 
-mod units;
-
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-pub use units::{ByteSize, Span};
+pub use outpost_proto::units::{ByteSize, Span};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -29,6 +28,24 @@ pub struct Config {
     /// On shutdown, how long in-flight requests may take before the
     /// remaining connections are closed.
     pub shutdown_grace: Span,
+    /// How often agents send a heartbeat; an agent silent for three of them
+    /// counts as disconnected.
+    pub heartbeat_interval: Span,
+    /// How long a disconnected agent may take to reconnect and resume its
+    /// actions before they are run elsewhere.
+    pub agent_reconnect_grace: Span,
+    /// Attempts of one action whose agent was lost before it fails.
+    pub max_attempts: u32,
+    /// Agents seen this recently count when deciding whether an action's
+    /// platform can be satisfied at all.
+    pub fleet_memory: Span,
+    /// After start-up, actions no agent can satisfy wait this long for
+    /// agents to connect instead of failing at once.
+    pub startup_grace: Span,
+    /// Timeout of actions that set none.
+    pub default_action_timeout: Span,
+    /// Actions asking for a longer timeout are refused.
+    pub max_action_timeout: Span,
     /// Log filter, e.g. `info` or `outpost_coordinator=debug,info`.
     pub log: String,
 }
@@ -40,8 +57,15 @@ impl Default for Config {
             data_dir: PathBuf::from("./outpost-data"),
             max_cas_size: ByteSize(50 << 30),
             max_batch_size: ByteSize(4 << 20),
-            upload_expiry: Span(std::time::Duration::from_secs(600)),
-            shutdown_grace: Span(std::time::Duration::from_secs(30)),
+            upload_expiry: Span(Duration::from_secs(600)),
+            shutdown_grace: Span(Duration::from_secs(30)),
+            heartbeat_interval: Span(Duration::from_secs(5)),
+            agent_reconnect_grace: Span(Duration::from_secs(10)),
+            max_attempts: 3,
+            fleet_memory: Span(Duration::from_secs(600)),
+            startup_grace: Span(Duration::from_secs(15)),
+            default_action_timeout: Span(Duration::from_secs(3600)),
+            max_action_timeout: Span(Duration::from_secs(6 * 3600)),
             log: "info".to_owned(),
         }
     }
@@ -94,6 +118,20 @@ impl Config {
             return Err(Error::Invalid(format!(
                 "max_batch_size {} is above the 64MiB maximum",
                 self.max_batch_size
+            )));
+        }
+        if self.heartbeat_interval.0 < Duration::from_millis(100) {
+            return Err(Error::Invalid(
+                "heartbeat_interval must be at least 100ms".to_owned(),
+            ));
+        }
+        if self.max_attempts == 0 {
+            return Err(Error::Invalid("max_attempts must be at least 1".to_owned()));
+        }
+        if self.default_action_timeout.0 > self.max_action_timeout.0 {
+            return Err(Error::Invalid(format!(
+                "default_action_timeout {} is over max_action_timeout {}",
+                self.default_action_timeout, self.max_action_timeout
             )));
         }
         if self.max_cas_size.0 < 1 << 20 {

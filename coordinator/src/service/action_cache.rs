@@ -17,14 +17,51 @@ impl ActionCacheService {
     pub fn new(ctx: Context) -> Self {
         ActionCacheService { ctx }
     }
+}
 
-    /// Every blob a result refers to, trees expanded; `None` if a tree is
-    /// gone already.
-    async fn referenced_blobs(
-        &self,
-        result: &reapi::ActionResult,
-        function: Function,
-    ) -> Result<Option<Vec<Digest>>, Status> {
+/// Looks an action up: its result if one is stored and every blob it refers
+/// to is still in the CAS (those are then refreshed in the eviction order).
+pub async fn lookup(
+    ctx: &Context,
+    instance_name: &str,
+    action: Digest,
+) -> Result<Option<reapi::ActionResult>, Status> {
+    let function = action.function;
+    let Some(bytes) = ctx
+        .action_cache
+        .get_action_result(instance_name, action)
+        .await
+        .map_err(storage_status)?
+    else {
+        return Ok(None);
+    };
+    let result = match reapi::ActionResult::decode(bytes) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(action_digest = %action, error = %e, "stored action result does not decode; treating as a miss");
+            return Ok(None);
+        }
+    };
+    let Some(blobs) = referenced_blobs(ctx, &result, function).await? else {
+        return Ok(None);
+    };
+    // find_missing also refreshes every present output in the LRU.
+    let missing = ctx.cas.find_missing(blobs).await.map_err(storage_status)?;
+    if !missing.is_empty() {
+        tracing::debug!(action_digest = %action, missing = missing.len(), "action result outputs evicted; miss");
+        return Ok(None);
+    }
+    Ok(Some(result))
+}
+
+/// Every blob a result refers to, trees expanded; `None` if a tree is gone
+/// already.
+async fn referenced_blobs(
+    ctx: &Context,
+    result: &reapi::ActionResult,
+    function: Function,
+) -> Result<Option<Vec<Digest>>, Status> {
+    {
         let mut blobs = Vec::new();
         for f in &result.output_files {
             blobs.extend(optional_digest(
@@ -50,8 +87,7 @@ impl ActionCacheService {
                 continue;
             };
             blobs.push(tree_digest);
-            let Some(bytes) = self
-                .ctx
+            let Some(bytes) = ctx
                 .cas
                 .read_all(tree_digest)
                 .await
@@ -125,38 +161,10 @@ impl ActionCache for ActionCacheService {
         let req = request.into_inner();
         let function = function_of(req.digest_function)?;
         let action = required_digest(req.action_digest.as_ref(), function, "action_digest")?;
-        let miss = || Status::not_found(format!("no action result for {action}"));
-        let Some(bytes) = self
-            .ctx
-            .action_cache
-            .get_action_result(&req.instance_name, action)
-            .await
-            .map_err(storage_status)?
-        else {
-            return Err(miss());
-        };
-        let result = match reapi::ActionResult::decode(bytes) {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::warn!(action_digest = %action, error = %e, "stored action result does not decode; treating as a miss");
-                return Err(miss());
-            }
-        };
-        let Some(blobs) = self.referenced_blobs(&result, function).await? else {
-            return Err(miss());
-        };
-        // find_missing also refreshes every present output in the LRU.
-        let missing = self
-            .ctx
-            .cas
-            .find_missing(blobs)
-            .await
-            .map_err(storage_status)?;
-        if !missing.is_empty() {
-            tracing::debug!(action_digest = %action, missing = missing.len(), "action result outputs evicted; miss");
-            return Err(miss());
+        match lookup(&self.ctx, &req.instance_name, action).await? {
+            Some(result) => Ok(Response::new(result)),
+            None => Err(Status::not_found(format!("no action result for {action}"))),
         }
-        Ok(Response::new(result))
     }
 
     async fn update_action_result(

@@ -49,11 +49,15 @@ impl Capabilities for CapabilitiesService {
                 supported_compressors: vec![zstd],
                 supported_batch_update_compressors: vec![zstd],
             }),
-            // The coordinator is a cache until the execution service lands.
             execution_capabilities: Some(reapi::ExecutionCapabilities {
                 digest_function: Function::Sha256.to_proto() as i32,
-                exec_enabled: false,
-                execution_priority_capabilities: None,
+                exec_enabled: true,
+                execution_priority_capabilities: Some(reapi::PriorityCapabilities {
+                    priorities: vec![reapi::priority_capabilities::PriorityRange {
+                        min_priority: i32::MIN,
+                        max_priority: i32::MAX,
+                    }],
+                }),
                 supported_node_properties: Vec::new(),
                 digest_functions: functions,
             }),

@@ -1,5 +1,6 @@
 //! Human-friendly sizes (`50GiB`, `4MiB`, `1000`) and durations (`15s`,
-//! `10m`, `250ms`) for configuration values.
+//! `10m`, `250ms`) for configuration values, shared by the coordinator's and
+//! the agent's configuration.
 
 use std::fmt;
 use std::str::FromStr;

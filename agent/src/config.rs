@@ -1,0 +1,111 @@
+//! The agent's configuration: a YAML file (every key optional, documented
+//! in `docs/configuration.md`); the binary layers flags and `OUTPOST_*`
+//! environment variables on top.
+
+use std::path::{Path, PathBuf};
+
+use outpost_proto::units::ByteSize;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// The coordinator to dial, `grpc://HOST:PORT`.
+    pub coordinator: String,
+    /// Where the agent keeps its id, its input cache and action directories.
+    pub work_dir: PathBuf,
+    /// Actions run at once; 0 means one per CPU.
+    pub slots: u32,
+    /// Extra properties actions can require, `key=value`.
+    pub labels: Vec<String>,
+    /// The pool this agent serves (the `Pool` property), if any.
+    pub pool: Option<String>,
+    /// Bound on the local input cache.
+    pub cache_size: ByteSize,
+    /// Log filter.
+    pub log: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            coordinator: "grpc://127.0.0.1:8980".to_owned(),
+            work_dir: PathBuf::from("./outpost-agent"),
+            slots: 0,
+            labels: Vec::new(),
+            pool: None,
+            cache_size: ByteSize(10 << 30),
+            log: "info".to_owned(),
+        }
+    }
+}
+
+impl Config {
+    pub fn load(path: &Path) -> anyhow::Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("cannot read config file {}: {e}", path.display()))?;
+        if text.trim().is_empty() {
+            return Ok(Config::default());
+        }
+        serde_saphyr::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("config file {}: {e}", path.display()))
+    }
+
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if !(self.coordinator.starts_with("grpc://") || self.coordinator.starts_with("http://")) {
+            anyhow::bail!(
+                "coordinator {:?} must look like grpc://HOST:PORT",
+                self.coordinator
+            );
+        }
+        for label in &self.labels {
+            match label.split_once('=') {
+                Some((k, _)) if !k.trim().is_empty() => {}
+                _ => anyhow::bail!("label {label:?} must look like key=value"),
+            }
+        }
+        Ok(())
+    }
+
+    pub fn to_yaml(&self) -> String {
+        serde_saphyr::to_string(self).expect("the config serializes: plain fields only")
+    }
+
+    /// The endpoint URI tonic dials.
+    pub fn endpoint(&self) -> String {
+        self.coordinator.replacen("grpc://", "http://", 1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_roundtrip_and_docs_example_parses() {
+        let yaml = Config::default().to_yaml();
+        assert_eq!(
+            serde_saphyr::from_str::<Config>(&yaml).expect("parse"),
+            Config::default()
+        );
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/examples/agent.yaml");
+        Config::load(&path)
+            .expect("docs/examples/agent.yaml parses")
+            .validate()
+            .expect("valid");
+    }
+
+    #[test]
+    fn bad_values_are_refused() {
+        let c = Config {
+            coordinator: "localhost:8980".into(),
+            ..Config::default()
+        };
+        assert!(c.validate().is_err());
+        let c = Config {
+            labels: vec!["nokey".into()],
+            ..Config::default()
+        };
+        assert!(c.validate().is_err());
+    }
+}

@@ -1,0 +1,283 @@
+//! What this host offers: OS family, architecture (as `Arch` and `ISA`),
+//! CPUs, memory, disk, OS version, compiler versions, isolation backends,
+//! NVIDIA GPUs, and the operator's labels and pool.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use outpost_proto::fleet;
+use outpost_proto::reapi::platform::Property;
+
+use crate::config::Config;
+
+/// Compilers whose versions are advertised when found on PATH.
+const COMPILERS: &[(&str, &[&str])] = &[
+    ("gcc", &["--version"]),
+    ("clang", &["--version"]),
+    ("rustc", &["--version"]),
+    ("go", &["version"]),
+    ("javac", &["-version"]),
+    ("swiftc", &["--version"]),
+];
+
+pub fn os_family() -> &'static str {
+    match std::env::consts::OS {
+        "macos" => "darwin",
+        other => other,
+    }
+}
+
+/// (`Arch`, `ISA`) in the spellings users already have.
+pub fn arch() -> (&'static str, &'static str) {
+    match std::env::consts::ARCH {
+        "x86_64" => ("amd64", "x86-64"),
+        "aarch64" => ("arm64", "aarch64"),
+        other => (other, other),
+    }
+}
+
+pub fn cpus() -> u32 {
+    std::thread::available_parallelism().map_or(1, |n| u32::try_from(n.get()).unwrap_or(1))
+}
+
+fn memory_bytes() -> u64 {
+    #[cfg(target_os = "linux")]
+    {
+        std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|text| {
+                text.lines()
+                    .find(|l| l.starts_with("MemTotal:"))
+                    .and_then(|l| l.split_whitespace().nth(1))
+                    .and_then(|kb| kb.parse::<u64>().ok())
+            })
+            .map_or(0, |kb| kb * 1024)
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        first_line("sysctl", &["-n", "hw.memsize"])
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+fn disk_bytes(dir: &Path) -> u64 {
+    nix::sys::statvfs::statvfs(dir)
+        .map(|s| s.blocks_available() as u64 * s.fragment_size() as u64)
+        .unwrap_or(0)
+}
+
+fn os_version() -> String {
+    #[cfg(target_os = "linux")]
+    {
+        let pretty = std::fs::read_to_string("/etc/os-release")
+            .ok()
+            .and_then(|t| {
+                t.lines()
+                    .find_map(|l| l.strip_prefix("PRETTY_NAME="))
+                    .map(|v| v.trim_matches('"').to_owned())
+            });
+        let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .map(|k| k.trim().to_owned())
+            .unwrap_or_default();
+        match pretty {
+            Some(p) => format!("{p} (kernel {kernel})"),
+            None => format!("Linux {kernel}"),
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        first_line("sw_vers", &["-productVersion"])
+            .map_or_else(|| "macOS".to_owned(), |v| format!("macOS {v}"))
+    }
+}
+
+/// The first line a tool prints (stdout, else stderr), if it runs within 3s.
+fn first_line(program: &str, args: &[&str]) -> Option<String> {
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .ok()?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) => break,
+            Ok(None) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20))
+            }
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+        }
+    }
+    let out = child.wait_with_output().ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    let text = if out.stdout.is_empty() {
+        out.stderr
+    } else {
+        out.stdout
+    };
+    String::from_utf8_lossy(&text)
+        .lines()
+        .next()
+        .map(|l| l.trim().to_owned())
+}
+
+/// The version number in a `--version` line (the first token that starts
+/// with a digit and contains a dot).
+fn version_in(line: &str) -> Option<String> {
+    line.split(|c: char| c.is_whitespace() || c == '(' || c == ')')
+        .map(|t| t.trim_start_matches("go").trim_start_matches('v'))
+        .find(|t| t.starts_with(|c: char| c.is_ascii_digit()) && t.contains('.'))
+        .map(str::to_owned)
+}
+
+fn compilers() -> HashMap<String, String> {
+    COMPILERS
+        .iter()
+        .filter_map(|(name, args)| {
+            let line = first_line(name, args)?;
+            Some(((*name).to_owned(), version_in(&line)?))
+        })
+        .collect()
+}
+
+/// NVIDIA GPUs via `nvidia-smi`; none when it is absent or fails.
+pub fn gpus() -> Vec<fleet::Gpu> {
+    let Ok(out) = Command::new("nvidia-smi")
+        .args([
+            "--query-gpu=name,memory.total,compute_cap,driver_version",
+            "--format=csv,noheader,nounits",
+        ])
+        .output()
+    else {
+        return Vec::new();
+    };
+    if !out.status.success() {
+        return Vec::new();
+    }
+    parse_nvidia_smi(&String::from_utf8_lossy(&out.stdout))
+}
+
+fn parse_nvidia_smi(text: &str) -> Vec<fleet::Gpu> {
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split(',').map(str::trim).collect();
+            let [name, memory_mib, compute, driver] = fields[..] else {
+                return None;
+            };
+            Some(fleet::Gpu {
+                model: name.to_owned(),
+                memory_bytes: memory_mib.parse::<u64>().map_or(0, |m| m << 20),
+                compute_capability: compute.to_owned(),
+                driver: driver.to_owned(),
+            })
+        })
+        .collect()
+}
+
+fn prop(name: &str, value: &str) -> Property {
+    Property {
+        name: name.to_owned(),
+        value: value.to_owned(),
+    }
+}
+
+/// Everything the agent advertises at registration.
+pub fn capabilities(config: &Config, slots: u32, work_dir: &Path) -> fleet::Capabilities {
+    let (arch, isa) = arch();
+    let gpus = gpus();
+    let toolchains = compilers();
+    let mut properties = vec![
+        prop("OSFamily", os_family()),
+        prop("Arch", arch),
+        prop("ISA", isa),
+        prop("workload-isolation-type", "none"),
+    ];
+    if let Some(pool) = &config.pool {
+        properties.push(prop("Pool", pool));
+    }
+    for label in &config.labels {
+        if let Some((k, v)) = label.split_once('=') {
+            properties.push(prop(k.trim(), v.trim()));
+        }
+    }
+    for (name, version) in &toolchains {
+        properties.push(prop(&format!("{name}-version"), version));
+    }
+    for gpu in &gpus {
+        properties.push(prop("gpu-model", &gpu.model));
+    }
+    let cpus = cpus();
+    let memory = memory_bytes();
+    let disk = disk_bytes(work_dir);
+    let resources = HashMap::from([
+        ("cpu".to_owned(), f64::from(cpus)),
+        ("memory".to_owned(), memory as f64),
+        ("disk".to_owned(), disk as f64),
+        ("gpu-count".to_owned(), gpus.len() as f64),
+    ]);
+    fleet::Capabilities {
+        properties,
+        resources,
+        slots,
+        cpus,
+        memory_bytes: memory,
+        disk_bytes: disk,
+        os_version: os_version(),
+        gpus,
+        isolation: vec!["none".to_owned()],
+        toolchains,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_are_found_in_tool_output() {
+        assert_eq!(
+            version_in("gcc (Debian 12.2.0-14) 12.2.0").as_deref(),
+            Some("12.2.0-14")
+        );
+        assert_eq!(
+            version_in("rustc 1.95.0 (59807616e 2026-04-14)").as_deref(),
+            Some("1.95.0")
+        );
+        assert_eq!(
+            version_in("go version go1.22.1 linux/amd64").as_deref(),
+            Some("1.22.1")
+        );
+        assert_eq!(version_in("no version here"), None);
+    }
+
+    #[test]
+    fn nvidia_smi_csv_is_parsed() {
+        let gpus = parse_nvidia_smi("NVIDIA H100 80GB HBM3, 81559, 9.0, 550.54.15\n\n");
+        assert_eq!(gpus.len(), 1);
+        assert_eq!(gpus[0].model, "NVIDIA H100 80GB HBM3");
+        assert_eq!(gpus[0].memory_bytes, 81559 << 20);
+        assert_eq!(gpus[0].compute_capability, "9.0");
+        assert!(parse_nvidia_smi("garbage").is_empty());
+    }
+
+    #[test]
+    fn this_host_is_described() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let caps = capabilities(&Config::default(), 2, dir.path());
+        let has = |k: &str| caps.properties.iter().any(|p| p.name == k);
+        assert!(has("OSFamily") && has("Arch") && has("ISA"));
+        assert!(caps.cpus >= 1 && caps.memory_bytes > 0 && caps.disk_bytes > 0);
+    }
+}

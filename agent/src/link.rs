@@ -1,0 +1,308 @@
+//! The agent's one connection: dial out, register, take leases, heartbeat,
+//! report; on any break, back off (exponential, with jitter) and dial again.
+//! Leases keep running while the link is down; their results wait and are
+//! sent once the coordinator says it still expects them.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use outpost_proto::fleet::fleet_client::FleetClient;
+use outpost_proto::fleet::{
+    self, agent_message::Kind as ToCoordinator, coordinator_message::Kind as FromCoordinator,
+};
+use prost::Message;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+use crate::error::Error;
+use crate::exec::{Events, Executor};
+
+const BACKOFF_START: Duration = Duration::from_millis(250);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// Leases running on this agent, by lease id.
+#[derive(Default, Clone)]
+pub struct Running(Arc<Mutex<HashMap<String, CancellationToken>>>);
+
+impl Running {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, CancellationToken>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn ids(&self) -> Vec<String> {
+        self.lock().keys().cloned().collect()
+    }
+
+    fn len(&self) -> usize {
+        self.lock().len()
+    }
+}
+
+pub struct Link {
+    pub channel: Channel,
+    pub register: fleet::Register,
+    pub executor: Arc<Executor>,
+    pub running: Running,
+    pub outbox_tx: mpsc::Sender<ToCoordinator>,
+    pub outbox: mpsc::Receiver<ToCoordinator>,
+    /// Results that could not be sent while the link was down.
+    pub unsent: Vec<fleet::LeaseResult>,
+}
+
+enum End {
+    /// Shut down cleanly (drained).
+    Done,
+    /// The link broke; dial again.
+    Broken(String),
+}
+
+impl Link {
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        let mut backoff = BACKOFF_START;
+        loop {
+            let mut registered = false;
+            match self.session(&shutdown, &mut registered).await {
+                End::Done => return,
+                End::Broken(why) => {
+                    if registered {
+                        backoff = BACKOFF_START;
+                    }
+                    let jitter = Duration::from_millis(
+                        rand::random::<u64>() % (backoff.as_millis() as u64 / 2 + 1),
+                    );
+                    let wait = backoff + jitter;
+                    tracing::warn!(reason = %why, retry_in = ?wait, "connection to the coordinator lost");
+                    tokio::select! {
+                        () = tokio::time::sleep(wait) => {}
+                        () = shutdown.cancelled() => {
+                            if self.running.len() == 0 {
+                                return;
+                            }
+                            // Keep trying to hand results over until leases finish.
+                            tokio::time::sleep(wait).await;
+                        }
+                    }
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                }
+            }
+        }
+    }
+
+    async fn session(&mut self, shutdown: &CancellationToken, registered: &mut bool) -> End {
+        let (tx, rx) = mpsc::channel::<fleet::AgentMessage>(256);
+        let mut register = self.register.clone();
+        register.running_leases = self.running.ids();
+        let send = |kind| fleet::AgentMessage { kind: Some(kind) };
+        if tx
+            .send(send(ToCoordinator::Register(register)))
+            .await
+            .is_err()
+        {
+            return End::Broken("cannot queue the registration".into());
+        }
+        let mut client = FleetClient::new(self.channel.clone());
+        let mut inbound = match client
+            .join(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+        {
+            Ok(r) => r.into_inner(),
+            Err(s) => return End::Broken(describe(&s)),
+        };
+        let registered_msg = match inbound.message().await {
+            Ok(Some(fleet::CoordinatorMessage {
+                kind: Some(FromCoordinator::Registered(r)),
+            })) => r,
+            Ok(_) => return End::Broken("the coordinator did not answer the registration".into()),
+            Err(s) => return End::Broken(describe(&s)),
+        };
+        *registered = true;
+        let interval = registered_msg
+            .heartbeat_interval
+            .and_then(|d| Duration::try_from(d).ok())
+            .unwrap_or(Duration::from_secs(5))
+            .max(Duration::from_millis(100));
+        // Leases the coordinator gave up on while we were away stop here.
+        let resumed: std::collections::HashSet<String> =
+            registered_msg.resumed_leases.into_iter().collect();
+        for (id, token) in self.running.lock().iter() {
+            if !resumed.contains(id) {
+                tracing::info!(lease_id = %id, "the coordinator reassigned this lease; stopping it");
+                token.cancel();
+            }
+        }
+        for result in std::mem::take(&mut self.unsent) {
+            if resumed.contains(&result.lease_id)
+                && tx
+                    .send(send(ToCoordinator::LeaseResult(result)))
+                    .await
+                    .is_err()
+            {
+                return End::Broken("the stream closed".into());
+            }
+        }
+        tracing::info!(heartbeat = ?interval, resumed = resumed.len(), "registered with the coordinator");
+        let mut heartbeat = tokio::time::interval(interval);
+        let mut draining = false;
+        loop {
+            if draining && self.running.len() == 0 && self.outbox.is_empty() {
+                // The coordinator ends the stream once it has every result of
+                // a draining agent; wait for that, so nothing is lost in flight.
+                let _ = tokio::time::timeout(Duration::from_secs(10), async {
+                    while let Ok(Some(_)) = inbound.message().await {}
+                })
+                .await;
+                return End::Done;
+            }
+            tokio::select! {
+                message = inbound.message() => match message {
+                    Ok(Some(fleet::CoordinatorMessage { kind: Some(kind) })) => match kind {
+                        FromCoordinator::Lease(lease) => self.start(lease),
+                        FromCoordinator::Cancel(c) => {
+                            if let Some(token) = self.running.lock().get(&c.lease_id) {
+                                tracing::info!(lease_id = %c.lease_id, "cancelled by the coordinator");
+                                token.cancel();
+                            }
+                        }
+                        FromCoordinator::Drain(_) => {
+                            draining = true;
+                            let _ = tx.send(send(ToCoordinator::GoingAway(fleet::GoingAway { reason: "drain requested".into() }))).await;
+                        }
+                        FromCoordinator::Registered(_) => {}
+                    },
+                    Ok(Some(_)) => {}
+                    Ok(None) => return End::Broken("the coordinator closed the stream".into()),
+                    Err(s) => return End::Broken(describe(&s)),
+                },
+                Some(event) = self.outbox.recv() => {
+                    if let Err(mpsc::error::SendError(msg)) = tx.send(send(event)).await {
+                        if let Some(ToCoordinator::LeaseResult(r)) = msg.kind {
+                            self.unsent.push(r);
+                        }
+                        return End::Broken("the stream closed".into());
+                    }
+                }
+                _ = heartbeat.tick() => {
+                    let busy = u32::try_from(self.running.len()).unwrap_or(u32::MAX);
+                    let _ = tx.try_send(send(ToCoordinator::Heartbeat(fleet::Heartbeat { busy_slots: busy })));
+                }
+                () = shutdown.cancelled(), if !draining => {
+                    tracing::info!(running = self.running.len(), "draining: finishing running actions, taking no new ones");
+                    draining = true;
+                    let _ = tx.send(send(ToCoordinator::GoingAway(fleet::GoingAway { reason: "shutting down".into() }))).await;
+                }
+            }
+        }
+    }
+
+    fn start(&self, lease: fleet::Lease) {
+        let token = CancellationToken::new();
+        self.running
+            .lock()
+            .insert(lease.lease_id.clone(), token.clone());
+        let executor = Arc::clone(&self.executor);
+        let outbox = self.outbox_tx.clone();
+        let running = self.running.clone();
+        tokio::spawn(async move {
+            let id = lease.lease_id.clone();
+            let _ = outbox
+                .send(ToCoordinator::LeaseAccepted(fleet::LeaseAccepted {
+                    lease_id: id.clone(),
+                }))
+                .await;
+            let events = LeaseEvents {
+                lease_id: id.clone(),
+                outbox: outbox.clone(),
+            };
+            tracing::info!(lease_id = %id, operation = %lease.operation_name, attempt = lease.attempt, "running an action");
+            let outcome = executor.run(&lease, token, &events).await;
+            let message = match outcome {
+                Ok(ran) => fleet::LeaseResult {
+                    lease_id: id.clone(),
+                    outcome: Some(fleet::lease_result::Outcome::Result(ran.result)),
+                    retryable: false,
+                    timed_out: ran.timed_out,
+                },
+                Err(Error::Cancelled) => {
+                    running.lock().remove(&id);
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(lease_id = %id, error = %e, "action could not run");
+                    fleet::LeaseResult {
+                        lease_id: id.clone(),
+                        retryable: e.retryable(),
+                        outcome: Some(fleet::lease_result::Outcome::Error(error_status(&e))),
+                        timed_out: false,
+                    }
+                }
+            };
+            // Queued before the lease stops counting as running, so a
+            // draining agent does not exit with the result unsent.
+            let _ = outbox.send(ToCoordinator::LeaseResult(message)).await;
+            running.lock().remove(&id);
+        });
+    }
+}
+
+struct LeaseEvents {
+    lease_id: String,
+    outbox: mpsc::Sender<ToCoordinator>,
+}
+
+impl Events for LeaseEvents {
+    fn stage(&self, stage: fleet::Stage) {
+        let _ = self
+            .outbox
+            .try_send(ToCoordinator::StageChanged(fleet::StageChanged {
+                lease_id: self.lease_id.clone(),
+                stage: stage as i32,
+            }));
+    }
+
+    fn exited(&self, exit_code: i32) {
+        let _ = self
+            .outbox
+            .try_send(ToCoordinator::ProcessExited(fleet::ProcessExited {
+                lease_id: self.lease_id.clone(),
+                exit_code,
+            }));
+    }
+}
+
+fn describe(s: &tonic::Status) -> String {
+    format!("{} ({:?})", s.message(), s.code())
+}
+
+/// The status the client sees for an action that could not run.
+fn error_status(e: &Error) -> tonic_types::pb::Status {
+    let (code, details) = match e {
+        Error::MissingInput(digests) => {
+            let failure = tonic_types::pb::PreconditionFailure {
+                violations: digests
+                    .iter()
+                    .map(|d| tonic_types::pb::precondition_failure::Violation {
+                        r#type: "MISSING".into(),
+                        subject: format!("blobs/{d}"),
+                        description: "not in the CAS".into(),
+                    })
+                    .collect(),
+            };
+            (
+                tonic::Code::FailedPrecondition,
+                vec![prost_types::Any {
+                    type_url: outpost_proto::type_url::PRECONDITION_FAILURE.into(),
+                    value: failure.encode_to_vec(),
+                }],
+            )
+        }
+        Error::BadInput(_) => (tonic::Code::InvalidArgument, Vec::new()),
+        _ => (tonic::Code::Unavailable, Vec::new()),
+    };
+    tonic_types::pb::Status {
+        code: code as i32,
+        message: e.to_string(),
+        details,
+    }
+}

@@ -1,0 +1,163 @@
+//! Before an action is queued: its Action, Command and every input are in
+//! the CAS (else FAILED_PRECONDITION listing what is missing, which clients
+//! upload and retry), the input tree is well formed, and all of it is pinned
+//! so it stays until the action ran.
+
+use std::collections::{HashSet, VecDeque};
+
+use bytes::Bytes;
+use outpost_proto::digest::{Digest, Function};
+use outpost_proto::reapi;
+use prost::Message;
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+use crate::service::{Context, required_digest, storage_status};
+use crate::storage::Pin;
+
+/// Action and Command messages, and Directory nodes, are small.
+const MAX_MESSAGE: u64 = 16 << 20;
+/// Directories in one input tree at most.
+const MAX_DIRECTORIES: usize = 1_000_000;
+
+pub struct Checked {
+    pub action: reapi::Action,
+    pub command: reapi::Command,
+    pub pin: Pin,
+}
+
+enum Fetched<M> {
+    Found(M),
+    Missing,
+}
+
+async fn fetch<M: Message + Default>(
+    ctx: &Context,
+    digest: Digest,
+    what: &str,
+) -> Result<Fetched<M>, Status> {
+    if digest.size > MAX_MESSAGE {
+        return Err(Status::invalid_argument(format!(
+            "{what} {digest} is larger than {MAX_MESSAGE} bytes"
+        )));
+    }
+    match ctx.cas.read_all(digest).await.map_err(storage_status)? {
+        None => Ok(Fetched::Missing),
+        Some(bytes) => decode(bytes, digest, what).map(Fetched::Found),
+    }
+}
+
+fn decode<M: Message + Default>(bytes: Bytes, digest: Digest, what: &str) -> Result<M, Status> {
+    M::decode(bytes)
+        .map_err(|e| Status::invalid_argument(format!("blob {digest} is not a valid {what}: {e}")))
+}
+
+fn check_name(name: &str, parent: Digest) -> Result<(), Status> {
+    if name.is_empty() || name == "." || name == ".." || name.contains('/') || name.contains('\0') {
+        return Err(Status::invalid_argument(format!(
+            "directory {parent} has an entry named {name:?}; names must be plain (no '/', '.' or '..')"
+        )));
+    }
+    Ok(())
+}
+
+fn missing_error(missing: &[Digest]) -> Status {
+    let mut details = ErrorDetails::new();
+    for d in missing {
+        details.add_precondition_failure_violation(
+            "MISSING",
+            format!("blobs/{d}"),
+            "not in the CAS",
+        );
+    }
+    let shown: Vec<String> = missing.iter().take(5).map(|d| d.to_string()).collect();
+    Status::with_error_details(
+        Code::FailedPrecondition,
+        format!(
+            "{} input blob(s) are not in the CAS: {}{}; upload them and execute again",
+            missing.len(),
+            shown.join(", "),
+            if missing.len() > 5 { ", ..." } else { "" }
+        ),
+        details,
+    )
+}
+
+pub async fn check(ctx: &Context, action_digest: Digest) -> Result<Checked, Status> {
+    let function: Function = action_digest.function;
+    let action: reapi::Action = match fetch(ctx, action_digest, "Action").await? {
+        Fetched::Found(a) => a,
+        Fetched::Missing => return Err(missing_error(&[action_digest])),
+    };
+    let command_digest = required_digest(
+        action.command_digest.as_ref(),
+        function,
+        "Action.command_digest",
+    )?;
+    let root = required_digest(
+        action.input_root_digest.as_ref(),
+        function,
+        "Action.input_root_digest",
+    )?;
+    let mut all = vec![action_digest, command_digest, root];
+    // Pinned before anything is checked, so nothing found present can be
+    // evicted before the action ran.
+    let mut pins = vec![ctx.cas.pin(&all)];
+    let mut missing = Vec::new();
+    let command = match fetch::<reapi::Command>(ctx, command_digest, "Command").await? {
+        Fetched::Found(c) => Some(c),
+        Fetched::Missing => {
+            missing.push(command_digest);
+            None
+        }
+    };
+    let mut queue = VecDeque::from([root]);
+    let mut seen = HashSet::from([root]);
+    let mut files = Vec::new();
+    while let Some(dir_digest) = queue.pop_front() {
+        let dir: reapi::Directory = match fetch(ctx, dir_digest, "Directory").await? {
+            Fetched::Found(d) => d,
+            Fetched::Missing => {
+                missing.push(dir_digest);
+                continue;
+            }
+        };
+        for f in &dir.files {
+            check_name(&f.name, dir_digest)?;
+            files.push(required_digest(
+                f.digest.as_ref(),
+                function,
+                "FileNode.digest",
+            )?);
+        }
+        for s in &dir.symlinks {
+            check_name(&s.name, dir_digest)?;
+        }
+        let mut children = Vec::new();
+        for d in &dir.directories {
+            check_name(&d.name, dir_digest)?;
+            let child = required_digest(d.digest.as_ref(), function, "DirectoryNode.digest")?;
+            if seen.insert(child) {
+                if seen.len() > MAX_DIRECTORIES {
+                    return Err(Status::invalid_argument(format!(
+                        "input tree {root} has more than {MAX_DIRECTORIES} directories"
+                    )));
+                }
+                children.push(child);
+                queue.push_back(child);
+            }
+        }
+        pins.push(ctx.cas.pin(&children));
+        all.extend(children);
+    }
+    pins.push(ctx.cas.pin(&files));
+    missing.extend(ctx.cas.find_missing(files).await.map_err(storage_status)?);
+    if !missing.is_empty() {
+        return Err(missing_error(&missing));
+    }
+    Ok(Checked {
+        action,
+        command: command.expect("present when nothing is missing"),
+        pin: Pin::new(pins),
+    })
+}

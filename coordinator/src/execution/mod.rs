@@ -1,0 +1,287 @@
+//! `Execution` and `google.longrunning.Operations`: validates an action,
+//! answers from the Action Cache when it can, and otherwise hands it to the
+//! scheduler and streams the operation until it completes.
+
+mod inputs;
+
+use std::pin::Pin;
+use std::time::{Duration, SystemTime};
+
+use outpost_proto::digest::Digest;
+use outpost_proto::longrunning::{self, operations_server::Operations};
+use outpost_proto::reapi::{self, execution_server::Execution};
+use outpost_proto::{REQUEST_METADATA_HEADER, type_url};
+use prost::Message;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+use crate::scheduler::{OpState, Scheduler, Stage, Waiter, platform};
+use crate::service::{Context, action_cache, function_of, required_digest};
+
+type OperationStream = Pin<Box<dyn Stream<Item = Result<longrunning::Operation, Status>> + Send>>;
+
+/// Limits on Action.timeout.
+#[derive(Clone, Copy, Debug)]
+pub struct Timeouts {
+    pub default: Duration,
+    pub max: Duration,
+}
+
+pub struct ExecutionService {
+    ctx: Context,
+    scheduler: Scheduler,
+    timeouts: Timeouts,
+}
+
+impl ExecutionService {
+    pub fn new(ctx: Context, scheduler: Scheduler, timeouts: Timeouts) -> Self {
+        ExecutionService {
+            ctx,
+            scheduler,
+            timeouts,
+        }
+    }
+}
+
+/// The build this request belongs to, for fairness.
+fn invocation_id<T>(request: &Request<T>) -> String {
+    request
+        .metadata()
+        .get_bin(REQUEST_METADATA_HEADER)
+        .and_then(|v| v.to_bytes().ok())
+        .and_then(|b| reapi::RequestMetadata::decode(b).ok())
+        .map(|m| m.tool_invocation_id)
+        .filter(|id| !id.is_empty())
+        .or_else(|| request.remote_addr().map(|a| a.to_string()))
+        .unwrap_or_default()
+}
+
+fn any<M: Message>(type_url: &str, m: &M) -> prost_types::Any {
+    prost_types::Any {
+        type_url: type_url.to_owned(),
+        value: m.encode_to_vec(),
+    }
+}
+
+/// The wire form of an operation in `state`.
+pub fn operation(name: &str, state: &OpState) -> longrunning::Operation {
+    let stage = match state.stage {
+        Stage::Queued => reapi::execution_stage::Value::Queued,
+        Stage::Executing => reapi::execution_stage::Value::Executing,
+        Stage::Completed => reapi::execution_stage::Value::Completed,
+    };
+    let metadata = reapi::ExecuteOperationMetadata {
+        stage: stage as i32,
+        action_digest: Some(state.action_digest.to_proto()),
+        digest_function: state.action_digest.function.to_proto() as i32,
+        ..Default::default()
+    };
+    longrunning::Operation {
+        name: name.to_owned(),
+        metadata: Some(any(type_url::EXECUTE_OPERATION_METADATA, &metadata)),
+        done: state.stage == Stage::Completed,
+        result: state.response.as_ref().map(|r| {
+            longrunning::operation::Result::Response(any(type_url::EXECUTE_RESPONSE, r.as_ref()))
+        }),
+    }
+}
+
+/// Streams every change of the operation until it is done.
+fn stream_operation(waiter: Waiter) -> OperationStream {
+    let mut waiter = waiter;
+    Box::pin(async_stream(move |tx| async move {
+        // The waiter lives as long as the client's stream.
+        let name = waiter.name.clone();
+        let state = &mut waiter.state;
+        loop {
+            let current = state.borrow_and_update().clone();
+            let done = current.stage == Stage::Completed;
+            if tx.send(Ok(operation(&name, &current))).await.is_err() || done {
+                return;
+            }
+            if state.changed().await.is_err() {
+                let _ = tx
+                    .send(Err(Status::unavailable("the coordinator is shutting down")))
+                    .await;
+                return;
+            }
+        }
+    }))
+}
+
+/// A stream fed by a task (keeps this module free of a stream macro crate).
+fn async_stream<T, F, Fut>(body: F) -> impl Stream<Item = T> + Send + 'static
+where
+    T: Send + 'static,
+    F: FnOnce(tokio::sync::mpsc::Sender<T>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tokio::spawn(body(tx));
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+fn done_operation(
+    name: String,
+    action: Digest,
+    response: reapi::ExecuteResponse,
+) -> OperationStream {
+    let state = OpState {
+        stage: Stage::Completed,
+        action_digest: action,
+        response: Some(std::sync::Arc::new(response)),
+    };
+    Box::pin(tokio_stream::once(Ok(operation(&name, &state))))
+}
+
+#[tonic::async_trait]
+impl Execution for ExecutionService {
+    type ExecuteStream = OperationStream;
+    type WaitExecutionStream = OperationStream;
+
+    async fn execute(
+        &self,
+        request: Request<reapi::ExecuteRequest>,
+    ) -> Result<Response<OperationStream>, Status> {
+        let invocation = invocation_id(&request);
+        let req = request.into_inner();
+        let function = function_of(req.digest_function)?;
+        let action_digest = required_digest(req.action_digest.as_ref(), function, "action_digest")?;
+        let checked = inputs::check(&self.ctx, action_digest).await?;
+        let action = &checked.action;
+        let platform = action
+            .platform
+            .as_ref()
+            .or(checked.command.platform.as_ref())
+            .map(|p| p.properties.as_slice())
+            .unwrap_or_default();
+        let (requirements, config) =
+            platform::requirements(platform).map_err(Status::invalid_argument)?;
+        let timeout = match &action.timeout {
+            None => self.timeouts.default,
+            Some(t) => {
+                let t = Duration::try_from(*t)
+                    .map_err(|_| Status::invalid_argument("Action.timeout must not be negative"))?;
+                if t.is_zero() {
+                    self.timeouts.default
+                } else {
+                    t
+                }
+            }
+        };
+        if timeout > self.timeouts.max {
+            return Err(Status::invalid_argument(format!(
+                "Action.timeout of {}s is over this coordinator's maximum of {}s",
+                timeout.as_secs(),
+                self.timeouts.max.as_secs()
+            )));
+        }
+        if !req.skip_cache_lookup
+            && !action.do_not_cache
+            && let Some(result) =
+                action_cache::lookup(&self.ctx, &req.instance_name, action_digest).await?
+        {
+            let name = format!("operations/cached-{}", action_digest.hash_hex());
+            return Ok(Response::new(done_operation(
+                name,
+                action_digest,
+                reapi::ExecuteResponse {
+                    result: Some(result),
+                    cached_result: true,
+                    status: Some(crate::service::ok_status()),
+                    ..Default::default()
+                },
+            )));
+        }
+        let priority = req.execution_policy.map_or(0, |p| p.priority);
+        let job = crate::scheduler::Job {
+            instance_name: req.instance_name,
+            action_digest,
+            requirements,
+            config,
+            priority,
+            invocation,
+            timeout,
+            cacheable: !action.do_not_cache,
+            pin: checked.pin,
+            queued_at: SystemTime::now(),
+        };
+        let waiter = self.scheduler.submit(job).await?;
+        Ok(Response::new(stream_operation(waiter)))
+    }
+
+    async fn wait_execution(
+        &self,
+        request: Request<reapi::WaitExecutionRequest>,
+    ) -> Result<Response<OperationStream>, Status> {
+        let name = request.into_inner().name;
+        match self.scheduler.attach(&name).await? {
+            Some(waiter) => Ok(Response::new(stream_operation(waiter))),
+            None => Err(Status::not_found(format!(
+                "operation {name} is not known (the coordinator may have restarted); execute the action again"
+            ))),
+        }
+    }
+}
+
+pub struct OperationsService {
+    scheduler: Scheduler,
+}
+
+impl OperationsService {
+    pub fn new(scheduler: Scheduler) -> Self {
+        OperationsService { scheduler }
+    }
+}
+
+#[tonic::async_trait]
+impl Operations for OperationsService {
+    async fn list_operations(
+        &self,
+        _request: Request<longrunning::ListOperationsRequest>,
+    ) -> Result<Response<longrunning::ListOperationsResponse>, Status> {
+        Err(Status::unimplemented(
+            "listing operations is not supported; use GetOperation by name",
+        ))
+    }
+
+    async fn get_operation(
+        &self,
+        request: Request<longrunning::GetOperationRequest>,
+    ) -> Result<Response<longrunning::Operation>, Status> {
+        let name = request.into_inner().name;
+        let waiter = self
+            .scheduler
+            .attach(&name)
+            .await?
+            .ok_or_else(|| Status::not_found(format!("operation {name} is not known")))?;
+        let state = waiter.state.borrow().clone();
+        Ok(Response::new(operation(&name, &state)))
+    }
+
+    async fn delete_operation(
+        &self,
+        _request: Request<longrunning::DeleteOperationRequest>,
+    ) -> Result<Response<()>, Status> {
+        Err(Status::unimplemented(
+            "operations are deleted by the coordinator when they expire",
+        ))
+    }
+
+    async fn cancel_operation(
+        &self,
+        request: Request<longrunning::CancelOperationRequest>,
+    ) -> Result<Response<()>, Status> {
+        self.scheduler.cancel(&request.into_inner().name).await?;
+        Ok(Response::new(()))
+    }
+
+    async fn wait_operation(
+        &self,
+        _request: Request<longrunning::WaitOperationRequest>,
+    ) -> Result<Response<longrunning::Operation>, Status> {
+        Err(Status::unimplemented(
+            "use Execution.WaitExecution to wait for an operation",
+        ))
+    }
+}

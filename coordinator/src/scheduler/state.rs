@@ -1,0 +1,872 @@
+//! The scheduler task: single owner of operations, queue, agents and leases.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use outpost_proto::digest::Digest;
+use outpost_proto::fleet::{
+    self, agent_message::Kind as FromAgent, coordinator_message::Kind as ToAgent,
+};
+use outpost_proto::reapi;
+use prost::Message;
+use tokio::sync::{mpsc, oneshot, watch};
+use tonic::{Code, Status};
+
+use super::platform::{self, Offer, Requirements};
+use super::{AgentSummary, Job, OpState, Outgoing, Session, Settings, Snapshot, Stage};
+use crate::storage::ActionCache;
+
+pub enum Msg {
+    Submit {
+        job: Job,
+        reply: oneshot::Sender<Result<(String, watch::Receiver<OpState>), Status>>,
+    },
+    Attach {
+        name: String,
+        reply: oneshot::Sender<Option<(String, watch::Receiver<OpState>)>>,
+    },
+    Cancel {
+        name: String,
+        reply: oneshot::Sender<Result<(), Status>>,
+    },
+    WaiterGone {
+        name: String,
+    },
+    Join {
+        register: fleet::Register,
+        outgoing: Outgoing,
+        reply: oneshot::Sender<Result<(Session, fleet::Registered), Status>>,
+    },
+    FromAgent {
+        session: Session,
+        message: FromAgent,
+    },
+    AgentGone {
+        session: Session,
+    },
+    Snapshot {
+        reply: oneshot::Sender<Snapshot>,
+    },
+}
+
+const TICK: Duration = Duration::from_millis(250);
+/// Missed heartbeats before a silent agent counts as disconnected.
+const MISSED_HEARTBEATS: u32 = 3;
+
+struct Op {
+    job: Job,
+    state: watch::Sender<OpState>,
+    seq: u64,
+    waiters: usize,
+    abandoned_since: Option<Instant>,
+    attempt: u32,
+    lease: Option<String>,
+    lost_on: Vec<String>,
+    done_at: Option<Instant>,
+    merge_key: Option<MergeKey>,
+}
+
+type MergeKey = (String, Digest);
+
+struct Agent {
+    hostname: String,
+    offer: Offer,
+    slots: u32,
+    used_slots: u32,
+    used: BTreeMap<String, u64>,
+    outgoing: Option<Outgoing>,
+    session: u64,
+    last_heartbeat: Instant,
+    disconnected_at: Option<Instant>,
+    draining: bool,
+    leases: HashSet<String>,
+}
+
+struct Lease {
+    op: String,
+    agent: String,
+    /// Resources and the slot are released when the process exits, which
+    /// may come before the result.
+    holds_slot: bool,
+    resources: BTreeMap<String, u64>,
+}
+
+/// Queued operations: per requirement set, per build, in (priority, seq) order.
+type Queue = HashMap<Requirements, HashMap<String, BTreeMap<(i32, u64), String>>>;
+
+struct State {
+    settings: Settings,
+    action_cache: Arc<dyn ActionCache>,
+    started: Instant,
+    next_seq: u64,
+    next_session: u64,
+    ops: HashMap<String, Op>,
+    merged: HashMap<MergeKey, String>,
+    queue: Queue,
+    queued: usize,
+    running_by_build: HashMap<String, usize>,
+    agents: HashMap<String, Agent>,
+    leases: HashMap<String, Lease>,
+    /// Offers of agents seen recently, for the could-ever-run check.
+    seen: HashMap<String, (Offer, Instant)>,
+}
+
+pub async fn run(
+    settings: Settings,
+    action_cache: Arc<dyn ActionCache>,
+    mut rx: mpsc::Receiver<Msg>,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let mut state = State {
+        settings,
+        action_cache,
+        started: Instant::now(),
+        next_seq: 0,
+        next_session: 0,
+        ops: HashMap::new(),
+        merged: HashMap::new(),
+        queue: HashMap::new(),
+        queued: 0,
+        running_by_build: HashMap::new(),
+        agents: HashMap::new(),
+        leases: HashMap::new(),
+        seen: HashMap::new(),
+    };
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            msg = rx.recv() => match msg {
+                Some(msg) => state.handle(msg),
+                None => return,
+            },
+            _ = tick.tick() => state.tick(),
+            () = shutdown.cancelled() => return,
+        }
+    }
+}
+
+fn random_id() -> String {
+    format!("{:032x}", rand::random::<u128>())
+}
+
+fn status(code: Code, message: impl Into<String>) -> tonic_types::pb::Status {
+    tonic_types::pb::Status {
+        code: code as i32,
+        message: message.into(),
+        details: Vec::new(),
+    }
+}
+
+impl State {
+    fn handle(&mut self, msg: Msg) {
+        match msg {
+            Msg::Submit { job, reply } => {
+                let _ = reply.send(self.submit(job));
+            }
+            Msg::Attach { name, reply } => {
+                let attached = self.ops.get_mut(&name).map(|op| {
+                    op.waiters += 1;
+                    op.abandoned_since = None;
+                    (name.clone(), op.state.subscribe())
+                });
+                let _ = reply.send(attached);
+            }
+            Msg::Cancel { name, reply } => {
+                let _ = reply.send(self.cancel(&name, "cancelled by CancelOperation"));
+            }
+            Msg::WaiterGone { name } => {
+                if let Some(op) = self.ops.get_mut(&name) {
+                    op.waiters = op.waiters.saturating_sub(1);
+                    if op.waiters == 0 && op.done_at.is_none() {
+                        op.abandoned_since = Some(Instant::now());
+                    }
+                }
+            }
+            Msg::Join {
+                register,
+                outgoing,
+                reply,
+            } => {
+                let _ = reply.send(self.join(register, outgoing));
+            }
+            Msg::FromAgent { session, message } => self.from_agent(&session, message),
+            Msg::AgentGone { session } => {
+                if let Some(agent) = self.agents.get_mut(&session.agent_id)
+                    && agent.session == session.id
+                {
+                    tracing::info!(agent_id = %session.agent_id, "agent disconnected");
+                    agent.outgoing = None;
+                    agent.disconnected_at = Some(Instant::now());
+                }
+            }
+            Msg::Snapshot { reply } => {
+                let _ = reply.send(self.snapshot());
+            }
+        }
+    }
+
+    fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            queued: self.queued,
+            executing: self.leases.len(),
+            agents: self
+                .agents
+                .iter()
+                .map(|(id, a)| AgentSummary {
+                    id: id.clone(),
+                    hostname: a.hostname.clone(),
+                    connected: a.outgoing.is_some(),
+                    slots: a.slots,
+                    used_slots: a.used_slots,
+                    draining: a.draining,
+                })
+                .collect(),
+        }
+    }
+
+    // ---- operations ----
+
+    fn submit(&mut self, job: Job) -> Result<(String, watch::Receiver<OpState>), Status> {
+        if self.started.elapsed() >= self.settings.startup_grace {
+            let offers: Vec<&Offer> = self
+                .agents
+                .values()
+                .map(|a| &a.offer)
+                .chain(self.seen.values().map(|(o, _)| o))
+                .collect();
+            if !offers.iter().any(|o| o.satisfies(&job.requirements)) {
+                return Err(Status::failed_precondition(
+                    platform::explain_unsatisfiable(&job.requirements, &offers),
+                ));
+            }
+        }
+        let merge_key = job
+            .cacheable
+            .then(|| (job.instance_name.clone(), job.action_digest));
+        if let Some(key) = &merge_key
+            && let Some(name) = self.merged.get(key)
+            && let Some(op) = self.ops.get_mut(name)
+        {
+            op.waiters += 1;
+            op.abandoned_since = None;
+            tracing::debug!(operation = %name, action_digest = %job.action_digest, "merged with an identical action in flight");
+            return Ok((name.clone(), op.state.subscribe()));
+        }
+        let name = format!("operations/{}", random_id());
+        let (state, rx) = watch::channel(OpState {
+            stage: Stage::Queued,
+            action_digest: job.action_digest,
+            response: None,
+        });
+        self.next_seq += 1;
+        let op = Op {
+            job,
+            state,
+            seq: self.next_seq,
+            waiters: 1,
+            abandoned_since: None,
+            attempt: 0,
+            lease: None,
+            lost_on: Vec::new(),
+            done_at: None,
+            merge_key: merge_key.clone(),
+        };
+        tracing::debug!(operation = %name, action_digest = %op.job.action_digest, "queued");
+        self.enqueue(&name, &op);
+        self.ops.insert(name.clone(), op);
+        if let Some(key) = merge_key {
+            self.merged.insert(key, name.clone());
+        }
+        self.dispatch_all();
+        Ok((name, rx))
+    }
+
+    fn enqueue(&mut self, name: &str, op: &Op) {
+        self.queue
+            .entry(op.job.requirements.clone())
+            .or_default()
+            .entry(op.job.invocation.clone())
+            .or_default()
+            .insert((op.job.priority, op.seq), name.to_owned());
+        self.queued += 1;
+    }
+
+    fn dequeue(&mut self, name: &str) -> bool {
+        let Some(op) = self.ops.get(name) else {
+            return false;
+        };
+        let req = &op.job.requirements;
+        let Some(builds) = self.queue.get_mut(req) else {
+            return false;
+        };
+        let Some(q) = builds.get_mut(&op.job.invocation) else {
+            return false;
+        };
+        let removed = q.remove(&(op.job.priority, op.seq)).is_some();
+        if q.is_empty() {
+            builds.remove(&op.job.invocation);
+        }
+        if builds.is_empty() {
+            self.queue.remove(req);
+        }
+        if removed {
+            self.queued -= 1;
+        }
+        removed
+    }
+
+    fn complete(&mut self, name: &str, response: reapi::ExecuteResponse) {
+        let Some(op) = self.ops.get_mut(name) else {
+            return;
+        };
+        if op.done_at.is_some() {
+            return;
+        }
+        op.done_at = Some(Instant::now());
+        op.lease = None;
+        if let Some(key) = op.merge_key.take() {
+            self.merged.remove(&key);
+        }
+        // Inputs may be evicted again.
+        op.job.pin = crate::storage::Pin::new(());
+        let code = response.status.as_ref().map_or(0, |s| s.code);
+        tracing::info!(
+            operation = %name,
+            action_digest = %op.job.action_digest,
+            exit_code = response.result.as_ref().map(|r| r.exit_code),
+            status = code,
+            "operation finished"
+        );
+        op.state.send_replace(OpState {
+            stage: Stage::Completed,
+            action_digest: op.job.action_digest,
+            response: Some(Arc::new(response)),
+        });
+    }
+
+    fn fail(&mut self, name: &str, code: Code, message: String) {
+        self.complete(
+            name,
+            reapi::ExecuteResponse {
+                status: Some(status(code, message.clone())),
+                message,
+                ..Default::default()
+            },
+        );
+    }
+
+    fn cancel(&mut self, name: &str, why: &str) -> Result<(), Status> {
+        let Some(op) = self.ops.get(name) else {
+            return Err(Status::not_found(format!("operation {name} is not known")));
+        };
+        if op.done_at.is_some() {
+            return Ok(());
+        }
+        if let Some(lease_id) = op.lease.clone() {
+            self.end_lease(&lease_id, true);
+        } else {
+            self.dequeue(name);
+        }
+        self.fail(name, Code::Cancelled, format!("operation {name} was {why}"));
+        Ok(())
+    }
+
+    // ---- agents ----
+
+    fn join(
+        &mut self,
+        register: fleet::Register,
+        outgoing: Outgoing,
+    ) -> Result<(Session, fleet::Registered), Status> {
+        if register.protocol_version != outpost_proto::FLEET_PROTOCOL_VERSION {
+            return Err(Status::failed_precondition(format!(
+                "agent {} speaks fleet protocol version {}; this coordinator ({}) accepts version {}; \
+                 run the same outpost release on the agent and the coordinator",
+                register.agent_id,
+                register.protocol_version,
+                env!("CARGO_PKG_VERSION"),
+                outpost_proto::FLEET_PROTOCOL_VERSION
+            )));
+        }
+        if register.agent_id.is_empty() || register.agent_id.len() > 256 {
+            return Err(Status::invalid_argument(
+                "agent_id must be 1 to 256 characters",
+            ));
+        }
+        let caps = register.capabilities.unwrap_or_default();
+        if caps.slots == 0 {
+            return Err(Status::invalid_argument("an agent needs at least one slot"));
+        }
+        let offer = Offer::new(&caps.properties, &caps.resources);
+        self.next_session += 1;
+        let session = Session {
+            agent_id: register.agent_id.clone(),
+            id: self.next_session,
+        };
+        let still_running: HashSet<String> = register.running_leases.into_iter().collect();
+        let mut resumed = Vec::new();
+        let mut lost = Vec::new();
+        if let Some(agent) = self.agents.get_mut(&register.agent_id) {
+            for lease in &agent.leases {
+                if still_running.contains(lease) {
+                    resumed.push(lease.clone());
+                } else {
+                    lost.push(lease.clone());
+                }
+            }
+            agent.hostname = register.hostname.clone();
+            agent.offer = offer.clone();
+            agent.slots = caps.slots;
+            agent.outgoing = Some(outgoing);
+            agent.session = session.id;
+            agent.last_heartbeat = Instant::now();
+            agent.disconnected_at = None;
+            agent.draining = false;
+        } else {
+            self.agents.insert(
+                register.agent_id.clone(),
+                Agent {
+                    hostname: register.hostname.clone(),
+                    offer: offer.clone(),
+                    slots: caps.slots,
+                    used_slots: 0,
+                    used: BTreeMap::new(),
+                    outgoing: Some(outgoing),
+                    session: session.id,
+                    last_heartbeat: Instant::now(),
+                    disconnected_at: None,
+                    draining: false,
+                    leases: HashSet::new(),
+                },
+            );
+        }
+        self.seen
+            .insert(register.agent_id.clone(), (offer, Instant::now()));
+        for lease in lost {
+            self.lose_lease(&lease);
+        }
+        tracing::info!(
+            agent_id = %register.agent_id,
+            hostname = %register.hostname,
+            version = %register.version,
+            slots = caps.slots,
+            resumed = resumed.len(),
+            "agent registered"
+        );
+        let registered = fleet::Registered {
+            heartbeat_interval: prost_types::Duration::try_from(self.settings.heartbeat_interval)
+                .ok(),
+            resumed_leases: resumed,
+        };
+        // Registered goes first on the stream, before any lease.
+        if let Some(out) = self
+            .agents
+            .get(&session.agent_id)
+            .and_then(|a| a.outgoing.as_ref())
+        {
+            let _ = out.try_send(Ok(fleet::CoordinatorMessage {
+                kind: Some(ToAgent::Registered(registered.clone())),
+            }));
+        }
+        self.dispatch_all();
+        Ok((session, registered))
+    }
+
+    fn from_agent(&mut self, session: &Session, message: FromAgent) {
+        let Some(agent) = self.agents.get_mut(&session.agent_id) else {
+            return;
+        };
+        if agent.session != session.id {
+            return;
+        }
+        agent.last_heartbeat = Instant::now();
+        match message {
+            FromAgent::Heartbeat(_) | FromAgent::LeaseAccepted(_) | FromAgent::StageChanged(_) => {}
+            FromAgent::Register(_) => {
+                tracing::warn!(agent_id = %session.agent_id, "duplicate registration ignored")
+            }
+            FromAgent::GoingAway(g) => {
+                tracing::info!(agent_id = %session.agent_id, reason = %g.reason, "agent is draining");
+                agent.draining = true;
+                self.release_if_drained(&session.agent_id);
+            }
+            FromAgent::ProcessExited(p) => {
+                if self.owned_lease(&p.lease_id, &session.agent_id) {
+                    self.release_slot(&p.lease_id);
+                    self.dispatch_all();
+                }
+            }
+            FromAgent::LeaseResult(r) => {
+                if !self.owned_lease(&r.lease_id, &session.agent_id) {
+                    tracing::info!(agent_id = %session.agent_id, lease_id = %r.lease_id, "dropping a result for a lease this agent no longer holds");
+                    return;
+                }
+                self.finish_lease(r);
+                self.release_if_drained(&session.agent_id);
+                self.dispatch_all();
+            }
+        }
+    }
+
+    /// A draining agent with nothing left to report: end its stream, which
+    /// tells it every result arrived.
+    fn release_if_drained(&mut self, agent_id: &str) {
+        if let Some(agent) = self.agents.get_mut(agent_id)
+            && agent.draining
+            && agent.leases.is_empty()
+            && agent.outgoing.take().is_some()
+        {
+            tracing::info!(agent_id, "agent drained");
+            agent.disconnected_at = Some(Instant::now());
+        }
+    }
+
+    fn owned_lease(&self, lease_id: &str, agent_id: &str) -> bool {
+        self.leases
+            .get(lease_id)
+            .is_some_and(|l| l.agent == agent_id)
+    }
+
+    fn finish_lease(&mut self, r: fleet::LeaseResult) {
+        let Some(op_name) = self.end_lease(&r.lease_id, false) else {
+            return;
+        };
+        match r.outcome {
+            Some(fleet::lease_result::Outcome::Result(result)) => {
+                let cacheable = self.ops.get(&op_name).is_some_and(|op| op.job.cacheable);
+                let timeout = self.ops.get(&op_name).map(|op| op.job.timeout);
+                let status = if r.timed_out {
+                    status(
+                        Code::DeadlineExceeded,
+                        format!(
+                            "the action ran past its timeout of {}s and was killed",
+                            timeout.map_or(0, |t| t.as_secs())
+                        ),
+                    )
+                } else {
+                    status(Code::Ok, "")
+                };
+                if cacheable && !r.timed_out && result.exit_code == 0 {
+                    self.write_action_cache(&op_name, &result);
+                }
+                self.complete(
+                    &op_name,
+                    reapi::ExecuteResponse {
+                        result: Some(result),
+                        cached_result: false,
+                        status: Some(status),
+                        ..Default::default()
+                    },
+                );
+            }
+            Some(fleet::lease_result::Outcome::Error(e)) if r.retryable => {
+                tracing::warn!(operation = %op_name, error = %e.message, "action failed on its agent; retrying");
+                self.retry(&op_name, None);
+            }
+            Some(fleet::lease_result::Outcome::Error(e)) => {
+                let message = e.message.clone();
+                self.complete(
+                    &op_name,
+                    reapi::ExecuteResponse {
+                        status: Some(e),
+                        message,
+                        ..Default::default()
+                    },
+                );
+            }
+            None => self.fail(
+                &op_name,
+                Code::Internal,
+                "the agent sent an empty result".to_owned(),
+            ),
+        }
+    }
+
+    fn write_action_cache(&self, op_name: &str, result: &reapi::ActionResult) {
+        let Some(op) = self.ops.get(op_name) else {
+            return;
+        };
+        let ac = Arc::clone(&self.action_cache);
+        let instance = op.job.instance_name.clone();
+        let digest = op.job.action_digest;
+        let bytes = result.encode_to_vec().into();
+        tokio::spawn(async move {
+            if let Err(e) = ac.update_action_result(&instance, digest, bytes).await {
+                tracing::warn!(action_digest = %digest, error = %e, "cannot write the action cache");
+            }
+        });
+    }
+
+    /// Frees a lease's slot and resources (once).
+    fn release_slot(&mut self, lease_id: &str) {
+        let Some(lease) = self.leases.get_mut(lease_id) else {
+            return;
+        };
+        if !lease.holds_slot {
+            return;
+        }
+        lease.holds_slot = false;
+        let resources = std::mem::take(&mut lease.resources);
+        if let Some(agent) = self.agents.get_mut(&lease.agent) {
+            agent.used_slots = agent.used_slots.saturating_sub(1);
+            for (k, v) in resources {
+                if let Some(u) = agent.used.get_mut(&k) {
+                    *u = u.saturating_sub(v);
+                }
+            }
+        }
+    }
+
+    /// Ends a lease; with `tell_agent`, the agent is told to kill it.
+    /// Returns the operation it was for.
+    fn end_lease(&mut self, lease_id: &str, tell_agent: bool) -> Option<String> {
+        self.release_slot(lease_id);
+        let lease = self.leases.remove(lease_id)?;
+        if let Some(agent) = self.agents.get_mut(&lease.agent) {
+            agent.leases.remove(lease_id);
+            if tell_agent && let Some(out) = &agent.outgoing {
+                let _ = out.try_send(Ok(fleet::CoordinatorMessage {
+                    kind: Some(ToAgent::Cancel(fleet::Cancel {
+                        lease_id: lease_id.to_owned(),
+                    })),
+                }));
+            }
+        }
+        if let Some(op) = self.ops.get(&lease.op)
+            && let Some(n) = self.running_by_build.get_mut(&op.job.invocation)
+        {
+            *n = n.saturating_sub(1);
+        }
+        if let Some(op) = self.ops.get_mut(&lease.op) {
+            op.lease = None;
+        }
+        Some(lease.op)
+    }
+
+    /// The agent holding this lease is gone: run the action elsewhere.
+    fn lose_lease(&mut self, lease_id: &str) {
+        let agent = self.leases.get(lease_id).map(|l| l.agent.clone());
+        if let Some(op) = self.end_lease(lease_id, false) {
+            self.retry(&op, agent);
+        }
+    }
+
+    fn retry(&mut self, name: &str, lost_on: Option<String>) {
+        let Some(op) = self.ops.get_mut(name) else {
+            return;
+        };
+        if op.done_at.is_some() {
+            return;
+        }
+        op.lost_on.extend(lost_on);
+        if op.attempt >= self.settings.max_attempts {
+            let agents = op.lost_on.join(", ");
+            let message = format!(
+                "action {} failed {} times because its agent was lost or could not run it \
+                 (agents: {agents}); it may crash agents, so it is not retried again",
+                op.job.action_digest, op.attempt
+            );
+            self.fail(name, Code::Internal, message);
+            return;
+        }
+        op.state.send_modify(|s| s.stage = Stage::Queued);
+        // Keeps its place: seq is unchanged.
+        let op = self.ops.remove(name).expect("checked above");
+        self.enqueue(name, &op);
+        self.ops.insert(name.to_owned(), op);
+        self.dispatch_all();
+    }
+
+    // ---- dispatch ----
+
+    /// Hands out queued work, one action per agent per round, least loaded
+    /// agents first, so work spreads over the fleet.
+    fn dispatch_all(&mut self) {
+        loop {
+            if self.queued == 0 {
+                return;
+            }
+            let mut ids: Vec<(u64, String)> = self
+                .agents
+                .iter()
+                .filter(|(_, a)| a.outgoing.is_some() && !a.draining && a.used_slots < a.slots)
+                .map(|(id, a)| {
+                    (
+                        u64::from(a.used_slots) * 1000 / u64::from(a.slots.max(1)),
+                        id.clone(),
+                    )
+                })
+                .collect();
+            ids.sort_unstable();
+            let mut progress = false;
+            for (_, id) in ids {
+                progress |= self.dispatch_one(&id);
+            }
+            if !progress {
+                return;
+            }
+        }
+    }
+
+    /// Gives the agent one action, if it has a free slot and one fits.
+    fn dispatch_one(&mut self, agent_id: &str) -> bool {
+        let Some(agent) = self.agents.get(agent_id) else {
+            return false;
+        };
+        if agent.outgoing.is_none()
+            || agent.draining
+            || agent.used_slots >= agent.slots
+            || self.queued == 0
+        {
+            return false;
+        }
+        let mut best: Option<((usize, i32, u64), String)> = None;
+        for (req, builds) in &self.queue {
+            if !agent.offer.satisfies(req) || !fits_now(agent, req) {
+                continue;
+            }
+            for (build, q) in builds {
+                let Some(((priority, seq), name)) = q.first_key_value() else {
+                    continue;
+                };
+                let running = self.running_by_build.get(build).copied().unwrap_or(0);
+                let key = (running, *priority, *seq);
+                if best.as_ref().is_none_or(|(k, _)| key < *k) {
+                    best = Some((key, name.clone()));
+                }
+            }
+        }
+        let Some((_, name)) = best else { return false };
+        self.dequeue(&name);
+        self.lease(&name, agent_id)
+    }
+
+    /// Leases an operation to an agent; false if the agent could not be
+    /// reached (the operation is queued again).
+    fn lease(&mut self, name: &str, agent_id: &str) -> bool {
+        let lease_id = random_id();
+        let Some(op) = self.ops.get_mut(name) else {
+            return false;
+        };
+        op.attempt += 1;
+        let message = fleet::CoordinatorMessage {
+            kind: Some(ToAgent::Lease(fleet::Lease {
+                lease_id: lease_id.clone(),
+                operation_name: name.to_owned(),
+                instance_name: op.job.instance_name.clone(),
+                action_digest: Some(op.job.action_digest.to_proto()),
+                digest_function: op.job.action_digest.function.to_proto() as i32,
+                attempt: op.attempt,
+                timeout: prost_types::Duration::try_from(op.job.timeout).ok(),
+                config: op.job.config.clone(),
+                queued_at: Some(prost_types::Timestamp::from(op.job.queued_at)),
+            })),
+        };
+        let agent = self
+            .agents
+            .get_mut(agent_id)
+            .expect("dispatch checked the agent");
+        let sent = agent
+            .outgoing
+            .as_ref()
+            .is_some_and(|out| out.try_send(Ok(message)).is_ok());
+        if !sent {
+            // The stream is gone or stuck: the agent never got it.
+            agent.outgoing = None;
+            agent.disconnected_at.get_or_insert_with(Instant::now);
+            op.attempt -= 1;
+            let op = self.ops.remove(name).expect("present");
+            self.enqueue(name, &op);
+            self.ops.insert(name.to_owned(), op);
+            return false;
+        }
+        agent.used_slots += 1;
+        for (k, v) in &op.job.requirements.min {
+            *agent.used.entry(k.clone()).or_default() += v;
+        }
+        agent.leases.insert(lease_id.clone());
+        op.lease = Some(lease_id.clone());
+        op.state.send_modify(|s| s.stage = Stage::Executing);
+        *self
+            .running_by_build
+            .entry(op.job.invocation.clone())
+            .or_default() += 1;
+        tracing::debug!(operation = %name, agent_id, lease_id = %lease_id, attempt = op.attempt, "leased");
+        self.leases.insert(
+            lease_id,
+            Lease {
+                op: name.to_owned(),
+                agent: agent_id.to_owned(),
+                holds_slot: true,
+                resources: op.job.requirements.min.clone(),
+            },
+        );
+        true
+    }
+
+    // ---- time ----
+
+    fn tick(&mut self) {
+        let now = Instant::now();
+        let silent_after = self.settings.heartbeat_interval * MISSED_HEARTBEATS;
+        let mut lost_agents = Vec::new();
+        for (id, agent) in &mut self.agents {
+            if agent.outgoing.is_some() && now.duration_since(agent.last_heartbeat) > silent_after {
+                tracing::warn!(agent_id = %id, "agent missed its heartbeats; treating it as disconnected");
+                agent.outgoing = None;
+                agent.disconnected_at = Some(now);
+            }
+            if let Some(at) = agent.disconnected_at
+                && now.duration_since(at) > self.settings.reconnect_grace
+            {
+                lost_agents.push(id.clone());
+            }
+        }
+        for id in lost_agents {
+            let Some(agent) = self.agents.remove(&id) else {
+                continue;
+            };
+            tracing::warn!(agent_id = %id, leases = agent.leases.len(), "agent lost; its actions run elsewhere");
+            self.seen.insert(id.clone(), (agent.offer.clone(), now));
+            // Put the agent back briefly so lease bookkeeping finds it.
+            let leases: Vec<String> = agent.leases.iter().cloned().collect();
+            self.agents.insert(id.clone(), agent);
+            for lease in leases {
+                self.lose_lease(&lease);
+            }
+            self.agents.remove(&id);
+        }
+        let abandoned: Vec<String> = self
+            .ops
+            .iter()
+            .filter(|(_, op)| {
+                op.done_at.is_none()
+                    && op
+                        .abandoned_since
+                        .is_some_and(|t| now.duration_since(t) > self.settings.abandon_after)
+            })
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in abandoned {
+            let _ = self.cancel(&name, "cancelled: no client waits for it any more");
+        }
+        let keep = self.settings.keep_finished;
+        self.ops
+            .retain(|_, op| op.done_at.is_none_or(|t| now.duration_since(t) < keep));
+        let memory = self.settings.fleet_memory;
+        let agents = &self.agents;
+        self.seen
+            .retain(|id, (_, at)| now.duration_since(*at) < memory || agents.contains_key(id));
+    }
+}
+
+/// Whether the agent has the consumable resources free right now.
+fn fits_now(agent: &Agent, req: &Requirements) -> bool {
+    req.min.iter().all(|(k, need)| {
+        let total = agent.offer.resources.get(k).copied().unwrap_or(0);
+        let used = agent.used.get(k).copied().unwrap_or(0);
+        total.saturating_sub(used) >= *need
+    })
+}

@@ -1,0 +1,144 @@
+//! The reaper stub: `outpost __reap -- PROGRAM ARGS...`.
+//!
+//! It becomes a child subreaper (Linux), starts the program in a process
+//! group of its own and waits. When the program exits, or the stub receives
+//! SIGTERM/SIGINT (the agent's timeout or cancellation), it kills the whole
+//! group and every process that was re-parented to it — daemons that
+//! double-forked or called `setsid` included — and exits with the program's
+//! status (128 + N when the program died of signal N).
+//!
+//! The working directory, environment and standard streams are inherited
+//! from whoever started the stub, so the agent sets them on the stub itself.
+
+use std::os::unix::process::CommandExt;
+use std::process::Command;
+
+use nix::errno::Errno;
+use nix::sys::signal::{self, SigSet, SigmaskHow, Signal};
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::unistd::Pid;
+
+/// Exit code when the program could not be started (as a shell does).
+pub const EXIT_CANNOT_RUN: i32 = 127;
+/// Exit code when the stub itself was told to stop.
+pub const EXIT_KILLED: i32 = 128 + 15;
+
+/// Runs the stub; returns the exit code for the process.
+pub fn main(argv: &[String]) -> i32 {
+    let Some((program, args)) = argv.split_first() else {
+        eprintln!("outpost __reap: no program given");
+        return EXIT_CANNOT_RUN;
+    };
+    #[cfg(target_os = "linux")]
+    if let Err(e) = nix::sys::prctl::set_child_subreaper(true) {
+        eprintln!("outpost __reap: cannot become a child subreaper: {e}");
+    }
+    // Block the signals we wait for before the child exists, so none is
+    // missed; the child gets a clean mask from std's spawn.
+    let mut waited = SigSet::empty();
+    for s in [
+        Signal::SIGCHLD,
+        Signal::SIGTERM,
+        Signal::SIGINT,
+        Signal::SIGHUP,
+    ] {
+        waited.add(s);
+    }
+    if let Err(e) = signal::sigprocmask(SigmaskHow::SIG_BLOCK, Some(&waited), None) {
+        eprintln!("outpost __reap: cannot block signals: {e}");
+        return EXIT_CANNOT_RUN;
+    }
+    let child = match Command::new(program).args(args).process_group(0).spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("outpost: cannot run {program:?}: {e}");
+            return EXIT_CANNOT_RUN;
+        }
+    };
+    let main_pid = Pid::from_raw(i32::try_from(child.id()).expect("pids fit in i32"));
+    let code = loop {
+        match waited.wait() {
+            Ok(Signal::SIGCHLD) => {
+                if let Some(code) = reap_children(main_pid) {
+                    break code;
+                }
+            }
+            Ok(_) => break EXIT_KILLED,
+            Err(e) => {
+                eprintln!("outpost __reap: waiting for signals failed: {e}");
+                break EXIT_KILLED;
+            }
+        }
+    };
+    kill_everything(main_pid);
+    code
+}
+
+/// Reaps exited children; returns the main program's exit code once it
+/// has exited.
+fn reap_children(main_pid: Pid) -> Option<i32> {
+    let mut main_code = None;
+    loop {
+        match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::Exited(pid, code)) if pid == main_pid => main_code = Some(code),
+            Ok(WaitStatus::Signaled(pid, sig, _)) if pid == main_pid => {
+                main_code = Some(128 + sig as i32)
+            }
+            Ok(WaitStatus::StillAlive) | Err(_) => return main_code,
+            Ok(_) => {}
+        }
+    }
+}
+
+/// Kills the program's process group and every remaining descendant, until
+/// no child is left.
+fn kill_everything(main_pid: Pid) {
+    let _ = signal::killpg(main_pid, Signal::SIGKILL);
+    loop {
+        for pid in children() {
+            let _ = signal::killpg(pid, Signal::SIGKILL);
+            let _ = signal::kill(pid, Signal::SIGKILL);
+        }
+        match waitpid(None, None) {
+            Err(Errno::ECHILD) => return,
+            Err(Errno::EINTR) | Ok(_) => {}
+            Err(_) => return,
+        }
+    }
+}
+
+/// The stub's direct children (re-parented orphans included).
+#[cfg(target_os = "linux")]
+fn children() -> Vec<Pid> {
+    let me = std::process::id() as i32;
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // The command name may contain spaces; fields resume after ')'.
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<i32>().ok());
+        if ppid == Some(me) {
+            out.push(Pid::from_raw(pid));
+        }
+    }
+    out
+}
+
+#[cfg(not(target_os = "linux"))]
+fn children() -> Vec<Pid> {
+    Vec::new()
+}

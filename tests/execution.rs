@@ -1,0 +1,465 @@
+//! Remote execution end to end: a coordinator and agents as separate
+//! processes, driven over plain REAPI.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{ActionSpec, Agent, Coordinator, free_port, tempdir};
+use tonic::Code;
+
+/// Waits until a trivial action runs, i.e. an agent is connected.
+async fn wait_for_fleet(client: &mut common::Client) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let probe = client.upload_action(&ActionSpec::shell("true")).await;
+        if let Ok((_, r)) = client.execute(&probe, true).await
+            && r.status.as_ref().is_none_or(|s| s.code == 0)
+        {
+            return;
+        }
+        assert!(Instant::now() < deadline, "no agent connected within 30s");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn pid_alive(pid: i32) -> bool {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
+}
+
+async fn read_pid(path: &std::path::Path) -> i32 {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(text) = std::fs::read_to_string(path)
+            && let Ok(pid) = text.trim().parse()
+        {
+            return pid;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} never appeared",
+            path.display()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn an_action_runs_and_its_outputs_come_back() {
+    let dir = tempdir();
+    let server = Coordinator::start(&dir.path().join("data"), &[]);
+    let _agent = Agent::start(
+        &server.endpoint(),
+        &dir.path().join("agent"),
+        &["--slots", "2"],
+    );
+    let mut client = server.client().await;
+    wait_for_fleet(&mut client).await;
+
+    let mut spec = ActionSpec::shell(
+        "mkdir -p out/tree/sub && cat input.txt > out/copy.txt && echo leaf > out/tree/sub/leaf \
+         && ln -s copy.txt out/link && echo to-stdout && echo to-stderr >&2 && exit 3",
+    );
+    spec.inputs = vec![(
+        "input.txt".into(),
+        bytes::Bytes::from_static(b"hello input\n"),
+    )];
+    spec.output_paths = vec!["out/copy.txt".into(), "out/tree".into(), "out/link".into()];
+    let action = client.upload_action(&spec).await;
+    let (_, response) = client.execute(&action, false).await.expect("execute");
+    let result = response.result.expect("a result");
+    assert_eq!(
+        result.exit_code, 3,
+        "a non-zero exit is a result, not an error"
+    );
+    assert_eq!(response.status.map_or(0, |s| s.code), 0);
+    let copy = &result.output_files[0];
+    assert_eq!(copy.path, "out/copy.txt");
+    let digest = outpost_proto::digest::Digest::from_proto_opt(
+        copy.digest.as_ref(),
+        outpost_proto::digest::Function::Sha256,
+    )
+    .expect("digest");
+    assert_eq!(
+        client.download(&digest).await.expect("output"),
+        b"hello input\n"
+    );
+    assert_eq!(result.output_directories[0].path, "out/tree");
+    assert_eq!(result.output_symlinks[0].target, "copy.txt");
+    let stdout = outpost_proto::digest::Digest::from_proto_opt(
+        result.stdout_digest.as_ref(),
+        outpost_proto::digest::Function::Sha256,
+    )
+    .expect("stdout");
+    assert_eq!(
+        client.download(&stdout).await.expect("stdout"),
+        b"to-stdout\n"
+    );
+    let meta = result.execution_metadata.expect("metadata");
+    assert!(!meta.worker.is_empty());
+    for t in [
+        meta.queued_timestamp,
+        meta.worker_start_timestamp,
+        meta.input_fetch_start_timestamp,
+        meta.input_fetch_completed_timestamp,
+        meta.execution_start_timestamp,
+        meta.execution_completed_timestamp,
+        meta.output_upload_start_timestamp,
+        meta.output_upload_completed_timestamp,
+        meta.worker_completed_timestamp,
+    ] {
+        assert!(t.is_some(), "a stage timestamp is missing");
+    }
+    // A failed action is not cached: it runs again.
+    let (_, again) = client.execute(&action, false).await.expect("execute");
+    assert!(!again.cached_result);
+    // A successful one is.
+    let ok = client
+        .upload_action(&ActionSpec::shell("echo cached"))
+        .await;
+    let (_, first) = client.execute(&ok, false).await.expect("execute");
+    assert!(!first.cached_result);
+    let (_, second) = client.execute(&ok, false).await.expect("execute");
+    assert!(
+        second.cached_result,
+        "the second run should come from the action cache"
+    );
+}
+
+#[tokio::test]
+async fn unsatisfiable_platforms_fail_fast_with_the_reason() {
+    let dir = tempdir();
+    let server = Coordinator::start(&dir.path().join("data"), &["--startup-grace", "0s"]);
+    let _agent = Agent::start(
+        &server.endpoint(),
+        &dir.path().join("agent"),
+        &["--slots", "1"],
+    );
+    let mut client = server.client().await;
+    wait_for_fleet(&mut client).await;
+    for (name, value, words) in [
+        (
+            "OSFamily",
+            "plan9",
+            "OSFamily=plan9 (the fleet offers OSFamily=linux)",
+        ),
+        ("gpu-count", "4", "gpu-count >= 4"),
+    ] {
+        let action = client
+            .upload_action(&ActionSpec::shell("true").with_platform(name, value))
+            .await;
+        let started = Instant::now();
+        let err = client
+            .execute(&action, true)
+            .await
+            .expect_err("unsatisfiable");
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "took {:?}",
+            started.elapsed()
+        );
+        assert_eq!(err.code(), Code::FailedPrecondition);
+        assert!(err.message().contains(words), "{}", err.message());
+    }
+    // Configuration-only properties do not stop an action from running.
+    let action = client
+        .upload_action(
+            &ActionSpec::shell("true")
+                .with_platform("OSFamily", "Linux")
+                .with_platform("dockerNetwork", "off"),
+        )
+        .await;
+    let (_, r) = client.execute(&action, true).await.expect("runs");
+    assert_eq!(r.result.expect("result").exit_code, 0);
+}
+
+#[tokio::test]
+async fn missing_inputs_are_listed() {
+    let dir = tempdir();
+    let server = Coordinator::start(&dir.path().join("data"), &[]);
+    let mut client = server.client().await;
+    let (absent, _) = common::blob(99, 10);
+    let err = client
+        .execute(&absent, false)
+        .await
+        .expect_err("missing action");
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    let details = tonic_types::StatusExt::get_error_details(&err);
+    let failure = details
+        .precondition_failure()
+        .expect("a PreconditionFailure");
+    assert_eq!(failure.violations[0].r#type, "MISSING");
+    assert_eq!(failure.violations[0].subject, format!("blobs/{absent}"));
+}
+
+#[tokio::test]
+async fn identical_concurrent_executes_run_once() {
+    let dir = tempdir();
+    let server = Coordinator::start(&dir.path().join("data"), &[]);
+    let _agent = Agent::start(
+        &server.endpoint(),
+        &dir.path().join("agent"),
+        &["--slots", "4"],
+    );
+    let mut client = server.client().await;
+    wait_for_fleet(&mut client).await;
+    let count = dir.path().join("count");
+    let action = client
+        .upload_action(&ActionSpec::shell(&format!(
+            "echo ran >> {} && sleep 2",
+            count.display()
+        )))
+        .await;
+    let calls: Vec<_> = (0..200)
+        .map(|_| {
+            let mut client = client.clone();
+            tokio::spawn(async move { client.execute(&action, false).await })
+        })
+        .collect();
+    for call in calls {
+        let (_, r) = call.await.expect("join").expect("execute");
+        assert_eq!(r.result.expect("result").exit_code, 0);
+    }
+    let runs = std::fs::read_to_string(&count)
+        .expect("the action ran")
+        .lines()
+        .count();
+    assert_eq!(
+        runs, 1,
+        "200 identical executions ran the action {runs} times"
+    );
+}
+
+#[tokio::test]
+async fn cancelling_kills_the_action_and_what_it_left_behind() {
+    let dir = tempdir();
+    let server = Coordinator::start(&dir.path().join("data"), &[]);
+    let _agent = Agent::start(
+        &server.endpoint(),
+        &dir.path().join("agent"),
+        &["--slots", "2"],
+    );
+    let mut client = server.client().await;
+    wait_for_fleet(&mut client).await;
+    let main_pid = dir.path().join("main.pid");
+    let daemon_pid = dir.path().join("daemon.pid");
+    // The action starts a daemon in its own session, then sleeps.
+    let script = format!(
+        "setsid sh -c 'echo $$ > {d}; exec sleep 300' & echo $$ > {m}; sleep 300",
+        d = daemon_pid.display(),
+        m = main_pid.display()
+    );
+    let action = client.upload_action(&ActionSpec::shell(&script)).await;
+    let mut stream = client
+        .execution
+        .execute(outpost_proto::reapi::ExecuteRequest {
+            action_digest: Some(action.to_proto()),
+            skip_cache_lookup: true,
+            ..Default::default()
+        })
+        .await
+        .expect("execute")
+        .into_inner();
+    let first = stream
+        .message()
+        .await
+        .expect("stream")
+        .expect("an operation");
+    let main = read_pid(&main_pid).await;
+    let daemon = read_pid(&daemon_pid).await;
+    assert!(pid_alive(main) && pid_alive(daemon));
+    client
+        .operations
+        .cancel_operation(outpost_proto::longrunning::CancelOperationRequest {
+            name: first.name.clone(),
+        })
+        .await
+        .expect("cancel");
+    let (_, response) = common::follow(stream).await.expect("the operation ends");
+    assert_eq!(
+        response.status.expect("status").code,
+        Code::Cancelled as i32
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pid_alive(main) || pid_alive(daemon) {
+        assert!(
+            Instant::now() < deadline,
+            "processes survived the cancellation"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_timeout_kills_the_action_and_says_so() {
+    let dir = tempdir();
+    let server = Coordinator::start(&dir.path().join("data"), &[]);
+    let _agent = Agent::start(
+        &server.endpoint(),
+        &dir.path().join("agent"),
+        &["--slots", "1"],
+    );
+    let mut client = server.client().await;
+    wait_for_fleet(&mut client).await;
+    let pid_file = dir.path().join("slow.pid");
+    let mut spec = ActionSpec::shell(&format!(
+        "echo $$ > {}; echo started; sleep 300",
+        pid_file.display()
+    ));
+    spec.timeout = Some(Duration::from_secs(1));
+    let action = client.upload_action(&spec).await;
+    let started = Instant::now();
+    let (_, response) = client.execute(&action, true).await.expect("execute");
+    assert!(started.elapsed() < Duration::from_secs(20));
+    assert_eq!(
+        response.status.expect("status").code,
+        Code::DeadlineExceeded as i32
+    );
+    let result = response.result.expect("what it produced until then");
+    let stdout = outpost_proto::digest::Digest::from_proto_opt(
+        result.stdout_digest.as_ref(),
+        outpost_proto::digest::Function::Sha256,
+    )
+    .expect("stdout");
+    assert_eq!(
+        client.download(&stdout).await.expect("stdout"),
+        b"started\n"
+    );
+    assert!(!pid_alive(read_pid(&pid_file).await));
+    // Too long a timeout is refused.
+    let mut spec = ActionSpec::shell("true");
+    spec.timeout = Some(Duration::from_secs(7 * 3600));
+    let action = client.upload_action(&spec).await;
+    let err = client
+        .execute(&action, true)
+        .await
+        .expect_err("over the maximum");
+    assert_eq!(err.code(), Code::InvalidArgument);
+}
+
+#[tokio::test]
+async fn work_of_a_killed_agent_runs_on_another() {
+    let dir = tempdir();
+    let server = Coordinator::start(&dir.path().join("data"), &["--agent-reconnect-grace", "1s"]);
+    let first = Agent::start(
+        &server.endpoint(),
+        &dir.path().join("first"),
+        &["--slots", "1"],
+    );
+    let mut client = server.client().await;
+    wait_for_fleet(&mut client).await;
+    let marker = dir.path().join("started");
+    let action = client
+        .upload_action(&ActionSpec::shell(&format!(
+            "echo x >> {}; sleep 3; echo finished",
+            marker.display()
+        )))
+        .await;
+    let running = {
+        let mut client = client.clone();
+        tokio::spawn(async move { client.execute(&action, true).await })
+    };
+    read_pid_or_text(&marker).await;
+    let second = Agent::start(
+        &server.endpoint(),
+        &dir.path().join("second"),
+        &["--slots", "1"],
+    );
+    second
+        .wait_for("registered with the coordinator", Duration::from_secs(30))
+        .await;
+    first.kill();
+    let (_, response) = running
+        .await
+        .expect("join")
+        .expect("the client sees no error");
+    let result = response.result.expect("result");
+    assert_eq!(result.exit_code, 0);
+    assert_eq!(
+        result.execution_metadata.expect("metadata").worker,
+        second.id()
+    );
+    assert_eq!(
+        std::fs::read_to_string(&marker)
+            .expect("marker")
+            .lines()
+            .count(),
+        2,
+        "ran twice: killed, then retried"
+    );
+}
+
+async fn read_pid_or_text(path: &std::path::Path) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::fs::metadata(path).map_or(true, |m| m.len() == 0) {
+        assert!(
+            Instant::now() < deadline,
+            "{} never appeared",
+            path.display()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn agents_reconnect_after_a_coordinator_restart() {
+    let dir = tempdir();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let data = dir.path().join("data");
+    let server = Coordinator::start_at(&data, &listen, &[]);
+    let agent = Agent::start(
+        &server.endpoint(),
+        &dir.path().join("agent"),
+        &["--slots", "1"],
+    );
+    let mut client = server.client().await;
+    wait_for_fleet(&mut client).await;
+    server.kill();
+    let server = Coordinator::start_at(&data, &listen, &[]);
+    let mut client = server.client().await;
+    // Queued until the agent is back (the start-up grace keeps it waiting).
+    let action = client
+        .upload_action(&ActionSpec::shell("echo after restart"))
+        .await;
+    let (_, response) = client
+        .execute(&action, true)
+        .await
+        .expect("execute after restart");
+    assert_eq!(response.result.expect("result").exit_code, 0);
+    assert!(
+        agent.count("registered with the coordinator") >= 2,
+        "the agent did not re-register"
+    );
+}
+
+#[tokio::test]
+async fn a_draining_agent_finishes_its_work_and_exits() {
+    let dir = tempdir();
+    let server = Coordinator::start(&dir.path().join("data"), &[]);
+    let agent = Agent::start(
+        &server.endpoint(),
+        &dir.path().join("agent"),
+        &["--slots", "1"],
+    );
+    let mut client = server.client().await;
+    wait_for_fleet(&mut client).await;
+    let marker = dir.path().join("started");
+    let action = client
+        .upload_action(&ActionSpec::shell(&format!(
+            "echo x > {}; sleep 2; echo done",
+            marker.display()
+        )))
+        .await;
+    let running = {
+        let mut client = client.clone();
+        tokio::spawn(async move { client.execute(&action, true).await })
+    };
+    read_pid_or_text(&marker).await;
+    let status = agent.stop().await;
+    assert!(status.success(), "the agent exited with {status}");
+    let (_, response) = running
+        .await
+        .expect("join")
+        .expect("finished before the agent left");
+    assert_eq!(response.result.expect("result").exit_code, 0);
+}
