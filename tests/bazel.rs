@@ -1,14 +1,15 @@
 //! Real Bazel (4.2.3 from Debian's bazel-bootstrap) against the real
-//! coordinator: the example workspace in tests/bazel-workspace builds and
-//! tests with --remote_cache, and after `bazel clean` every action is a
-//! remote cache hit, also after the coordinator was killed and restarted.
+//! coordinator and agents: the example workspace in tests/bazel-workspace
+//! builds and tests with --remote_cache and with --remote_executor.
 
 mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{Coordinator, tempdir};
+use std::time::Duration;
+
+use common::{Agent, Coordinator, tempdir};
 
 /// A Bazel with its own output root; shut down when dropped.
 struct Bazel {
@@ -34,21 +35,29 @@ impl Bazel {
 
     /// `bazel test //...` against the cache; returns Bazel's process summary.
     fn test_all(&self, cache: &str) -> String {
-        let (ok, text) = self.run(&[
-            "test",
-            "//...",
-            &format!("--remote_cache={cache}"),
-            "--remote_timeout=60",
+        self.expect_ok(&["test", "//...", &format!("--remote_cache={cache}")])
+    }
+
+    /// Runs a command with the common flags; returns (success, output).
+    fn remote(&self, args: &[&str]) -> (bool, String) {
+        let mut all: Vec<&str> = args.to_vec();
+        all.extend([
+            "--remote_timeout=600",
             "--color=no",
             "--curses=no",
             "--noshow_progress",
+            "--jobs=8",
         ]);
+        let (ok, text) = self.run(&all);
         eprintln!("{text}");
-        assert!(ok, "bazel test failed (output above)");
-        text.lines()
-            .find(|l| l.contains(" processes: "))
-            .map(str::to_owned)
-            .expect("bazel printed a process summary")
+        (ok, text)
+    }
+
+    /// Like [`Bazel::remote`] but must succeed; returns the process summary.
+    fn expect_ok(&self, args: &[&str]) -> String {
+        let (ok, text) = self.remote(args);
+        assert!(ok, "bazel {args:?} failed (output above)");
+        summary(&text)
     }
 
     fn clean(&self) {
@@ -61,6 +70,13 @@ impl Drop for Bazel {
     fn drop(&mut self) {
         let _ = self.run(&["shutdown"]);
     }
+}
+
+fn summary(text: &str) -> String {
+    text.lines()
+        .find(|l| l.contains(" processes: "))
+        .map(str::to_owned)
+        .expect("bazel printed a process summary")
 }
 
 /// Kinds of spawns in a summary like
@@ -114,25 +130,34 @@ fn copy_workspace(from: &Path, to: &Path) {
     }
 }
 
-#[test]
-fn bazel_builds_from_the_remote_cache_after_clean_and_restart() {
+/// A fresh copy of the example workspace with its own Bazel output root;
+/// `None` (after saying why) when Bazel is not installed and the run does
+/// not require it.
+fn bazel_in(scratch: &Path) -> Option<Bazel> {
     if Command::new("bazel").arg("help").output().is_err() {
         let required = std::env::var_os("OUTPOST_REQUIRE_BAZEL").is_some();
         let why =
             "bazel is not installed (apt-get install bazel-bootstrap; scripts/test.sh does this)";
         assert!(!required, "{why}");
         eprintln!("SKIPPED: {why}");
-        return;
+        return None;
     }
-    let scratch = tempdir();
-    let workspace = scratch.path().join("workspace");
+    let workspace = scratch.join("workspace");
     copy_workspace(
         &Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/bazel-workspace"),
         &workspace,
     );
-    let bazel = Bazel {
+    Some(Bazel {
         workspace,
-        output_root: scratch.path().join("bazel-root"),
+        output_root: scratch.join("bazel-root"),
+    })
+}
+
+#[test]
+fn bazel_builds_from_the_remote_cache_after_clean_and_restart() {
+    let scratch = tempdir();
+    let Some(bazel) = bazel_in(scratch.path()) else {
+        return;
     };
     let data_dir = scratch.path().join("outpost-data");
 
@@ -164,4 +189,112 @@ fn bazel_builds_from_the_remote_cache_after_clean_and_restart() {
         blob.display(),
         meta.len()
     );
+}
+
+#[test]
+fn bazel_runs_every_action_remotely_on_two_agents() {
+    let scratch = tempdir();
+    let Some(bazel) = bazel_in(scratch.path()) else {
+        return;
+    };
+    let server = Coordinator::start(&scratch.path().join("outpost-data"), &[]);
+    let first = Agent::start(
+        &server.endpoint(),
+        &scratch.path().join("agent-1"),
+        &["--slots", "2"],
+    );
+    let second = Agent::start(
+        &server.endpoint(),
+        &scratch.path().join("agent-2"),
+        &["--slots", "2"],
+    );
+    let executor = format!("--remote_executor={}", server.endpoint());
+
+    let cold = bazel.expect_ok(&["test", "//...", &executor]);
+    let kinds = spawn_kinds(&cold);
+    let remote = kinds
+        .iter()
+        .find(|(_, k)| k == "remote")
+        .map_or(0, |(n, _)| *n);
+    assert!(
+        remote >= 30,
+        "expected every action to run remotely: {cold}"
+    );
+    for (n, kind) in &kinds {
+        assert!(
+            kind == "remote" || kind == "internal",
+            "{n} actions ran as {kind}: {cold}"
+        );
+    }
+    let (on_first, on_second) = (
+        first.count("running an action"),
+        second.count("running an action"),
+    );
+    assert!(
+        on_first > 0 && on_second > 0,
+        "work was not spread: {on_first} and {on_second} actions"
+    );
+    assert_eq!(on_first + on_second, remote as usize);
+
+    // The failing test fails, and its log comes back.
+    let (ok, text) = bazel.remote(&["test", "//:failing_test", &executor]);
+    assert!(!ok, "the failing test passed");
+    assert!(text.contains("FAILED"), "{text}");
+    let log = std::fs::read_to_string(bazel.workspace.join("bazel-testlogs/failing_test/test.log"))
+        .expect("the failing test's log was downloaded");
+    assert!(log.contains("OUTPOST_EXPECTED_FAILURE"), "{log}");
+
+    // A clean rebuild comes from the action cache.
+    bazel.clean();
+    assert_all_hits(&bazel.expect_ok(&["test", "//...", &executor]));
+}
+
+#[test]
+fn bazel_survives_an_agent_killed_mid_action() {
+    let scratch = tempdir();
+    let Some(bazel) = bazel_in(scratch.path()) else {
+        return;
+    };
+    let server = Coordinator::start(
+        &scratch.path().join("outpost-data"),
+        &["--agent-reconnect-grace", "2s"],
+    );
+    let first = Agent::start(
+        &server.endpoint(),
+        &scratch.path().join("agent-1"),
+        &["--slots", "1"],
+    );
+    let executor = format!("--remote_executor={}", server.endpoint());
+    let build = std::thread::spawn(move || {
+        let result = bazel.remote(&["build", "//slow:slow", &executor]);
+        (result, bazel)
+    });
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        first
+            .wait_for("running an action", Duration::from_secs(120))
+            .await;
+        let second = Agent::start(
+            &server.endpoint(),
+            &scratch.path().join("agent-2"),
+            &["--slots", "1"],
+        );
+        second
+            .wait_for("registered with the coordinator", Duration::from_secs(30))
+            .await;
+        first.kill();
+        let ((ok, text), bazel) = build.join().expect("bazel thread");
+        assert!(ok, "the build failed after an agent was killed: {text}");
+        assert!(!text.contains("ERROR"), "bazel showed an error: {text}");
+        assert!(
+            second.count("running an action") >= 1,
+            "the retry did not run on the second agent"
+        );
+        let out = std::fs::read_to_string(bazel.workspace.join("bazel-bin/slow/slow.txt"))
+            .expect("output");
+        assert_eq!(out, "finished\n");
+    });
 }
