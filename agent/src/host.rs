@@ -63,6 +63,8 @@ fn memory_bytes() -> u64 {
     }
 }
 
+// The statvfs field types differ between platforms.
+#[allow(clippy::unnecessary_cast)]
 fn disk_bytes(dir: &Path) -> u64 {
     nix::sys::statvfs::statvfs(dir)
         .map(|s| s.blocks_available() as u64 * s.fragment_size() as u64)

@@ -181,7 +181,7 @@ impl Scheduler {
         outgoing: Outgoing,
     ) -> Result<(Session, fleet::Registered), Status> {
         self.call(|reply| state::Msg::Join {
-            register,
+            register: Box::new(register),
             outgoing,
             reply,
         })
@@ -196,7 +196,7 @@ impl Scheduler {
         self.tx
             .send(state::Msg::FromAgent {
                 session: session.clone(),
-                message,
+                message: Box::new(message),
             })
             .await
             .map_err(|_| Status::unavailable("the coordinator is shutting down"))

@@ -98,7 +98,7 @@ impl fmt::Display for Requirements {
 }
 
 fn milli_to_string(v: u64) -> String {
-    if v % 1000 == 0 {
+    if v.is_multiple_of(1000) {
         (v / 1000).to_string()
     } else {
         format!("{}", v as f64 / 1000.0)

@@ -34,13 +34,13 @@ pub enum Msg {
         name: String,
     },
     Join {
-        register: fleet::Register,
+        register: Box<fleet::Register>,
         outgoing: Outgoing,
         reply: oneshot::Sender<Result<(Session, fleet::Registered), Status>>,
     },
     FromAgent {
         session: Session,
-        message: FromAgent,
+        message: Box<FromAgent>,
     },
     AgentGone {
         session: Session,
@@ -189,9 +189,9 @@ impl State {
                 outgoing,
                 reply,
             } => {
-                let _ = reply.send(self.join(register, outgoing));
+                let _ = reply.send(self.join(*register, outgoing));
             }
-            Msg::FromAgent { session, message } => self.from_agent(&session, message),
+            Msg::FromAgent { session, message } => self.on_agent_message(&session, *message),
             Msg::AgentGone { session } => {
                 if let Some(agent) = self.agents.get_mut(&session.agent_id)
                     && agent.session == session.id
@@ -474,7 +474,7 @@ impl State {
         Ok((session, registered))
     }
 
-    fn from_agent(&mut self, session: &Session, message: FromAgent) {
+    fn on_agent_message(&mut self, session: &Session, message: FromAgent) {
         let Some(agent) = self.agents.get_mut(&session.agent_id) else {
             return;
         };
