@@ -402,7 +402,7 @@ async fn read_pid_or_text(path: &std::path::Path) {
 }
 
 #[tokio::test]
-async fn agents_reconnect_after_a_coordinator_restart() {
+async fn agents_reconnect_after_a_coordinator_restart_mid_action() {
     let dir = tempdir();
     let listen = format!("127.0.0.1:{}", free_port());
     let data = dir.path().join("data");
@@ -414,10 +414,29 @@ async fn agents_reconnect_after_a_coordinator_restart() {
     );
     let mut client = server.client().await;
     wait_for_fleet(&mut client).await;
+    // An action is running when the coordinator dies.
+    let marker = dir.path().join("started");
+    let pid_file = dir.path().join("long.pid");
+    let long = client
+        .upload_action(&ActionSpec::shell(&format!(
+            "echo $$ > {}; echo x > {}; sleep 300",
+            pid_file.display(),
+            marker.display()
+        )))
+        .await;
+    let running = {
+        let mut client = client.clone();
+        tokio::spawn(async move { client.execute(&long, true).await })
+    };
+    read_pid_or_text(&marker).await;
     server.kill();
+    assert!(
+        running.await.expect("join").is_err(),
+        "the client's stream must break with the coordinator"
+    );
     let server = Coordinator::start_at(&data, &listen, &[]);
     let mut client = server.client().await;
-    // Queued until the agent is back (the start-up grace keeps it waiting).
+    // Queued until the agent is back, then run; nobody touched the agent.
     let action = client
         .upload_action(&ActionSpec::shell("echo after restart"))
         .await;
@@ -430,6 +449,70 @@ async fn agents_reconnect_after_a_coordinator_restart() {
         agent.count("registered with the coordinator") >= 2,
         "the agent did not re-register"
     );
+    // The new coordinator did not know the old lease, so the agent stopped it.
+    let pid = read_pid(&pid_file).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pid_alive(pid) {
+        assert!(
+            Instant::now() < deadline,
+            "the orphaned action kept running"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn the_fleet_is_remembered_across_a_restart() {
+    let dir = tempdir();
+    let data = dir.path().join("data");
+    let server = Coordinator::start(&data, &["--startup-grace", "0s"]);
+    let agent = Agent::start(
+        &server.endpoint(),
+        &dir.path().join("agent"),
+        &["--slots", "1"],
+    );
+    let mut client = server.client().await;
+    wait_for_fleet(&mut client).await;
+    agent.kill();
+    server.stop().await;
+    // No agent is connected and there is no start-up grace, yet the
+    // coordinator knows what the fleet offered.
+    let server = Coordinator::start(&data, &["--startup-grace", "0s"]);
+    let mut client = server.client().await;
+    let plan9 = client
+        .upload_action(&ActionSpec::shell("true").with_platform("OSFamily", "plan9"))
+        .await;
+    let err = client
+        .execute(&plan9, true)
+        .await
+        .expect_err("unsatisfiable");
+    assert!(
+        err.message().contains("the fleet offers OSFamily=linux"),
+        "{}",
+        err.message()
+    );
+    let linux = client
+        .upload_action(&ActionSpec::shell("echo waited").with_platform("OSFamily", "linux"))
+        .await;
+    let waiting = {
+        let mut client = client.clone();
+        tokio::spawn(async move { client.execute(&linux, true).await })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !waiting.is_finished(),
+        "the action should wait for an agent, not fail"
+    );
+    let _agent = Agent::start(
+        &server.endpoint(),
+        &dir.path().join("agent"),
+        &["--slots", "1"],
+    );
+    let (_, response) = waiting
+        .await
+        .expect("join")
+        .expect("ran once the agent came back");
+    assert_eq!(response.result.expect("result").exit_code, 0);
 }
 
 #[tokio::test]

@@ -99,6 +99,7 @@ impl Coordinator {
                 keep_finished: Duration::from_secs(600),
             },
             Arc::clone(&ctx.action_cache),
+            Arc::new(self.store.clone()),
             shutdown.child_token(),
         );
         let timeouts = Timeouts {

@@ -19,7 +19,7 @@ use outpost_proto::reapi;
 use tokio::sync::{mpsc, oneshot, watch};
 use tonic::Status;
 
-use crate::storage::{ActionCache, Pin};
+use crate::storage::{ActionCache, FleetMemory, Pin};
 use platform::Requirements;
 
 /// Tunables, from the coordinator's configuration.
@@ -120,10 +120,11 @@ impl Scheduler {
     pub fn start(
         settings: Settings,
         action_cache: Arc<dyn ActionCache>,
+        memory: Arc<dyn FleetMemory>,
         shutdown: tokio_util::sync::CancellationToken,
     ) -> Scheduler {
         let (tx, rx) = mpsc::channel(4096);
-        tokio::spawn(state::run(settings, action_cache, rx, shutdown));
+        tokio::spawn(state::run(settings, action_cache, memory, rx, shutdown));
         Scheduler { tx }
     }
 

@@ -15,7 +15,7 @@ use tonic::{Code, Status};
 
 use super::platform::{self, Offer, Requirements};
 use super::{AgentSummary, Job, OpState, Outgoing, Session, Settings, Snapshot, Stage};
-use crate::storage::ActionCache;
+use crate::storage::{ActionCache, FleetMemory};
 
 pub enum Msg {
     Submit {
@@ -51,6 +51,8 @@ pub enum Msg {
 }
 
 const TICK: Duration = Duration::from_millis(250);
+/// How often a connected agent's "last seen" is written down.
+const REMEMBER_EVERY: Duration = Duration::from_secs(60);
 /// Missed heartbeats before a silent agent counts as disconnected.
 const MISSED_HEARTBEATS: u32 = 3;
 
@@ -72,6 +74,9 @@ type MergeKey = (String, Digest);
 struct Agent {
     hostname: String,
     offer: Offer,
+    /// Encoded properties and resources, as remembered across restarts.
+    remembered: bytes::Bytes,
+    remembered_at: Instant,
     slots: u32,
     used_slots: u32,
     used: BTreeMap<String, u64>,
@@ -98,6 +103,7 @@ type Queue = HashMap<Requirements, HashMap<String, BTreeMap<(i32, u64), String>>
 struct State {
     settings: Settings,
     action_cache: Arc<dyn ActionCache>,
+    memory: Arc<dyn FleetMemory>,
     started: Instant,
     next_seq: u64,
     next_session: u64,
@@ -115,12 +121,15 @@ struct State {
 pub async fn run(
     settings: Settings,
     action_cache: Arc<dyn ActionCache>,
+    memory: Arc<dyn FleetMemory>,
     mut rx: mpsc::Receiver<Msg>,
     shutdown: tokio_util::sync::CancellationToken,
 ) {
+    let seen = recall(&*memory, settings.fleet_memory).await;
     let mut state = State {
         settings,
         action_cache,
+        memory,
         started: Instant::now(),
         next_seq: 0,
         next_session: 0,
@@ -131,7 +140,7 @@ pub async fn run(
         running_by_build: HashMap::new(),
         agents: HashMap::new(),
         leases: HashMap::new(),
-        seen: HashMap::new(),
+        seen,
     };
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -145,6 +154,35 @@ pub async fn run(
             () = shutdown.cancelled() => return,
         }
     }
+}
+
+/// Agents seen within `window` before the last stop.
+async fn recall(memory: &dyn FleetMemory, window: Duration) -> HashMap<String, (Offer, Instant)> {
+    let now_secs = crate::storage::now_secs();
+    let now = Instant::now();
+    let mut seen = HashMap::new();
+    match memory.recall_agents().await {
+        Ok(agents) => {
+            for (id, caps, seen_at) in agents {
+                let ago = Duration::from_secs(now_secs.saturating_sub(seen_at));
+                if ago >= window {
+                    continue;
+                }
+                let Ok(caps) = fleet::Capabilities::decode(caps) else {
+                    continue;
+                };
+                let at = now.checked_sub(ago).unwrap_or(now);
+                seen.insert(id, (Offer::new(&caps.properties, &caps.resources), at));
+            }
+            if !seen.is_empty() {
+                tracing::info!(agents = seen.len(), "remembered the recent fleet");
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot recall the fleet; matching starts from the agents that connect")
+        }
+    }
+    seen
 }
 
 fn random_id() -> String {
@@ -174,7 +212,17 @@ impl State {
                 let _ = reply.send(attached);
             }
             Msg::Cancel { name, reply } => {
-                let _ = reply.send(self.cancel(&name, "cancelled by CancelOperation"));
+                // A merged action keeps running while other clients wait on it.
+                let others = self
+                    .ops
+                    .get(&name)
+                    .map_or(0, |op| op.waiters.saturating_sub(1));
+                if others > 0 {
+                    tracing::info!(operation = %name, others, "not cancelling: other clients still wait on this action");
+                    let _ = reply.send(Ok(()));
+                } else {
+                    let _ = reply.send(self.cancel(&name, "cancelled by CancelOperation"));
+                }
             }
             Msg::WaiterGone { name } => {
                 if let Some(op) = self.ops.get_mut(&name) {
@@ -400,6 +448,15 @@ impl State {
             return Err(Status::invalid_argument("an agent needs at least one slot"));
         }
         let offer = Offer::new(&caps.properties, &caps.resources);
+        let remembered = bytes::Bytes::from(
+            fleet::Capabilities {
+                properties: caps.properties.clone(),
+                resources: caps.resources.clone(),
+                ..Default::default()
+            }
+            .encode_to_vec(),
+        );
+        self.remember(&register.agent_id, remembered.clone());
         self.next_session += 1;
         let session = Session {
             agent_id: register.agent_id.clone(),
@@ -418,6 +475,8 @@ impl State {
             }
             agent.hostname = register.hostname.clone();
             agent.offer = offer.clone();
+            agent.remembered = remembered;
+            agent.remembered_at = Instant::now();
             agent.slots = caps.slots;
             agent.outgoing = Some(outgoing);
             agent.session = session.id;
@@ -430,6 +489,8 @@ impl State {
                 Agent {
                     hostname: register.hostname.clone(),
                     offer: offer.clone(),
+                    remembered,
+                    remembered_at: Instant::now(),
                     slots: caps.slots,
                     used_slots: 0,
                     used: BTreeMap::new(),
@@ -472,6 +533,20 @@ impl State {
         }
         self.dispatch_all();
         Ok((session, registered))
+    }
+
+    /// Writes down that an agent was seen now (in the background).
+    fn remember(&self, agent_id: &str, capabilities: bytes::Bytes) {
+        let memory = Arc::clone(&self.memory);
+        let id = agent_id.to_owned();
+        tokio::spawn(async move {
+            if let Err(e) = memory
+                .remember_agent(&id, capabilities, crate::storage::now_secs())
+                .await
+            {
+                tracing::debug!(agent_id = %id, error = %e, "cannot remember an agent");
+            }
+        });
     }
 
     fn on_agent_message(&mut self, session: &Session, message: FromAgent) {
@@ -824,10 +899,25 @@ impl State {
                 lost_agents.push(id.clone());
             }
         }
+        let stale: Vec<(String, bytes::Bytes)> = self
+            .agents
+            .iter_mut()
+            .filter(|(_, a)| {
+                a.outgoing.is_some() && now.duration_since(a.remembered_at) > REMEMBER_EVERY
+            })
+            .map(|(id, a)| {
+                a.remembered_at = now;
+                (id.clone(), a.remembered.clone())
+            })
+            .collect();
+        for (id, caps) in stale {
+            self.remember(&id, caps);
+        }
         for id in lost_agents {
             let Some(agent) = self.agents.remove(&id) else {
                 continue;
             };
+            self.remember(&id, agent.remembered.clone());
             tracing::warn!(agent_id = %id, leases = agent.leases.len(), "agent lost; its actions run elsewhere");
             self.seen.insert(id.clone(), (agent.offer.clone(), now));
             // Put the agent back briefly so lease bookkeeping finds it.
@@ -870,3 +960,7 @@ fn fits_now(agent: &Agent, req: &Requirements) -> bool {
         total.saturating_sub(used) >= *need
     })
 }
+
+#[cfg(test)]
+#[path = "tests.rs"]
+mod tests;

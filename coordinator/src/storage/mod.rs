@@ -10,6 +10,13 @@
 
 pub mod embedded;
 
+/// Seconds since the epoch, the clock storage records times in.
+pub fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
 use std::any::Any;
 use std::pin::Pin as StdPin;
 
@@ -115,6 +122,24 @@ pub trait Cas: Send + Sync + 'static {
     async fn contains(&self, digest: Digest) -> Result<bool, Error> {
         Ok(self.find_missing(vec![digest]).await?.is_empty())
     }
+}
+
+/// What the coordinator remembers of its agents across restarts, so that
+/// "no agent could ever run this" is judged against the recent fleet, not
+/// just the agents that reconnected so far. Storage does not interpret the
+/// capabilities.
+#[async_trait]
+pub trait FleetMemory: Send + Sync + 'static {
+    /// Records an agent's encoded capabilities and when it was last seen
+    /// (seconds since the epoch).
+    async fn remember_agent(
+        &self,
+        agent_id: &str,
+        capabilities: Bytes,
+        seen_at: u64,
+    ) -> Result<(), Error>;
+    /// Every remembered agent: (id, capabilities, last seen).
+    async fn recall_agents(&self) -> Result<Vec<(String, Bytes, u64)>, Error>;
 }
 
 /// The Action Cache: encoded `ActionResult`s keyed by instance name and

@@ -9,7 +9,7 @@
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use bytes::Bytes;
 use outpost_proto::digest::{Digest, SUPPORTED};
@@ -27,6 +27,8 @@ pub const BLOBS: TableDefinition<&Key, (u64, u64)> = TableDefinition::new("blobs
 pub const LRU: TableDefinition<(u64, &Key), ()> = TableDefinition::new("lru");
 /// (instance name, action key) -> encoded ActionResult.
 pub const ACTION_CACHE: TableDefinition<(&str, &Key), &[u8]> = TableDefinition::new("action_cache");
+/// Agent id -> (last seen in seconds since the epoch, encoded capabilities).
+pub const AGENTS: TableDefinition<&str, (u64, &[u8])> = TableDefinition::new("agents");
 /// Counters: `total_bytes`.
 pub const STATS: TableDefinition<&str, u64> = TableDefinition::new("stats");
 
@@ -53,6 +55,12 @@ pub enum Request {
     },
     /// The index lists a blob whose file is gone: drop the entry.
     Forget(Digest),
+    /// An agent was seen (access-time-like: not worth a reply).
+    Agent {
+        agent_id: String,
+        capabilities: Bytes,
+        seen_at: u64,
+    },
 }
 
 /// State the committer shares with readers.
@@ -79,11 +87,7 @@ macro_rules! db {
 }
 pub(crate) use db;
 
-pub fn now_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
+pub use crate::storage::now_secs;
 
 impl Core {
     /// Creates the tables if needed and reads the byte total.
@@ -136,6 +140,18 @@ impl Core {
     pub fn touch(&self, digests: impl IntoIterator<Item = Digest>) {
         let mut touched = self.touched.lock().unwrap_or_else(|e| e.into_inner());
         touched.extend(digests);
+    }
+
+    pub fn recall_agents(&self) -> Result<Vec<(String, Bytes, u64)>, Error> {
+        let txn = db!("reading agents", self.db.begin_read())?;
+        let table = db!("reading agents", txn.open_table(AGENTS))?;
+        let mut out = Vec::new();
+        for entry in db!("reading agents", table.iter())? {
+            let (k, v) = db!("reading agents", entry)?;
+            let (seen_at, caps) = v.value();
+            out.push((k.value().to_owned(), Bytes::copy_from_slice(caps), seen_at));
+        }
+        Ok(out)
     }
 
     pub fn get_action_result(
@@ -206,6 +222,7 @@ fn commit_batch(core: &Core, batch: Vec<Request>) {
             let mut blobs = db!("committing", txn.open_table(BLOBS))?;
             let mut lru = db!("committing", txn.open_table(LRU))?;
             let mut ac = db!("committing", txn.open_table(ACTION_CACHE))?;
+            let mut agents = db!("committing", txn.open_table(AGENTS))?;
             let mut stats = db!("committing", txn.open_table(STATS))?;
             let mut total = db!("committing", stats.get(TOTAL_BYTES))?.map_or(0, |v| v.value());
             let now = now_secs();
@@ -248,6 +265,16 @@ fn commit_batch(core: &Core, batch: Vec<Request>) {
                             )
                         )?;
                         replies.push((reply, Ok(())));
+                    }
+                    Request::Agent {
+                        agent_id,
+                        capabilities,
+                        seen_at,
+                    } => {
+                        db!(
+                            "remembering an agent",
+                            agents.insert(agent_id.as_str(), (seen_at, capabilities.as_ref()))
+                        )?;
                     }
                     Request::Forget(digest) => {
                         let key = layout::key(&digest);

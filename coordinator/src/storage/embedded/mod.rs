@@ -25,7 +25,7 @@ use tokio::task::JoinHandle;
 
 use self::index::{Core, Request};
 use self::layout::Layout;
-use super::{ActionCache, BlobStream, BlobWriter, Cas, Error, Pin};
+use super::{ActionCache, BlobStream, BlobWriter, Cas, Error, FleetMemory, Pin};
 
 /// Chunk size of streamed reads.
 const READ_CHUNK: usize = 1 << 20;
@@ -273,6 +273,33 @@ impl ActionCache for EmbeddedStore {
             .await
             .map_err(|_| Error::Closed)?;
         done.await.map_err(|_| Error::Closed)?
+    }
+}
+
+#[async_trait]
+impl FleetMemory for EmbeddedStore {
+    async fn remember_agent(
+        &self,
+        agent_id: &str,
+        capabilities: Bytes,
+        seen_at: u64,
+    ) -> Result<(), Error> {
+        self.shared
+            .commits
+            .send(Request::Agent {
+                agent_id: agent_id.to_owned(),
+                capabilities,
+                seen_at,
+            })
+            .await
+            .map_err(|_| Error::Closed)
+    }
+
+    async fn recall_agents(&self) -> Result<Vec<(String, Bytes, u64)>, Error> {
+        let core = Arc::clone(&self.shared.core);
+        tokio::task::spawn_blocking(move || core.recall_agents())
+            .await
+            .map_err(|_| Error::Closed)?
     }
 }
 
