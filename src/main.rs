@@ -226,7 +226,13 @@ fn main() -> ExitCode {
         print!("{}", config.to_yaml());
         return ExitCode::SUCCESS;
     }
-    if let Err(e) = init_logging(&config.log) {
+    launch(&config.log.clone(), run_coordinator(config, up))
+}
+
+/// Sets up logging and the runtime, runs `work`, and maps its outcome to an
+/// exit code.
+fn launch(log: &str, work: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
+    if let Err(e) = init_logging(log) {
         eprintln!("outpost: {e:#}");
         return ExitCode::from(2);
     }
@@ -241,7 +247,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run_coordinator(config, up)) {
+    match runtime.block_on(work) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
@@ -263,34 +269,11 @@ fn agent_main(args: &AgentArgs) -> ExitCode {
         print!("{}", config.to_yaml());
         return ExitCode::SUCCESS;
     }
-    if let Err(e) = init_logging(&config.log) {
-        eprintln!("outpost: {e:#}");
-        return ExitCode::from(2);
-    }
-    raise_open_file_limit();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("outpost: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let result = runtime.block_on(async {
+    launch(&config.log.clone(), async {
         let shutdown = CancellationToken::new();
         tokio::spawn(stop_on_signal(shutdown.clone()));
         outpost_agent::run(config, shutdown).await
-    });
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!("{e:#}");
-            eprintln!("outpost: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    })
 }
 
 async fn run_coordinator(config: Config, up: bool) -> anyhow::Result<()> {

@@ -23,8 +23,8 @@ fn outpost(args: &[&str], cwd: &std::path::Path) -> (i32, String, String) {
     )
 }
 
-#[test]
-fn up_serves_from_the_current_directory_and_prints_bazelrc_lines() {
+#[tokio::test]
+async fn up_runs_a_coordinator_and_a_local_agent_and_prints_bazelrc_lines() {
     let dir = tempdir();
     let mut child = Command::new(OUTPOST)
         .args(["up", "--listen", "127.0.0.1:0"])
