@@ -153,8 +153,39 @@ fn compilers() -> HashMap<String, String> {
         .collect()
 }
 
-/// NVIDIA GPUs via `nvidia-smi`; none when it is absent or fails.
+/// NVIDIA GPUs: through NVML when its library loads, else `nvidia-smi`;
+/// none when neither works (no driver, no GPU).
 pub fn gpus() -> Vec<fleet::Gpu> {
+    match gpus_from_nvml() {
+        Ok(gpus) => gpus,
+        Err(why) => {
+            tracing::debug!(%why, "NVML unavailable; asking nvidia-smi");
+            gpus_from_nvidia_smi()
+        }
+    }
+}
+
+fn gpus_from_nvml() -> Result<Vec<fleet::Gpu>, nvml_wrapper::error::NvmlError> {
+    let nvml = nvml_wrapper::Nvml::init()?;
+    let driver = nvml.sys_driver_version().unwrap_or_default();
+    let mut gpus = Vec::new();
+    for i in 0..nvml.device_count()? {
+        let device = nvml.device_by_index(i)?;
+        let capability = device
+            .cuda_compute_capability()
+            .map(|c| format!("{}.{}", c.major, c.minor))
+            .unwrap_or_default();
+        gpus.push(fleet::Gpu {
+            model: device.name()?,
+            memory_bytes: device.memory_info().map(|m| m.total).unwrap_or(0),
+            compute_capability: capability,
+            driver: driver.clone(),
+        });
+    }
+    Ok(gpus)
+}
+
+fn gpus_from_nvidia_smi() -> Vec<fleet::Gpu> {
     let Ok(out) = Command::new("nvidia-smi")
         .args([
             "--query-gpu=name,memory.total,compute_cap,driver_version",
