@@ -5,6 +5,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+mod bench;
+
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use outpost_coordinator::config::{ByteSize, Span};
@@ -28,6 +30,8 @@ enum Command {
     Coordinator(CoordinatorArgs),
     /// Run an agent: dial out to a coordinator and run the actions it leases.
     Agent(AgentArgs),
+    /// Measure a REAPI server (Outpost or any other) with plain REAPI calls.
+    Bench(bench::BenchArgs),
     /// Try Outpost on this machine: a coordinator on 127.0.0.1:8980 with its
     /// data in ./outpost-data and a local agent, and the .bazelrc lines to
     /// use them.
@@ -125,6 +129,9 @@ struct CoordinatorArgs {
     /// Time after start-up before unsatisfiable actions fail fast [default: 15s].
     #[arg(long, env = "OUTPOST_STARTUP_GRACE")]
     startup_grace: Option<Span>,
+    /// Cancel operations nobody waits on after this long [default: 60s].
+    #[arg(long, env = "OUTPOST_ABANDON_AFTER")]
+    abandon_after: Option<Span>,
     /// Timeout of actions that set none [default: 1h].
     #[arg(long, env = "OUTPOST_DEFAULT_ACTION_TIMEOUT")]
     default_action_timeout: Option<Span>,
@@ -206,6 +213,10 @@ fn main() -> ExitCode {
         Command::Coordinator(args) => (args, false),
         Command::Up(args) => (args, true),
         Command::Agent(args) => return agent_main(args),
+        Command::Bench(args) => {
+            let args = args.clone();
+            return launch("warn", bench::run(args));
+        }
     };
     let base = if up {
         Config {

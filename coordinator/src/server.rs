@@ -95,7 +95,7 @@ impl Coordinator {
                 max_attempts: self.config.max_attempts,
                 fleet_memory: self.config.fleet_memory.0,
                 startup_grace: self.config.startup_grace.0,
-                abandon_after: Duration::from_secs(10),
+                abandon_after: self.config.abandon_after.0,
                 keep_finished: Duration::from_secs(600),
             },
             Arc::clone(&ctx.action_cache),

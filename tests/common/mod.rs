@@ -92,6 +92,10 @@ impl Coordinator {
         format!("grpc://{}", self.addr)
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub async fn client(&self) -> Client {
         Client::connect(&format!("http://{}", self.addr)).await
     }

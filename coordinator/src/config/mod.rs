@@ -42,6 +42,10 @@ pub struct Config {
     /// After start-up, actions no agent can satisfy wait this long for
     /// agents to connect instead of failing at once.
     pub startup_grace: Span,
+    /// An operation no client waits on any more (every Execute and
+    /// WaitExecution stream closed) is cancelled after this long; a client
+    /// that comes back with WaitExecution before then finds it.
+    pub abandon_after: Span,
     /// Timeout of actions that set none.
     pub default_action_timeout: Span,
     /// Actions asking for a longer timeout are refused.
@@ -64,6 +68,7 @@ impl Default for Config {
             max_attempts: 3,
             fleet_memory: Span(Duration::from_secs(600)),
             startup_grace: Span(Duration::from_secs(15)),
+            abandon_after: Span(Duration::from_secs(60)),
             default_action_timeout: Span(Duration::from_secs(3600)),
             max_action_timeout: Span(Duration::from_secs(6 * 3600)),
             log: "info".to_owned(),
