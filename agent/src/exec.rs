@@ -45,6 +45,14 @@ fn now() -> Option<prost_types::Timestamp> {
     Some(prost_types::Timestamp::from(SystemTime::now()))
 }
 
+fn span_ms(from: &Option<prost_types::Timestamp>, to: &Option<prost_types::Timestamp>) -> f64 {
+    let (Some(a), Some(b)) = (from, to) else {
+        return 0.0;
+    };
+    let nanos = (b.seconds - a.seconds) as f64 * 1e9 + f64::from(b.nanos - a.nanos);
+    nanos / 1e6
+}
+
 fn blocking_err() -> Error {
     Error::Retryable("a blocking task failed".into())
 }
@@ -79,8 +87,11 @@ impl Executor {
             action.input_root_digest.as_ref(),
             "Action.input_root_digest",
         )?;
-        let command: reapi::Command = remote.read_message(command_digest, "Command").await?;
-        let tree = remote.get_tree(root_digest).await?;
+        let (command, tree) = tokio::join!(
+            remote.read_message::<reapi::Command>(command_digest, "Command"),
+            remote.get_tree(root_digest)
+        );
+        let (command, tree) = (command?, tree?);
         let dir = self.actions_dir.join(&lease.lease_id);
         let root = dir.join("root");
         let cleanup = Cleanup {
@@ -148,6 +159,13 @@ impl Executor {
         };
         let Collected { mut result, blobs } = collected;
         remote.upload(blobs).await?;
+        tracing::debug!(
+            lease_id = %lease.lease_id,
+            fetch_ms = span_ms(&meta.input_fetch_start_timestamp, &meta.input_fetch_completed_timestamp),
+            run_ms = span_ms(&meta.execution_start_timestamp, &meta.execution_completed_timestamp),
+            collect_upload_ms = span_ms(&meta.output_upload_start_timestamp, &now()),
+            "action stages"
+        );
         meta.output_upload_completed_timestamp = now();
         meta.worker_completed_timestamp = now();
         result.exit_code = exit_code;

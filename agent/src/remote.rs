@@ -266,12 +266,13 @@ impl Remote {
     }
 
     /// Uploads what the CAS does not have yet.
-    pub async fn upload(&self, blobs: HashMap<Digest, Blob>) -> Result<(), Error> {
+    pub async fn upload(&self, mut blobs: HashMap<Digest, Blob>) -> Result<(), Error> {
+        // The empty blob is always present; asking costs a round trip.
+        blobs.retain(|d, _| !d.is_empty_blob());
         if blobs.is_empty() {
             return Ok(());
         }
         let missing = self.find_missing(blobs.keys().copied().collect()).await?;
-        let mut blobs = blobs;
         let mut batch = Vec::new();
         let mut batch_size = 0;
         for digest in missing {

@@ -164,6 +164,12 @@ impl Coordinator {
         tracing::info!("coordinator listening on {addr}");
         let server = tonic::transport::Server::builder()
             .accept_http1(true)
+            // Large windows keep big ByteStream transfers from stalling on
+            // flow control; bounded streams per connection keep one client
+            // from tying up the server.
+            .initial_stream_window_size(Some(8 << 20))
+            .initial_connection_window_size(Some(32 << 20))
+            .max_concurrent_streams(Some(4096))
             .add_routes(routes)
             .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned());
         let grace = self.config.shutdown_grace.0;

@@ -91,16 +91,24 @@ fn reap_children(main_pid: Pid) -> Option<i32> {
 }
 
 /// Kills the program's process group and every remaining descendant, until
-/// no child is left.
+/// no child is left. Without leftovers this costs one `waitpid`.
 fn kill_everything(main_pid: Pid) {
     let _ = signal::killpg(main_pid, Signal::SIGKILL);
     loop {
-        for pid in children() {
-            let _ = signal::killpg(pid, Signal::SIGKILL);
-            let _ = signal::kill(pid, Signal::SIGKILL);
-        }
-        match waitpid(None, None) {
+        match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
             Err(Errno::ECHILD) => return,
+            Ok(WaitStatus::StillAlive) => {
+                for pid in children() {
+                    let _ = signal::killpg(pid, Signal::SIGKILL);
+                    let _ = signal::kill(pid, Signal::SIGKILL);
+                }
+                // Reap one; killed descendants re-parent to us in turn.
+                match waitpid(None, None) {
+                    Err(Errno::ECHILD) => return,
+                    Err(Errno::EINTR) | Ok(_) => {}
+                    Err(_) => return,
+                }
+            }
             Err(Errno::EINTR) | Ok(_) => {}
             Err(_) => return,
         }
@@ -111,6 +119,14 @@ fn kill_everything(main_pid: Pid) {
 #[cfg(target_os = "linux")]
 fn children() -> Vec<Pid> {
     let me = std::process::id() as i32;
+    // The stub is single-threaded, so its one task lists all its children.
+    if let Ok(list) = std::fs::read_to_string(format!("/proc/self/task/{me}/children")) {
+        return list
+            .split_whitespace()
+            .filter_map(|p| p.parse().ok())
+            .map(Pid::from_raw)
+            .collect();
+    }
     let mut out = Vec::new();
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return out;

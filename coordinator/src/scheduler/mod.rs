@@ -124,7 +124,14 @@ impl Scheduler {
         shutdown: tokio_util::sync::CancellationToken,
     ) -> Scheduler {
         let (tx, rx) = mpsc::channel(4096);
-        tokio::spawn(state::run(settings, action_cache, memory, rx, shutdown));
+        tokio::spawn(state::run(
+            settings,
+            action_cache,
+            memory,
+            tx.clone(),
+            rx,
+            shutdown,
+        ));
         Scheduler { tx }
     }
 

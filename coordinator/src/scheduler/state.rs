@@ -48,6 +48,11 @@ pub enum Msg {
     Snapshot {
         reply: oneshot::Sender<Snapshot>,
     },
+    /// An operation's result is stored; tell its clients.
+    Completed {
+        name: String,
+        response: Box<reapi::ExecuteResponse>,
+    },
 }
 
 const TICK: Duration = Duration::from_millis(250);
@@ -102,6 +107,8 @@ type Queue = HashMap<Requirements, HashMap<String, BTreeMap<(i32, u64), String>>
 
 struct State {
     settings: Settings,
+    /// For work finished off the scheduler task to report back.
+    self_tx: mpsc::Sender<Msg>,
     action_cache: Arc<dyn ActionCache>,
     memory: Arc<dyn FleetMemory>,
     started: Instant,
@@ -122,12 +129,14 @@ pub async fn run(
     settings: Settings,
     action_cache: Arc<dyn ActionCache>,
     memory: Arc<dyn FleetMemory>,
+    self_tx: mpsc::Sender<Msg>,
     mut rx: mpsc::Receiver<Msg>,
     shutdown: tokio_util::sync::CancellationToken,
 ) {
     let seen = recall(&*memory, settings.fleet_memory).await;
     let mut state = State {
         settings,
+        self_tx,
         action_cache,
         memory,
         started: Instant::now(),
@@ -252,6 +261,7 @@ impl State {
             Msg::Snapshot { reply } => {
                 let _ = reply.send(self.snapshot());
             }
+            Msg::Completed { name, response } => self.complete(&name, *response),
         }
     }
 
@@ -623,18 +633,22 @@ impl State {
                 } else {
                     status(Code::Ok, "")
                 };
-                if cacheable && !r.timed_out && result.exit_code == 0 {
-                    self.write_action_cache(&op_name, &result);
+                let response = reapi::ExecuteResponse {
+                    result: Some(result),
+                    cached_result: false,
+                    status: Some(status),
+                    ..Default::default()
+                };
+                if cacheable
+                    && !r.timed_out
+                    && response.result.as_ref().is_some_and(|r| r.exit_code == 0)
+                {
+                    // Completed once the Action Cache has it, so a client
+                    // that asks again right away gets the cached result.
+                    self.write_action_cache_then_complete(&op_name, response);
+                } else {
+                    self.complete(&op_name, response);
                 }
-                self.complete(
-                    &op_name,
-                    reapi::ExecuteResponse {
-                        result: Some(result),
-                        cached_result: false,
-                        status: Some(status),
-                        ..Default::default()
-                    },
-                );
             }
             Some(fleet::lease_result::Outcome::Error(e)) if r.retryable => {
                 tracing::warn!(operation = %op_name, error = %e.message, "action failed on its agent; retrying");
@@ -659,18 +673,31 @@ impl State {
         }
     }
 
-    fn write_action_cache(&self, op_name: &str, result: &reapi::ActionResult) {
+    fn write_action_cache_then_complete(&self, op_name: &str, response: reapi::ExecuteResponse) {
         let Some(op) = self.ops.get(op_name) else {
             return;
         };
         let ac = Arc::clone(&self.action_cache);
         let instance = op.job.instance_name.clone();
         let digest = op.job.action_digest;
-        let bytes = result.encode_to_vec().into();
+        let bytes = response
+            .result
+            .as_ref()
+            .map(|r| r.encode_to_vec())
+            .unwrap_or_default()
+            .into();
+        let name = op_name.to_owned();
+        let tx = self.self_tx.clone();
         tokio::spawn(async move {
             if let Err(e) = ac.update_action_result(&instance, digest, bytes).await {
                 tracing::warn!(action_digest = %digest, error = %e, "cannot write the action cache");
             }
+            let _ = tx
+                .send(Msg::Completed {
+                    name,
+                    response: Box::new(response),
+                })
+                .await;
         });
     }
 
