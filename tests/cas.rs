@@ -37,8 +37,7 @@ async fn assert_not_stored(server: &Coordinator, client: &mut Client, digest: &D
         vec![digest.to_proto()],
         "{digest:?} was stored"
     );
-    let tmp = server.data_dir.join("tmp");
-    let left: Vec<_> = std::fs::read_dir(&tmp).expect("tmp dir").collect();
+    let left = common::files_under(&server.data_dir.join("tmp"));
     assert!(left.is_empty(), "temp files left behind: {left:?}");
 }
 
@@ -316,12 +315,7 @@ async fn identical_concurrent_uploads_are_safe() {
     }
     let mut client = client;
     assert_eq!(client.download(&d).await.expect("read"), data.to_vec());
-    assert!(
-        std::fs::read_dir(dir.path().join("tmp"))
-            .expect("tmp")
-            .next()
-            .is_none()
-    );
+    assert!(common::files_under(&dir.path().join("tmp")).is_empty());
 }
 
 #[tokio::test]

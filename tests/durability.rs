@@ -6,25 +6,9 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{Coordinator, OUTPOST, blob, tempdir, upload_id, write_requests};
+use common::{Coordinator, OUTPOST, blob, files_under, tempdir, upload_id, write_requests};
 use outpost_proto::resource::{self, Compressor};
 use tonic::Code;
-
-fn files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return out;
-    };
-    for e in entries.flatten() {
-        let path = e.path();
-        if path.is_dir() {
-            out.extend(files_under(&path));
-        } else {
-            out.push(path);
-        }
-    }
-    out
-}
 
 #[tokio::test]
 async fn kill_during_a_large_upload_leaves_no_blob_and_allows_a_retry() {

@@ -193,7 +193,13 @@ impl Digest {
     }
 
     pub fn hash_hex(&self) -> String {
-        hex::encode(self.hash)
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut out = String::with_capacity(Function::HASH_LEN * 2);
+        for b in self.hash {
+            out.push(HEX[usize::from(b >> 4)] as char);
+            out.push(HEX[usize::from(b & 15)] as char);
+        }
+        out
     }
 
     pub fn is_empty_blob(&self) -> bool {
@@ -215,18 +221,43 @@ impl fmt::Debug for Digest {
 }
 
 fn parse_hash(hash: &str, function: Function) -> Result<[u8; Function::HASH_LEN], Error> {
+    // Lower-case hex only, one table lookup per character: this runs for
+    // every digest of every request.
+    const fn nibble(c: u8) -> u8 {
+        match c {
+            b'0'..=b'9' => c - b'0',
+            b'a'..=b'f' => c - b'a' + 10,
+            _ => 0xff,
+        }
+    }
+    const TABLE: [u8; 256] = {
+        let mut t = [0xff; 256];
+        let mut i = 0;
+        while i < 256 {
+            t[i] = nibble(i as u8);
+            i += 1;
+        }
+        t
+    };
     let bad = || Error::BadHash {
         hash: hash.chars().take(80).collect(),
         expected: Function::HASH_LEN * 2,
         function,
     };
-    if hash.len() != Function::HASH_LEN * 2
-        || !hash.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-    {
+    let bytes = hash.as_bytes();
+    if bytes.len() != Function::HASH_LEN * 2 {
         return Err(bad());
     }
     let mut out = [0u8; Function::HASH_LEN];
-    hex::decode_to_slice(hash, &mut out).map_err(|_| bad())?;
+    let mut invalid = 0u8;
+    for (i, pair) in bytes.chunks_exact(2).enumerate() {
+        let (hi, lo) = (TABLE[usize::from(pair[0])], TABLE[usize::from(pair[1])]);
+        invalid |= (hi | lo) & 0xf0;
+        out[i] = (hi << 4) | (lo & 0x0f);
+    }
+    if invalid != 0 {
+        return Err(bad());
+    }
     Ok(out)
 }
 

@@ -218,14 +218,15 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<Report> {
         ContentAddressableStorageClient::new(chans[0].clone()).max_decoding_message_size(64 << 20);
     let mut samples = Vec::new();
     for _ in 0..FIND_ROUNDS {
-        let started = Instant::now();
-        cas.find_missing_blobs(reapi::FindMissingBlobsRequest {
+        let request = reapi::FindMissingBlobsRequest {
             instance_name: instance.clone(),
             blob_digests: digests.clone(),
             digest_function: 0,
-        })
-        .await
-        .context("FindMissingBlobs")?;
+        };
+        let started = Instant::now();
+        cas.find_missing_blobs(request)
+            .await
+            .context("FindMissingBlobs")?;
         samples.push(started.elapsed());
     }
     report

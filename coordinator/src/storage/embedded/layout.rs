@@ -5,7 +5,7 @@
 //! DATA_DIR/FORMAT                      "outpost-data-format N"
 //! DATA_DIR/index.redb                  blob index, LRU order, Action Cache
 //! DATA_DIR/cas/FUNCTION/XX/HASH-SIZE   blob bytes (XX = first two hex digits)
-//! DATA_DIR/tmp/                        uploads in progress; emptied at start-up
+//! DATA_DIR/tmp/XX/                     uploads in progress; emptied at start-up
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -34,6 +34,13 @@ impl Layout {
 
     pub fn tmp(&self) -> PathBuf {
         self.root.join("tmp")
+    }
+
+    /// Where an upload of `d` is written before it is verified: spread over
+    /// 256 directories like the blobs, so concurrent uploads do not all
+    /// contend for one directory's lock.
+    pub fn tmp_for(&self, d: &Digest) -> PathBuf {
+        self.tmp().join(hex::encode([d.hash[0]]))
     }
 
     pub fn cas(&self) -> PathBuf {
@@ -88,8 +95,12 @@ impl Layout {
             std::fs::remove_dir_all(&tmp)
                 .map_err(|e| Error::io(format!("clearing {}", tmp.display()), e))?;
         }
-        std::fs::create_dir_all(&tmp)
-            .map_err(|e| Error::io(format!("creating {}", tmp.display()), e))
+        for byte in 0..=255u8 {
+            let dir = tmp.join(hex::encode([byte]));
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+        }
+        Ok(())
     }
 }
 

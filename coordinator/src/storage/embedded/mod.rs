@@ -159,9 +159,23 @@ impl Cas for EmbeddedStore {
         if digests.len() <= 64 {
             return core.find_missing(digests);
         }
-        tokio::task::spawn_blocking(move || core.find_missing(digests))
-            .await
-            .map_err(|_| Error::Closed)?
+        // Large requests are split over the blocking threads (one read
+        // transaction each).
+        let parts = if digests.len() >= 2048 { 2 } else { 1 };
+        let per = digests.len().div_ceil(parts);
+        let mut tasks = Vec::new();
+        let mut rest = digests;
+        while !rest.is_empty() {
+            let tail = rest.split_off(per.min(rest.len()));
+            let part = std::mem::replace(&mut rest, tail);
+            let core = Arc::clone(&core);
+            tasks.push(tokio::task::spawn_blocking(move || core.find_missing(part)));
+        }
+        let mut missing = Vec::new();
+        for t in tasks {
+            missing.extend(t.await.map_err(|_| Error::Closed)??);
+        }
+        Ok(missing)
     }
 
     async fn read(

@@ -56,7 +56,7 @@ impl Writer {
         let mut state = self.state.take().ok_or(Error::Closed)?;
         let chunks = std::mem::take(&mut self.pending);
         self.pending_len = 0;
-        let tmp_dir = self.shared.core.layout.tmp();
+        let tmp_dir = self.shared.core.layout.tmp_for(&self.digest);
         let digest = self.digest;
         let state = tokio::task::spawn_blocking(move || -> Result<State, Error> {
             if state.file.is_none() {
