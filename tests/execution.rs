@@ -546,3 +546,61 @@ async fn a_draining_agent_finishes_its_work_and_exits() {
         .expect("finished before the agent left");
     assert_eq!(response.result.expect("result").exit_code, 0);
 }
+
+#[tokio::test]
+async fn wait_execution_reattaches_and_unknown_operations_are_not_found() {
+    let dir = tempdir();
+    let server = Coordinator::start(&dir.path().join("data"), &[]);
+    let _agent = Agent::start(
+        &server.endpoint(),
+        &dir.path().join("agent"),
+        &["--slots", "1"],
+    );
+    let mut client = server.client().await;
+    wait_for_fleet(&mut client).await;
+    let action = client
+        .upload_action(&ActionSpec::shell("sleep 2; echo reattached"))
+        .await;
+    let mut stream = client
+        .execution
+        .execute(outpost_proto::reapi::ExecuteRequest {
+            action_digest: Some(action.to_proto()),
+            skip_cache_lookup: true,
+            ..Default::default()
+        })
+        .await
+        .expect("execute")
+        .into_inner();
+    let first = stream
+        .message()
+        .await
+        .expect("stream")
+        .expect("an operation");
+    assert!(!first.done);
+    // The client's stream breaks; it comes back by name.
+    drop(stream);
+    let again = client
+        .execution
+        .wait_execution(outpost_proto::reapi::WaitExecutionRequest {
+            name: first.name.clone(),
+        })
+        .await
+        .expect("WaitExecution")
+        .into_inner();
+    let (name, response) = common::follow(again).await.expect("the operation finishes");
+    assert_eq!(name, first.name);
+    assert_eq!(response.result.expect("result").exit_code, 0);
+    let err = client
+        .execution
+        .wait_execution(outpost_proto::reapi::WaitExecutionRequest {
+            name: "operations/unknown".into(),
+        })
+        .await
+        .expect_err("unknown");
+    assert_eq!(err.code(), Code::NotFound);
+    assert!(
+        err.message().contains("execute the action again"),
+        "{}",
+        err.message()
+    );
+}

@@ -27,6 +27,28 @@ use tonic::transport::Endpoint;
 
 pub use config::Config;
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_foreign_work_dir_is_refused_and_left_alone() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("precious"), "keep").expect("write");
+        let err = prepare_work_dir(dir.path()).expect_err("refused");
+        assert!(
+            err.to_string()
+                .contains("not an outpost agent work directory"),
+            "{err}"
+        );
+        assert!(dir.path().join("precious").exists());
+        let fresh = dir.path().join("fresh");
+        prepare_work_dir(&fresh).expect("a new directory");
+        std::fs::write(fresh.join("agent-id"), "x").expect("write");
+        prepare_work_dir(&fresh).expect("its own directory again");
+    }
+}
+
 /// The agent's stable id: kept in the work directory, made once from the
 /// host name and a random suffix.
 fn agent_id(work_dir: &Path) -> anyhow::Result<String> {
@@ -51,12 +73,35 @@ fn hostname() -> String {
         .unwrap_or_else(|| "agent".to_owned())
 }
 
+/// Marks a directory as an agent's work directory; the agent clears parts of
+/// it, so it refuses a non-empty directory without this mark.
+const WORK_DIR_MARK: &str = "OUTPOST-AGENT-WORK-DIR";
+
+fn prepare_work_dir(dir: &Path) -> anyhow::Result<PathBuf> {
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("creating the work directory {}", dir.display()))?;
+    let dir = std::fs::canonicalize(dir)?;
+    let mark = dir.join(WORK_DIR_MARK);
+    if !mark.exists() {
+        let nonempty = std::fs::read_dir(&dir)?.next().is_some();
+        if nonempty {
+            anyhow::bail!(
+                "{} is not empty and is not an outpost agent work directory (no {WORK_DIR_MARK} file); \
+                 the agent deletes its cache and action directories there, so point --work-dir at a \
+                 new or empty directory",
+                dir.display()
+            );
+        }
+        std::fs::write(&mark, "This directory belongs to an outpost agent.\n")
+            .with_context(|| format!("writing {}", mark.display()))?;
+    }
+    Ok(dir)
+}
+
 /// Runs the agent until `shutdown` fires and running actions finished.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     config.validate()?;
-    std::fs::create_dir_all(&config.work_dir)
-        .with_context(|| format!("creating the work directory {}", config.work_dir.display()))?;
-    let work_dir = std::fs::canonicalize(&config.work_dir)?;
+    let work_dir = prepare_work_dir(&config.work_dir)?;
     let id = agent_id(&work_dir)?;
     let slots = if config.slots == 0 {
         host::cpus()
