@@ -27,28 +27,6 @@ use tonic::transport::Endpoint;
 
 pub use config::Config;
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_foreign_work_dir_is_refused_and_left_alone() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        std::fs::write(dir.path().join("precious"), "keep").expect("write");
-        let err = prepare_work_dir(dir.path()).expect_err("refused");
-        assert!(
-            err.to_string()
-                .contains("not an outpost agent work directory"),
-            "{err}"
-        );
-        assert!(dir.path().join("precious").exists());
-        let fresh = dir.path().join("fresh");
-        prepare_work_dir(&fresh).expect("a new directory");
-        std::fs::write(fresh.join("agent-id"), "x").expect("write");
-        prepare_work_dir(&fresh).expect("its own directory again");
-    }
-}
-
 /// The agent's stable id: kept in the work directory, made once from the
 /// host name and a random suffix.
 fn agent_id(work_dir: &Path) -> anyhow::Result<String> {
@@ -159,4 +137,26 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     link.run(shutdown).await;
     tracing::info!("agent stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_foreign_work_dir_is_refused_and_left_alone() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("precious"), "keep").expect("write");
+        let err = prepare_work_dir(dir.path()).expect_err("refused");
+        assert!(
+            err.to_string()
+                .contains("not an outpost agent work directory"),
+            "{err}"
+        );
+        assert!(dir.path().join("precious").exists());
+        let fresh = dir.path().join("fresh");
+        prepare_work_dir(&fresh).expect("a new directory");
+        std::fs::write(fresh.join("agent-id"), "x").expect("write");
+        prepare_work_dir(&fresh).expect("its own directory again");
+    }
 }
