@@ -12,6 +12,7 @@
 pub mod config;
 mod execution;
 mod fleet;
+pub mod metrics;
 pub mod scheduler;
 mod server;
 pub mod service;

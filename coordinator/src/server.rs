@@ -19,6 +19,7 @@ use tonic::transport::server::TcpIncoming;
 use crate::config::Config;
 use crate::execution::{ExecutionService, OperationsService, Timeouts};
 use crate::fleet::FleetService;
+use crate::metrics::Metrics;
 use crate::scheduler::{Scheduler, Settings};
 use crate::service::Context;
 use crate::service::action_cache::ActionCacheService;
@@ -83,10 +84,12 @@ impl Coordinator {
                  a trusted network"
             );
         }
+        let metrics = Metrics::new();
         let ctx = Context {
             cas: Arc::new(self.store.clone()),
             action_cache: Arc::new(self.store.clone()),
             max_batch_size: self.config.max_batch_size.0,
+            metrics: Arc::clone(&metrics),
         };
         let scheduler = Scheduler::start(
             Settings {
@@ -100,6 +103,7 @@ impl Coordinator {
             },
             Arc::clone(&ctx.action_cache),
             Arc::new(self.store.clone()),
+            Arc::clone(&metrics),
             shutdown.child_token(),
         );
         let timeouts = Timeouts {
@@ -154,11 +158,46 @@ impl Coordinator {
             .add_service(OperationsServer::new(OperationsService::new(
                 scheduler.clone(),
             )))
-            .add_service(FleetServer::new(FleetService::new(scheduler)));
+            .add_service(FleetServer::new(FleetService::new(scheduler.clone())));
+        let scheduler_for_ready = scheduler;
+        let store = self.store.clone();
+        let scrape = move || {
+            let metrics = Arc::clone(&metrics);
+            let store = store.clone();
+            async move {
+                metrics
+                    .cas_bytes
+                    .set(i64::try_from(store.total_bytes()).unwrap_or(i64::MAX));
+                metrics
+                    .cas_evictions
+                    .set(i64::try_from(store.evicted_blobs()).unwrap_or(i64::MAX));
+                (
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )],
+                    metrics.render(),
+                )
+            }
+        };
+        let ready_scheduler = scheduler_for_ready;
+        let ready = move || {
+            let scheduler = ready_scheduler.clone();
+            async move {
+                // Ready once storage is open (it is, by now) and the
+                // scheduler answers.
+                match scheduler.snapshot().await {
+                    Ok(_) => (axum::http::StatusCode::OK, "ready\n"),
+                    Err(_) => (axum::http::StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
+                }
+            }
+        };
         let routes = Routes::from(
             routes
                 .into_axum_router()
-                .route("/healthz", get(|| async { "ok\n" })),
+                .route("/healthz", get(|| async { "ok\n" }))
+                .route("/readyz", get(ready))
+                .route("/metrics", get(scrape)),
         );
         let incoming = TcpIncoming::from(self.listener).with_nodelay(Some(true));
         tracing::info!("coordinator listening on {addr}");

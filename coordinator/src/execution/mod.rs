@@ -181,6 +181,7 @@ impl Execution for ExecutionService {
             && let Some(result) =
                 action_cache::lookup(&self.ctx, &req.instance_name, action_digest).await?
         {
+            self.ctx.metrics.action(crate::metrics::Outcome::Cached);
             let name = format!("operations/cached-{}", action_digest.hash_hex());
             return Ok(Response::new(done_operation(
                 name,

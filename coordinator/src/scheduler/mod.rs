@@ -121,6 +121,7 @@ impl Scheduler {
         settings: Settings,
         action_cache: Arc<dyn ActionCache>,
         memory: Arc<dyn FleetMemory>,
+        metrics: Arc<crate::metrics::Metrics>,
         shutdown: tokio_util::sync::CancellationToken,
     ) -> Scheduler {
         let (tx, rx) = mpsc::channel(4096);
@@ -128,6 +129,7 @@ impl Scheduler {
             settings,
             action_cache,
             memory,
+            metrics,
             tx.clone(),
             rx,
             shutdown,

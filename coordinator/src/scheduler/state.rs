@@ -15,6 +15,7 @@ use tonic::{Code, Status};
 
 use super::platform::{self, Offer, Requirements};
 use super::{AgentSummary, Job, OpState, Outgoing, Session, Settings, Snapshot, Stage};
+use crate::metrics::{self, Metrics};
 use crate::storage::{ActionCache, FleetMemory};
 
 pub enum Msg {
@@ -111,6 +112,7 @@ struct State {
     self_tx: mpsc::Sender<Msg>,
     action_cache: Arc<dyn ActionCache>,
     memory: Arc<dyn FleetMemory>,
+    metrics: Arc<Metrics>,
     started: Instant,
     next_seq: u64,
     next_session: u64,
@@ -129,6 +131,7 @@ pub async fn run(
     settings: Settings,
     action_cache: Arc<dyn ActionCache>,
     memory: Arc<dyn FleetMemory>,
+    metrics: Arc<Metrics>,
     self_tx: mpsc::Sender<Msg>,
     mut rx: mpsc::Receiver<Msg>,
     shutdown: tokio_util::sync::CancellationToken,
@@ -139,6 +142,7 @@ pub async fn run(
         self_tx,
         action_cache,
         memory,
+        metrics,
         started: Instant::now(),
         next_seq: 0,
         next_session: 0,
@@ -349,6 +353,7 @@ impl State {
             .or_default()
             .insert((op.job.priority, op.seq), name.to_owned());
         self.queued += 1;
+        self.queue_gauge(&op.job.requirements).inc();
     }
 
     fn dequeue(&mut self, name: &str) -> bool {
@@ -371,6 +376,8 @@ impl State {
         }
         if removed {
             self.queued -= 1;
+            let req = op.job.requirements.clone();
+            self.queue_gauge(&req).dec();
         }
         removed
     }
@@ -390,6 +397,7 @@ impl State {
         // Inputs may be evicted again.
         op.job.pin = crate::storage::Pin::new(());
         let code = response.status.as_ref().map_or(0, |s| s.code);
+        record_outcome(&self.metrics, &response);
         tracing::info!(
             operation = %name,
             action_digest = %op.job.action_digest,
@@ -774,6 +782,7 @@ impl State {
             return;
         }
         op.state.send_modify(|s| s.stage = Stage::Queued);
+        self.metrics.retries.inc();
         // Keeps its place: seq is unchanged.
         let op = self.ops.remove(name).expect("checked above");
         self.enqueue(name, &op);
@@ -912,6 +921,17 @@ impl State {
 
     fn tick(&mut self) {
         let now = Instant::now();
+        let connected = self
+            .agents
+            .values()
+            .filter(|a| a.outgoing.is_some())
+            .count();
+        self.metrics
+            .agents_connected
+            .set(i64::try_from(connected).unwrap_or(i64::MAX));
+        self.metrics
+            .executing
+            .set(i64::try_from(self.leases.len()).unwrap_or(i64::MAX));
         let silent_after = self.settings.heartbeat_interval * MISSED_HEARTBEATS;
         let mut lost_agents = Vec::new();
         for (id, agent) in &mut self.agents {
@@ -946,6 +966,7 @@ impl State {
             };
             self.remember(&id, agent.remembered.clone());
             tracing::warn!(agent_id = %id, leases = agent.leases.len(), "agent lost; its actions run elsewhere");
+            self.metrics.agents_lost.inc();
             self.seen.insert(id.clone(), (agent.offer.clone(), now));
             // Put the agent back briefly so lease bookkeeping finds it.
             let leases: Vec<String> = agent.leases.iter().cloned().collect();
@@ -976,6 +997,75 @@ impl State {
         let agents = &self.agents;
         self.seen
             .retain(|id, (_, at)| now.duration_since(*at) < memory || agents.contains_key(id));
+    }
+}
+
+impl State {
+    fn queue_gauge(&self, req: &Requirements) -> prometheus_client::metrics::gauge::Gauge {
+        self.metrics
+            .queue_length
+            .get_or_create(&metrics::PlatformLabels {
+                platform: req.to_string(),
+            })
+            .clone()
+    }
+}
+
+fn duration_between(
+    a: &Option<prost_types::Timestamp>,
+    b: &Option<prost_types::Timestamp>,
+) -> Option<Duration> {
+    let (Some(a), Some(b)) = (a, b) else {
+        return None;
+    };
+    let a = std::time::SystemTime::try_from(*a).ok()?;
+    let b = std::time::SystemTime::try_from(*b).ok()?;
+    b.duration_since(a).ok()
+}
+
+/// Counts a finished operation by outcome and records its stage times.
+fn record_outcome(m: &Metrics, response: &reapi::ExecuteResponse) {
+    let code = response.status.as_ref().map_or(0, |s| s.code);
+    let outcome = match (Code::from_i32(code), &response.result) {
+        (Code::Ok, Some(r)) if r.exit_code == 0 => metrics::Outcome::Success,
+        (Code::Ok, Some(_)) => metrics::Outcome::Failed,
+        (Code::DeadlineExceeded, _) => metrics::Outcome::Timeout,
+        (Code::Cancelled, _) => metrics::Outcome::Cancelled,
+        _ => metrics::Outcome::Error,
+    };
+    m.action(outcome);
+    let Some(meta) = response
+        .result
+        .as_ref()
+        .and_then(|r| r.execution_metadata.as_ref())
+    else {
+        return;
+    };
+    for (stage, from, to) in [
+        (
+            metrics::Stage::Queued,
+            &meta.queued_timestamp,
+            &meta.worker_start_timestamp,
+        ),
+        (
+            metrics::Stage::InputFetch,
+            &meta.input_fetch_start_timestamp,
+            &meta.input_fetch_completed_timestamp,
+        ),
+        (
+            metrics::Stage::Execution,
+            &meta.execution_start_timestamp,
+            &meta.execution_completed_timestamp,
+        ),
+        (
+            metrics::Stage::Upload,
+            &meta.output_upload_start_timestamp,
+            &meta.output_upload_completed_timestamp,
+        ),
+    ] {
+        if let Some(took) = duration_between(from, to) {
+            m.stage(stage, took);
+        }
     }
 }
 

@@ -32,6 +32,7 @@ async fn fixture(settings: Settings) -> Fixture {
         settings,
         Arc::new(store.clone()),
         Arc::new(store),
+        crate::metrics::Metrics::new(),
         shutdown.clone(),
     );
     Fixture {

@@ -26,6 +26,16 @@ pub async fn lookup(
     instance_name: &str,
     action: Digest,
 ) -> Result<Option<reapi::ActionResult>, Status> {
+    let found = lookup_inner(ctx, instance_name, action).await?;
+    ctx.metrics.action_cache(found.is_some());
+    Ok(found)
+}
+
+async fn lookup_inner(
+    ctx: &Context,
+    instance_name: &str,
+    action: Digest,
+) -> Result<Option<reapi::ActionResult>, Status> {
     let function = action.function;
     let Some(bytes) = ctx
         .action_cache

@@ -157,12 +157,16 @@ impl ContentAddressableStorage for CasService {
             .iter()
             .map(|d| required_digest(Some(d), function, "blob_digests"))
             .collect::<Result<Vec<_>, _>>()?;
+        let asked = digests.len() as u64;
         let missing = self
             .ctx
             .cas
             .find_missing(digests)
             .await
             .map_err(storage_status)?;
+        self.ctx
+            .metrics
+            .cas(asked - missing.len() as u64, missing.len() as u64);
         Ok(Response::new(reapi::FindMissingBlobsResponse {
             missing_blob_digests: missing.iter().map(Digest::to_proto).collect(),
         }))

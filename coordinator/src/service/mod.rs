@@ -21,6 +21,7 @@ pub struct Context {
     pub cas: Arc<dyn Cas>,
     pub action_cache: Arc<dyn ActionCache>,
     pub max_batch_size: u64,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 pub fn storage_status(e: storage::Error) -> Status {

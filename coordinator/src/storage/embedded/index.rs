@@ -71,6 +71,8 @@ pub struct Core {
     pub touched: Mutex<HashSet<Digest>>,
     pub total_bytes: AtomicU64,
     pub max_bytes: u64,
+    /// Blobs evicted since start-up.
+    pub evicted: AtomicU64,
 }
 
 pub fn db_err(context: &str) -> impl Fn(&dyn std::fmt::Display) -> Error + '_ {
@@ -99,6 +101,8 @@ impl Core {
             txn.open_table(LRU)
                 .map_err(|e| db_err("creating tables")(&e))?;
             txn.open_table(ACTION_CACHE)
+                .map_err(|e| db_err("creating tables")(&e))?;
+            txn.open_table(AGENTS)
                 .map_err(|e| db_err("creating tables")(&e))?;
             let stats = db!("creating tables", txn.open_table(STATS))?;
             db!("reading totals", stats.get(TOTAL_BYTES))?.map_or(0, |v| v.value())
@@ -481,6 +485,8 @@ fn evict_round(core: &Core, low_water: u64) -> Result<usize, Error> {
                 tracing::warn!(digest = %d, error = %e, "cannot delete evicted blob");
             }
         }
+        core.evicted
+            .fetch_add(victims.len() as u64, Ordering::Relaxed);
         tracing::debug!(count = victims.len(), "evicted blobs");
     }
     core.in_use.finish_eviction(&victims);

@@ -64,6 +64,7 @@ impl EmbeddedStore {
                 touched: Default::default(),
                 total_bytes: AtomicU64::new(total),
                 max_bytes,
+                evicted: AtomicU64::new(0),
             })
         })
         .await
@@ -82,6 +83,11 @@ impl EmbeddedStore {
     /// Bytes of blobs currently stored.
     pub fn total_bytes(&self) -> u64 {
         self.shared.core.total_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Blobs evicted since start-up.
+    pub fn evicted_blobs(&self) -> u64 {
+        self.shared.core.evicted.load(Ordering::Relaxed)
     }
 
     fn forget(&self, digest: Digest) {
