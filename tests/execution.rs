@@ -604,3 +604,23 @@ async fn wait_execution_reattaches_and_unknown_operations_are_not_found() {
         err.message()
     );
 }
+
+#[tokio::test]
+async fn an_input_tree_naming_one_path_twice_is_refused() {
+    let dir = tempdir();
+    let server = Coordinator::start(&dir.path().join("data"), &[]);
+    let mut client = server.client().await;
+    let mut spec = ActionSpec::shell("true");
+    spec.inputs = vec![
+        ("same".into(), bytes::Bytes::from_static(b"one")),
+        ("same".into(), bytes::Bytes::from_static(b"two")),
+    ];
+    let action = client.upload_action(&spec).await;
+    let err = client.execute(&action, true).await.expect_err("refused");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().contains("\"same\" more than once"),
+        "{}",
+        err.message()
+    );
+}

@@ -2,10 +2,12 @@
 //! directory's filesystem, hard-linked read-only into action directories.
 //!
 //! An action could try to change a hard-linked input in place; every entry
-//! records the size, mtime and ctime it had when stored, and an entry that
-//! no longer matches is dropped and fetched again instead of being linked.
-//! Linking and unlinking change the ctime too, so after the agent's own
-//! links the new ctime is recorded (only if size and mtime are unchanged).
+//! records the inode, size, mtime, ctime and link count it had when stored,
+//! and an entry that no longer matches is dropped and fetched again instead
+//! of being linked. Hard links made or removed by the agent itself change
+//! the ctime too, so a changed ctime is accepted only together with a
+//! changed link count (and the new values are recorded); a write, chmod or
+//! touch that leaves the link count alone is caught.
 
 use std::collections::HashMap;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -40,17 +42,38 @@ struct State {
 
 #[derive(Clone, Copy)]
 struct Entry {
-    size: u64,
-    mtime: (i64, i64),
-    ctime: (i64, i64),
+    stamp: Stamp,
     used: u64,
 }
 
-fn stamp(meta: &std::fs::Metadata) -> ((i64, i64), (i64, i64)) {
-    (
-        (meta.mtime(), meta.mtime_nsec()),
-        (meta.ctime(), meta.ctime_nsec()),
-    )
+/// What a cached file looked like when the agent last touched it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    inode: u64,
+    size: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+    links: u64,
+}
+
+impl Stamp {
+    fn of(meta: &std::fs::Metadata) -> Stamp {
+        Stamp {
+            inode: meta.ino(),
+            size: meta.len(),
+            mtime: (meta.mtime(), meta.mtime_nsec()),
+            ctime: (meta.ctime(), meta.ctime_nsec()),
+            links: meta.nlink(),
+        }
+    }
+
+    /// Whether `now` is this file, unmodified (see the module docs).
+    fn still_valid(&self, now: &Stamp) -> bool {
+        self.inode == now.inode
+            && self.size == now.size
+            && self.mtime == now.mtime
+            && (self.ctime == now.ctime || self.links != now.links)
+    }
 }
 
 impl Cache {
@@ -170,22 +193,14 @@ impl Cache {
         std::fs::rename(temp, &dest).map_err(|e| Error::local("adding to the input cache", e))?;
         let meta =
             std::fs::metadata(&dest).map_err(|e| Error::local("reading a cached input", e))?;
-        let (mtime, ctime) = stamp(&meta);
+        let stamp = Stamp::of(&meta);
         let mut state = self.lock();
         state.clock += 1;
         let used = state.clock;
-        if let Some(old) = state.entries.insert(
-            d,
-            Entry {
-                size: meta.len(),
-                mtime,
-                ctime,
-                used,
-            },
-        ) {
-            state.total -= old.size;
+        if let Some(old) = state.entries.insert(d, Entry { stamp, used }) {
+            state.total -= old.stamp.size;
         }
-        state.total += meta.len();
+        state.total += stamp.size;
         Ok(())
     }
 
@@ -212,20 +227,25 @@ impl Cache {
                 return Ok(false);
             }
         };
-        let (mtime, ctime) = stamp(&meta);
-        if meta.len() != entry.size || mtime != entry.mtime || ctime != entry.ctime {
+        if !entry.stamp.still_valid(&Stamp::of(&meta)) {
             tracing::warn!(digest = %d, "a cached input changed since it was stored; fetching it again");
             self.drop_entry(d);
             return Ok(false);
         }
-        if executable {
-            std::fs::copy(&src, dest)
-                .map_err(|e| Error::local(format!("copying to {}", dest.display()), e))?;
-            std::fs::set_permissions(dest, std::fs::Permissions::from_mode(0o555))
-                .map_err(|e| Error::local("setting permissions", e))?;
+        let placed = if executable {
+            std::fs::copy(&src, dest).and_then(|_| {
+                std::fs::set_permissions(dest, std::fs::Permissions::from_mode(0o555))
+            })
         } else {
             std::fs::hard_link(&src, dest)
-                .map_err(|e| Error::local(format!("linking {}", dest.display()), e))?;
+        };
+        match placed {
+            Ok(()) => {}
+            // Evicted or dropped by another action in between: fetch again.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(Error::local(format!("placing {}", dest.display()), e)),
+        }
+        if !executable {
             self.restamp(d);
         }
         let mut state = self.lock();
@@ -244,11 +264,11 @@ impl Cache {
             self.drop_entry(d);
             return;
         };
-        let (mtime, ctime) = stamp(&meta);
+        let now = Stamp::of(&meta);
         let mut state = self.lock();
         let changed = match state.entries.get_mut(d) {
-            Some(e) if e.size == meta.len() && e.mtime == mtime => {
-                e.ctime = ctime;
+            Some(e) if e.stamp.still_valid(&now) => {
+                e.stamp = now;
                 false
             }
             Some(_) => true,
@@ -264,7 +284,7 @@ impl Cache {
     fn drop_entry(&self, d: &Digest) {
         let mut state = self.lock();
         if let Some(e) = state.entries.remove(d) {
-            state.total -= e.size;
+            state.total -= e.stamp.size;
         }
         drop(state);
         let _ = std::fs::remove_file(self.path(d));
@@ -281,7 +301,7 @@ impl Cache {
             let mut entries: Vec<(u64, Digest, u64)> = state
                 .entries
                 .iter()
-                .map(|(d, e)| (e.used, *d, e.size))
+                .map(|(d, e)| (e.used, *d, e.stamp.size))
                 .collect();
             entries.sort_unstable();
             let mut excess = state.total - self.inner.max_bytes / 10 * 9;
@@ -298,5 +318,68 @@ impl Cache {
         for d in victims {
             self.drop_entry(&d);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use outpost_proto::digest::Function;
+
+    fn cache_with(data: &[u8]) -> (tempfile::TempDir, Cache, Digest) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cache = Cache::open(
+            dir.path().join("cache"),
+            &dir.path().join("actions"),
+            1 << 30,
+        )
+        .expect("open");
+        let d = Function::Sha256.digest_of(data);
+        let temp = cache.temp_path();
+        std::fs::write(&temp, data).expect("write");
+        cache.adopt(d, &temp).expect("adopt");
+        (dir, cache, d)
+    }
+
+    #[test]
+    fn links_survive_the_agents_own_links_and_unlinks() {
+        let (dir, cache, d) = cache_with(b"header contents");
+        let actions = dir.path().join("actions");
+        for i in 0..5 {
+            let dest = actions.join(format!("copy-{i}"));
+            assert!(cache.place(&d, &dest, false).expect("place"), "round {i}");
+            std::fs::remove_file(&dest).expect("unlink");
+            cache.restamp(&d);
+        }
+        // Executables are private copies.
+        let exe = actions.join("tool");
+        assert!(cache.place(&d, &exe, true).expect("place"));
+        assert_eq!(std::fs::metadata(&exe).expect("meta").nlink(), 1);
+    }
+
+    #[test]
+    fn a_tampered_entry_is_dropped_not_linked() {
+        let (dir, cache, d) = cache_with(b"original");
+        let linked = dir.path().join("actions/input");
+        assert!(cache.place(&d, &linked, false).expect("place"));
+        // An action makes its read-only input writable and changes it in
+        // place (same length, mtime restored), through its hard link.
+        let mtime = std::fs::metadata(&linked)
+            .expect("meta")
+            .modified()
+            .expect("mtime");
+        std::fs::set_permissions(&linked, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        std::fs::write(&linked, b"tampered").expect("write");
+        std::fs::File::options()
+            .write(true)
+            .open(&linked)
+            .and_then(|f| f.set_modified(mtime))
+            .expect("restore mtime");
+        let again = dir.path().join("actions/input-2");
+        assert!(
+            !cache.place(&d, &again, false).expect("place"),
+            "a tampered entry was linked again"
+        );
+        assert!(!again.exists());
     }
 }

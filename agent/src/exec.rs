@@ -53,6 +53,18 @@ fn span_ms(from: &Option<prost_types::Timestamp>, to: &Option<prost_types::Times
     nanos / 1e6
 }
 
+/// Runs a fetch or upload step, abandoning it when the lease is cancelled
+/// (the coordinator already gave the slot away).
+async fn unless_cancelled<T>(
+    cancel: &CancellationToken,
+    step: impl std::future::Future<Output = Result<T, Error>>,
+) -> Result<T, Error> {
+    tokio::select! {
+        result = step => result,
+        () = cancel.cancelled() => Err(Error::Cancelled),
+    }
+}
+
 fn blocking_err() -> Error {
     Error::Retryable("a blocking task failed".into())
 }
@@ -78,7 +90,8 @@ impl Executor {
 
         events.stage(fleet::Stage::FetchingInputs);
         meta.input_fetch_start_timestamp = now();
-        let action: reapi::Action = remote.read_message(action_digest, "Action").await?;
+        let action: reapi::Action =
+            unless_cancelled(&cancel, remote.read_message(action_digest, "Action")).await?;
         let digest_field = |d: Option<&reapi::Digest>, what: &str| {
             Digest::from_proto_opt(d, function).map_err(|e| Error::BadInput(format!("{what}: {e}")))
         };
@@ -87,20 +100,23 @@ impl Executor {
             action.input_root_digest.as_ref(),
             "Action.input_root_digest",
         )?;
-        let (command, tree) = tokio::join!(
-            remote.read_message::<reapi::Command>(command_digest, "Command"),
-            remote.get_tree(root_digest)
-        );
-        let (command, tree) = (command?, tree?);
+        let (command, tree) = unless_cancelled(&cancel, async {
+            let (command, tree) = tokio::join!(
+                remote.read_message::<reapi::Command>(command_digest, "Command"),
+                remote.get_tree(root_digest)
+            );
+            Ok((command?, tree?))
+        })
+        .await?;
         let dir = self.actions_dir.join(&lease.lease_id);
         let root = dir.join("root");
-        let cleanup = Cleanup {
+        let mut cleanup = Cleanup {
             dir: dir.clone(),
             cache: self.cache.clone(),
             linked: Vec::new(),
         };
-        let mut cleanup = cleanup;
-        cleanup.linked = self.materialize(&remote, &root, root_digest, tree).await?;
+        cleanup.linked =
+            unless_cancelled(&cancel, self.materialize(&remote, &root, root_digest, tree)).await?;
         meta.input_fetch_completed_timestamp = now();
 
         let workdir_rel = normalize(Path::new(""), &command.working_directory)?;
@@ -158,7 +174,7 @@ impl Executor {
             .map_err(|_| blocking_err())??
         };
         let Collected { mut result, blobs } = collected;
-        remote.upload(blobs).await?;
+        unless_cancelled(&cancel, remote.upload(blobs)).await?;
         tracing::debug!(
             lease_id = %lease.lease_id,
             fetch_ms = span_ms(&meta.input_fetch_start_timestamp, &meta.input_fetch_completed_timestamp),
@@ -181,8 +197,9 @@ impl Executor {
         remote: &Remote,
         root: &Path,
         root_digest: Digest,
-        tree: HashMap<Digest, reapi::Directory>,
+        mut tree: HashMap<Digest, reapi::Directory>,
     ) -> Result<Vec<Digest>, Error> {
+        complete_tree(remote, root_digest, &mut tree).await?;
         let root_owned = root.to_owned();
         let files = tokio::task::spawn_blocking(move || {
             lay_out_directories(&root_owned, root_digest, &tree)
@@ -343,6 +360,51 @@ fn check_name(name: &str) -> Result<(), Error> {
     Ok(())
 }
 
+/// GetTree returns directories, not their digests; the agent keys them by
+/// re-encoding, which gives another digest when a client encoded a
+/// Directory differently. Whatever the tree refers to and the map lacks is
+/// fetched by digest.
+async fn complete_tree(
+    remote: &Remote,
+    root: Digest,
+    tree: &mut HashMap<Digest, reapi::Directory>,
+) -> Result<(), Error> {
+    loop {
+        let mut wanted = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        let mut stack = vec![root];
+        while let Some(d) = stack.pop() {
+            if !seen.insert(d) {
+                continue;
+            }
+            match tree.get(&d) {
+                None => wanted.push(d),
+                Some(dir) => {
+                    for child in &dir.directories {
+                        if let Ok(c) = Digest::from_proto_opt(child.digest.as_ref(), root.function)
+                        {
+                            stack.push(c);
+                        }
+                    }
+                }
+            }
+        }
+        if wanted.is_empty() {
+            return Ok(());
+        }
+        let fetched = remote.read_batch(&wanted).await?;
+        for d in wanted {
+            let bytes = fetched
+                .get(&d)
+                .cloned()
+                .ok_or_else(|| Error::MissingInput(vec![d]))?;
+            let dir = reapi::Directory::decode(bytes)
+                .map_err(|e| Error::BadInput(format!("blob {d} is not a Directory: {e}")))?;
+            tree.insert(d, dir);
+        }
+    }
+}
+
 /// Creates directories and symlinks; returns the files to place.
 fn lay_out_directories(
     root: &Path,
@@ -356,8 +418,19 @@ fn lay_out_directories(
         let dir = tree
             .get(&digest)
             .ok_or_else(|| Error::MissingInput(vec![digest]))?;
-        std::fs::create_dir_all(&path)
-            .map_err(|e| Error::local(format!("creating {}", path.display()), e))?;
+        // Only the root may already exist; anything else existing means a
+        // name given twice in one directory (and never follows a symlink).
+        let created = if path == root {
+            std::fs::create_dir_all(&path)
+        } else {
+            std::fs::create_dir(&path)
+        };
+        created.map_err(|e| match e.kind() {
+            std::io::ErrorKind::AlreadyExists => {
+                Error::BadInput(format!("input tree has {} more than once", path.display()))
+            }
+            _ => Error::local(format!("creating {}", path.display()), e),
+        })?;
         for f in &dir.files {
             check_name(&f.name)?;
             let d = Digest::from_proto_opt(f.digest.as_ref(), function)

@@ -132,7 +132,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         running: link::Running::default(),
         outbox_tx,
         outbox,
-        unsent: Vec::new(),
+        reported: link::Reported::default(),
     };
     link.run(shutdown).await;
     tracing::info!("agent stopped");

@@ -47,8 +47,27 @@ pub struct Link {
     pub running: Running,
     pub outbox_tx: mpsc::Sender<ToCoordinator>,
     pub outbox: mpsc::Receiver<ToCoordinator>,
-    /// Results that could not be sent while the link was down.
-    pub unsent: Vec<fleet::LeaseResult>,
+    /// Results sent (or waiting to be sent) that the coordinator has not
+    /// yet confirmed; see [`Reported`].
+    pub reported: Reported,
+}
+
+/// Finished leases whose results may not have reached the coordinator (the
+/// link can break right after a send). Their ids are offered again at the
+/// next registration; the coordinator lists the ones it still expects, and
+/// those results are sent again. The others were delivered or reassigned.
+#[derive(Default, Clone)]
+pub struct Reported(Arc<Mutex<HashMap<String, (std::time::Instant, fleet::LeaseResult)>>>);
+
+/// How long an unconfirmed result is kept at most.
+const KEEP_REPORTED: Duration = Duration::from_secs(900);
+
+impl Reported {
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<String, (std::time::Instant, fleet::LeaseResult)>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 enum End {
@@ -94,6 +113,9 @@ impl Link {
         let (tx, rx) = mpsc::channel::<fleet::AgentMessage>(256);
         let mut register = self.register.clone();
         register.running_leases = self.running.ids();
+        register
+            .running_leases
+            .extend(self.reported.lock().keys().cloned());
         let send = |kind| fleet::AgentMessage { kind: Some(kind) };
         if tx
             .send(send(ToCoordinator::Register(register)))
@@ -132,12 +154,17 @@ impl Link {
                 token.cancel();
             }
         }
-        for result in std::mem::take(&mut self.unsent) {
-            if resumed.contains(&result.lease_id)
-                && tx
-                    .send(send(ToCoordinator::LeaseResult(result)))
-                    .await
-                    .is_err()
+        let again: Vec<fleet::LeaseResult> = {
+            let mut reported = self.reported.lock();
+            reported.retain(|id, (at, _)| resumed.contains(id) && at.elapsed() < KEEP_REPORTED);
+            reported.values().map(|(_, r)| r.clone()).collect()
+        };
+        for result in again {
+            tracing::info!(lease_id = %result.lease_id, "sending a result again after reconnecting");
+            if tx
+                .send(send(ToCoordinator::LeaseResult(result)))
+                .await
+                .is_err()
             {
                 return End::Broken("the stream closed".into());
             }
@@ -176,10 +203,8 @@ impl Link {
                     Err(s) => return End::Broken(describe(&s)),
                 },
                 Some(event) = self.outbox.recv() => {
-                    if let Err(mpsc::error::SendError(msg)) = tx.send(send(event)).await {
-                        if let Some(ToCoordinator::LeaseResult(r)) = msg.kind {
-                            self.unsent.push(r);
-                        }
+                    // A result that does not get through stays in `reported`.
+                    if tx.send(send(event)).await.is_err() {
                         return End::Broken("the stream closed".into());
                     }
                 }
@@ -204,6 +229,7 @@ impl Link {
         let executor = Arc::clone(&self.executor);
         let outbox = self.outbox_tx.clone();
         let running = self.running.clone();
+        let reported = self.reported.clone();
         tokio::spawn(async move {
             let id = lease.lease_id.clone();
             let _ = outbox
@@ -238,8 +264,12 @@ impl Link {
                     }
                 }
             };
-            // Queued before the lease stops counting as running, so a
-            // draining agent does not exit with the result unsent.
+            // Kept until confirmed, and queued before the lease stops
+            // counting as running, so neither a link break nor a drain
+            // loses it.
+            reported
+                .lock()
+                .insert(id.clone(), (std::time::Instant::now(), message.clone()));
             let _ = outbox.send(ToCoordinator::LeaseResult(message)).await;
             running.lock().remove(&id);
         });

@@ -158,7 +158,11 @@ impl Coordinator {
             .add_service(OperationsServer::new(OperationsService::new(
                 scheduler.clone(),
             )))
-            .add_service(FleetServer::new(FleetService::new(scheduler.clone())));
+            .add_service(
+                FleetServer::new(FleetService::new(scheduler.clone()))
+                    .max_decoding_message_size(64 << 20)
+                    .max_encoding_message_size(64 << 20),
+            );
         let scheduler_for_ready = scheduler;
         let store = self.store.clone();
         let scrape = move || {
@@ -209,6 +213,11 @@ impl Coordinator {
             .initial_stream_window_size(Some(8 << 20))
             .initial_connection_window_size(Some(32 << 20))
             .max_concurrent_streams(Some(4096))
+            // Dead peers (half-open connections) are noticed, so their
+            // uploads and agent streams do not hang on forever.
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+            .tcp_keepalive(Some(Duration::from_secs(60)))
             .add_routes(routes)
             .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned());
         let grace = self.config.shutdown_grace.0;

@@ -30,8 +30,15 @@ pub fn main(argv: &[String]) -> i32 {
         return EXIT_CANNOT_RUN;
     };
     #[cfg(target_os = "linux")]
-    if let Err(e) = nix::sys::prctl::set_child_subreaper(true) {
-        eprintln!("outpost __reap: cannot become a child subreaper: {e}");
+    {
+        if let Err(e) = nix::sys::prctl::set_child_subreaper(true) {
+            eprintln!("outpost __reap: cannot become a child subreaper: {e}");
+        }
+        // If the agent dies (kill -9), stop and take the action down too.
+        let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGTERM);
+        if nix::unistd::getppid() == nix::unistd::Pid::from_raw(1) {
+            return EXIT_KILLED;
+        }
     }
     // Block the signals we wait for before the child exists, so none is
     // missed; the child gets a clean mask from std's spawn.

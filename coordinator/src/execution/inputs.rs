@@ -61,6 +61,27 @@ fn check_name(name: &str, parent: Digest) -> Result<(), Status> {
     Ok(())
 }
 
+/// A name may appear once per directory, across files, directories and
+/// symlinks (two entries for one path would let a symlink stand in for a
+/// directory the agent writes into).
+fn check_unique_names(dir: &reapi::Directory, digest: Digest) -> Result<(), Status> {
+    let mut names: Vec<&str> = dir
+        .files
+        .iter()
+        .map(|f| f.name.as_str())
+        .chain(dir.directories.iter().map(|d| d.name.as_str()))
+        .chain(dir.symlinks.iter().map(|s| s.name.as_str()))
+        .collect();
+    names.sort_unstable();
+    if let Some(pair) = names.windows(2).find(|w| w[0] == w[1]) {
+        return Err(Status::invalid_argument(format!(
+            "directory {digest} has the name {:?} more than once",
+            pair[0]
+        )));
+    }
+    Ok(())
+}
+
 fn missing_error(missing: &[Digest]) -> Status {
     let mut details = ErrorDetails::new();
     for d in missing {
@@ -122,6 +143,7 @@ pub async fn check(ctx: &Context, action_digest: Digest) -> Result<Checked, Stat
                 continue;
             }
         };
+        check_unique_names(&dir, dir_digest)?;
         for f in &dir.files {
             check_name(&f.name, dir_digest)?;
             files.push(required_digest(

@@ -99,11 +99,18 @@ fn stream_operation(waiter: Waiter) -> OperationStream {
             if tx.send(Ok(operation(&name, &current))).await.is_err() || done {
                 return;
             }
-            if state.changed().await.is_err() {
-                let _ = tx
-                    .send(Err(Status::unavailable("the coordinator is shutting down")))
-                    .await;
-                return;
+            // Wait for a change, or for the client to go away (which drops
+            // the waiter, so an abandoned operation is noticed at once).
+            tokio::select! {
+                changed = state.changed() => {
+                    if changed.is_err() {
+                        let _ = tx
+                            .send(Err(Status::unavailable("the coordinator is shutting down")))
+                            .await;
+                        return;
+                    }
+                }
+                () = tx.closed() => return,
             }
         }
     }))

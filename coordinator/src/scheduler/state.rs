@@ -57,6 +57,8 @@ pub enum Msg {
 }
 
 const TICK: Duration = Duration::from_millis(250);
+/// Infrastructure failures in a row after which an agent gets no more work.
+const QUARANTINE_AFTER: u32 = 5;
 /// How often a connected agent's "last seen" is written down.
 const REMEMBER_EVERY: Duration = Duration::from_secs(60);
 /// Missed heartbeats before a silent agent counts as disconnected.
@@ -92,6 +94,9 @@ struct Agent {
     disconnected_at: Option<Instant>,
     draining: bool,
     leases: HashSet<String>,
+    /// Infrastructure failures in a row; the agent is taken out of
+    /// rotation at `QUARANTINE_AFTER`.
+    failures_in_a_row: u32,
 }
 
 struct Lease {
@@ -518,6 +523,7 @@ impl State {
                     disconnected_at: None,
                     draining: false,
                     leases: HashSet::new(),
+                    failures_in_a_row: 0,
                 },
             );
         }
@@ -623,9 +629,27 @@ impl State {
     }
 
     fn finish_lease(&mut self, r: fleet::LeaseResult) {
+        let agent_id = self.leases.get(&r.lease_id).map(|l| l.agent.clone());
         let Some(op_name) = self.end_lease(&r.lease_id, false) else {
             return;
         };
+        if let Some(agent) = agent_id.as_ref().and_then(|id| self.agents.get_mut(id)) {
+            let infrastructure_failure =
+                r.retryable && matches!(r.outcome, Some(fleet::lease_result::Outcome::Error(_)));
+            if infrastructure_failure {
+                agent.failures_in_a_row += 1;
+                if agent.failures_in_a_row >= QUARANTINE_AFTER && !agent.draining {
+                    tracing::error!(
+                        agent_id = agent_id.as_deref().unwrap_or_default(),
+                        failures = agent.failures_in_a_row,
+                        "agent failed every action it was given; taking it out of rotation (restart it to bring it back)"
+                    );
+                    agent.draining = true;
+                }
+            } else {
+                agent.failures_in_a_row = 0;
+            }
+        }
         match r.outcome {
             Some(fleet::lease_result::Outcome::Result(result)) => {
                 let cacheable = self.ops.get(&op_name).is_some_and(|op| op.job.cacheable);
@@ -660,7 +684,7 @@ impl State {
             }
             Some(fleet::lease_result::Outcome::Error(e)) if r.retryable => {
                 tracing::warn!(operation = %op_name, error = %e.message, "action failed on its agent; retrying");
-                self.retry(&op_name, None);
+                self.retry(&op_name, agent_id);
             }
             Some(fleet::lease_result::Outcome::Error(e)) => {
                 let message = e.message.clone();
@@ -842,6 +866,14 @@ impl State {
                 let Some(((priority, seq), name)) = q.first_key_value() else {
                     continue;
                 };
+                if self
+                    .ops
+                    .get(name)
+                    .is_some_and(|op| op.lost_on.iter().any(|a| a == agent_id))
+                    && self.another_agent_could_run(agent_id, req)
+                {
+                    continue;
+                }
                 let running = self.running_by_build.get(build).copied().unwrap_or(0);
                 let key = (running, *priority, *seq);
                 if best.as_ref().is_none_or(|(k, _)| key < *k) {
@@ -852,6 +884,12 @@ impl State {
         let Some((_, name)) = best else { return false };
         self.dequeue(&name);
         self.lease(&name, agent_id)
+    }
+
+    fn another_agent_could_run(&self, agent_id: &str, req: &Requirements) -> bool {
+        self.agents.iter().any(|(id, a)| {
+            id != agent_id && a.outgoing.is_some() && !a.draining && a.offer.satisfies(req)
+        })
     }
 
     /// Leases an operation to an agent; false if the agent could not be

@@ -350,3 +350,43 @@ async fn identical_actions_merge_and_cancel_waits_for_the_last_client() {
         0
     );
 }
+
+#[tokio::test]
+async fn a_retry_avoids_the_agent_that_failed_it() {
+    let f = fixture(settings()).await;
+    let mut a = join(&f.scheduler, "a", 1, vec![]).await.expect("join");
+    let mut b = join(&f.scheduler, "b", 1, vec![]).await.expect("join");
+    let mut waiter = f.scheduler.submit(job(40, "x", 0)).await.expect("submit");
+    // Whichever agent got it fails it for an infrastructure reason.
+    let (failing, mut other, lease) = tokio::select! {
+        l = a.next_lease() => (a, b, l),
+        l = b.next_lease() => (b, a, l),
+    };
+    let error = fleet::LeaseResult {
+        lease_id: lease.lease_id.clone(),
+        outcome: Some(fleet::lease_result::Outcome::Error(
+            tonic_types::pb::Status {
+                code: Code::Unavailable as i32,
+                message: "disk full".into(),
+                details: Vec::new(),
+            },
+        )),
+        retryable: true,
+        timed_out: false,
+    };
+    f.scheduler
+        .agent_message(&failing.session, FromAgent::LeaseResult(error))
+        .await
+        .expect("send");
+    let retry = other.next_lease().await;
+    assert_eq!(retry.attempt, 2);
+    other.finish(&f.scheduler, &retry).await;
+    assert_eq!(
+        finished(&mut waiter)
+            .await
+            .result
+            .expect("result")
+            .exit_code,
+        0
+    );
+}

@@ -31,8 +31,16 @@ pub struct Decompressor {
 
 impl Decompressor {
     pub fn new(declared: u64) -> Result<Decompressor, Error> {
+        let mut decoder = Decoder::new().map_err(Error::Corrupt)?;
+        // The window a stream may ask for: no larger than the blob needs,
+        // between 1 MiB and 128 MiB, so a hostile header cannot make every
+        // upload allocate the maximum.
+        let window_log = (64 - declared.max(1).leading_zeros()).clamp(20, 27);
+        decoder
+            .set_parameter(zstd::stream::raw::DParameter::WindowLogMax(window_log))
+            .map_err(Error::Corrupt)?;
         Ok(Decompressor {
-            decoder: Decoder::new().map_err(Error::Corrupt)?,
+            decoder,
             declared,
             produced: 0,
             at_frame_end: true,
