@@ -256,6 +256,7 @@ impl State {
                 reply,
             } => {
                 let _ = reply.send(self.join(*register, outgoing));
+                self.update_gauges();
             }
             Msg::FromAgent { session, message } => self.on_agent_message(&session, *message),
             Msg::AgentGone { session } => {
@@ -266,6 +267,7 @@ impl State {
                     agent.outgoing = None;
                     agent.disconnected_at = Some(Instant::now());
                 }
+                self.update_gauges();
             }
             Msg::Snapshot { reply } => {
                 let _ = reply.send(self.snapshot());
@@ -957,8 +959,8 @@ impl State {
 
     // ---- time ----
 
-    fn tick(&mut self) {
-        let now = Instant::now();
+    /// Brings the fleet gauges up to date (after every message and tick).
+    fn update_gauges(&self) {
         let connected = self
             .agents
             .values()
@@ -970,6 +972,11 @@ impl State {
         self.metrics
             .executing
             .set(i64::try_from(self.leases.len()).unwrap_or(i64::MAX));
+    }
+
+    fn tick(&mut self) {
+        let now = Instant::now();
+        self.update_gauges();
         let silent_after = self.settings.heartbeat_interval * MISSED_HEARTBEATS;
         let mut lost_agents = Vec::new();
         for (id, agent) in &mut self.agents {
