@@ -624,3 +624,59 @@ async fn an_input_tree_naming_one_path_twice_is_refused() {
         err.message()
     );
 }
+
+#[tokio::test]
+async fn agents_follow_a_small_batch_limit() {
+    let dir = tempdir();
+    let server = Coordinator::start(&dir.path().join("data"), &["--max-batch-size", "64KiB"]);
+    let _agent = Agent::start(
+        &server.endpoint(),
+        &dir.path().join("agent"),
+        &["--slots", "1"],
+    );
+    let mut client = server.client().await;
+    wait_for_fleet(&mut client).await;
+    let (_, input) = common::blob(7, 200_000);
+    let mut spec = ActionSpec::shell("head -c 100000 input.bin > out.bin");
+    spec.inputs = vec![("input.bin".into(), input.clone())];
+    spec.output_paths = vec!["out.bin".into()];
+    let action = client.upload_action(&spec).await;
+    let (_, response) = client.execute(&action, true).await.expect("execute");
+    let result = response.result.expect("result");
+    assert_eq!(result.exit_code, 0, "{:?}", response.status);
+    let out = outpost_proto::digest::Digest::from_proto_opt(
+        result.output_files[0].digest.as_ref(),
+        outpost_proto::digest::Function::Sha256,
+    )
+    .expect("digest");
+    assert_eq!(
+        client.download(&out).await.expect("output"),
+        input[..100_000].to_vec()
+    );
+}
+
+#[tokio::test]
+async fn outputs_are_not_collected_through_a_symlinked_directory() {
+    let dir = tempdir();
+    let server = Coordinator::start(&dir.path().join("data"), &[]);
+    let _agent = Agent::start(
+        &server.endpoint(),
+        &dir.path().join("agent"),
+        &["--slots", "1"],
+    );
+    let mut client = server.client().await;
+    wait_for_fleet(&mut client).await;
+    let secret_dir = dir.path().join("secret");
+    std::fs::create_dir(&secret_dir).expect("mkdir");
+    std::fs::write(secret_dir.join("key"), "do not upload").expect("write");
+    // The agent creates out/ (the output's parent); the action swaps it for
+    // a symlink to a directory outside the input root.
+    let mut spec = ActionSpec::shell(&format!("rmdir out && ln -s {} out", secret_dir.display()));
+    spec.output_paths = vec!["out/key".into()];
+    let action = client.upload_action(&spec).await;
+    let (_, response) = client.execute(&action, true).await.expect("execute");
+    let status = response.status.expect("status");
+    assert_eq!(status.code, Code::InvalidArgument as i32, "{status:?}");
+    assert!(status.message.contains("symlink"), "{}", status.message);
+    assert!(response.result.is_none());
+}

@@ -17,10 +17,32 @@ use std::sync::{Arc, Mutex};
 use outpost_proto::digest::Digest;
 
 use crate::error::Error;
-use crate::remote::{BATCH_BLOB, Remote};
+use crate::remote::Remote;
 
 /// Fetches of large blobs at once.
 const PARALLEL_FETCHES: usize = 8;
+
+/// A fetch in progress; its file goes away unless it was adopted.
+struct PartialFile(Option<PathBuf>);
+
+impl PartialFile {
+    fn path(&self) -> &Path {
+        self.0.as_deref().expect("present until kept")
+    }
+
+    /// The file was moved into the cache: nothing to remove.
+    fn keep(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for PartialFile {
+    fn drop(&mut self) {
+        if let Some(path) = self.0.take() {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
 
 #[derive(Clone)]
 pub struct Cache {
@@ -134,8 +156,9 @@ impl Cache {
                 .copied()
                 .collect()
         };
-        let (small, large): (Vec<Digest>, Vec<Digest>) =
-            missing.into_iter().partition(|d| d.size <= BATCH_BLOB);
+        let (small, large): (Vec<Digest>, Vec<Digest>) = missing
+            .into_iter()
+            .partition(|d| d.size <= remote.batch_blob_limit());
         if !small.is_empty() {
             let fetched = remote.read_batch(&small).await?;
             let cache = self.clone();
@@ -161,15 +184,19 @@ impl Cache {
             let cache = self.clone();
             let remote = remote.clone();
             tasks.spawn(async move {
-                let temp = cache.temp_path();
-                let fetched = remote.read_to_file(d, &temp).await;
-                if let Err(e) = fetched {
-                    let _ = std::fs::remove_file(&temp);
-                    return Err(e);
-                }
-                tokio::task::spawn_blocking(move || cache.adopt(d, &temp))
-                    .await
-                    .map_err(|_| Error::Retryable("a cache task failed".into()))?
+                // Removed if the fetch fails or is abandoned (a cancelled
+                // lease drops this task).
+                let temp = PartialFile(Some(cache.temp_path()));
+                remote.read_to_file(d, temp.path()).await?;
+                tokio::task::spawn_blocking(move || {
+                    let adopted = cache.adopt(d, temp.path());
+                    if adopted.is_ok() {
+                        temp.keep();
+                    }
+                    adopted
+                })
+                .await
+                .map_err(|_| Error::Retryable("a cache task failed".into()))?
             });
         }
         while let Some(done) = tasks.join_next().await {

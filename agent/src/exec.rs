@@ -613,6 +613,20 @@ enum Kind {
     Directory,
 }
 
+/// The first directory above `rel` (inside `root`) that is a symlink, if
+/// any: following it could read files from anywhere on the host.
+fn symlinked_parent(root: &Path, rel: &Path) -> Option<PathBuf> {
+    let mut at = root.to_path_buf();
+    let parent = rel.parent()?;
+    for component in parent.components() {
+        at.push(component);
+        if std::fs::symlink_metadata(&at).is_ok_and(|m| m.file_type().is_symlink()) {
+            return Some(at);
+        }
+    }
+    None
+}
+
 fn collect(
     root: &Path,
     spec: &OutputSpec,
@@ -629,6 +643,13 @@ fn collect(
     ];
     for (kind, list) in lists {
         for (name, rel) in list {
+            if let Some(link) = symlinked_parent(root, rel) {
+                return Err(Error::BadInput(format!(
+                    "output {name:?} lies under {}, which the action made a symlink; outputs are \
+                     collected only from inside the input root",
+                    link.display()
+                )));
+            }
             let path = root.join(rel);
             let Ok(meta) = std::fs::symlink_metadata(&path) else {
                 continue;

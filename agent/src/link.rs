@@ -140,6 +140,10 @@ impl Link {
             Err(s) => return End::Broken(describe(&s)),
         };
         *registered = true;
+        self.executor
+            .remote
+            .learn_limits(self.channel.clone())
+            .await;
         let interval = registered_msg
             .heartbeat_interval
             .and_then(|d| Duration::try_from(d).ok())

@@ -4,6 +4,8 @@
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 use outpost_proto::bytestream::{self, byte_stream_client::ByteStreamClient};
@@ -19,8 +21,9 @@ use tonic::transport::Channel;
 use crate::error::Error;
 
 /// Blobs up to this size travel in batch calls.
-pub const BATCH_BLOB: u64 = 1 << 20;
-/// Payload per batch call (the coordinator's default limit is 4 MiB).
+const BATCH_BLOB: u64 = 1 << 20;
+/// Payload per batch call until the coordinator's limit is known (its
+/// default limit is 4 MiB).
 const BATCH_TOTAL: u64 = 3 << 20;
 const CHUNK: usize = 1 << 20;
 
@@ -29,6 +32,8 @@ pub struct Remote {
     cas: ContentAddressableStorageClient<Channel>,
     bytestream: ByteStreamClient<Channel>,
     instance_name: String,
+    /// Bytes per batch call: below the coordinator's advertised limit.
+    batch_total: Arc<AtomicU64>,
 }
 
 /// Something to upload: bytes in memory or a file on disk.
@@ -44,8 +49,41 @@ impl Remote {
             cas: ContentAddressableStorageClient::new(channel.clone())
                 .max_decoding_message_size(max)
                 .max_encoding_message_size(max),
-            bytestream: ByteStreamClient::new(channel).max_decoding_message_size(max),
+            bytestream: ByteStreamClient::new(channel.clone()).max_decoding_message_size(max),
             instance_name: instance_name.to_owned(),
+            batch_total: Arc::new(AtomicU64::new(BATCH_TOTAL)),
+        }
+    }
+
+    fn batch_limit(&self) -> u64 {
+        self.batch_total.load(Ordering::Relaxed)
+    }
+
+    /// Blobs up to this size are read and written with batch calls.
+    pub fn batch_blob_limit(&self) -> u64 {
+        BATCH_BLOB.min(self.batch_limit())
+    }
+
+    /// Asks the coordinator for its batch limit and stays below it.
+    pub async fn learn_limits(&self, channel: Channel) {
+        let mut caps = reapi::capabilities_client::CapabilitiesClient::new(channel);
+        let asked = caps.get_capabilities(reapi::GetCapabilitiesRequest::default());
+        let Ok(Ok(response)) =
+            tokio::time::timeout(std::time::Duration::from_secs(10), asked).await
+        else {
+            return;
+        };
+        let advertised = response
+            .into_inner()
+            .cache_capabilities
+            .map_or(0, |c| c.max_batch_total_size_bytes);
+        if let Ok(limit) = u64::try_from(advertised)
+            && limit > 0
+        {
+            // Room for the digests and framing around the blobs.
+            let total = (limit / 4 * 3).clamp(16 << 10, BATCH_TOTAL);
+            self.batch_total.store(total, Ordering::Relaxed);
+            // Blobs above the batch size go through ByteStream.
         }
     }
 
@@ -85,7 +123,7 @@ impl Remote {
         let mut group = Vec::new();
         let mut size = 0;
         for d in digests {
-            if !group.is_empty() && size + d.size > BATCH_TOTAL {
+            if !group.is_empty() && size + d.size > self.batch_limit() {
                 self.read_group(&group, &mut out).await?;
                 group.clear();
                 size = 0;
@@ -150,7 +188,7 @@ impl Remote {
         digest: Digest,
         what: &str,
     ) -> Result<M, Error> {
-        let bytes = if digest.size <= BATCH_BLOB {
+        let bytes = if digest.size <= self.batch_blob_limit() {
             self.read_batch(&[digest])
                 .await?
                 .remove(&digest)
@@ -279,7 +317,7 @@ impl Remote {
             let Some(blob) = blobs.remove(&digest) else {
                 continue;
             };
-            if digest.size > BATCH_BLOB {
+            if digest.size > self.batch_blob_limit() {
                 self.write(digest, blob).await?;
                 continue;
             }
@@ -287,7 +325,7 @@ impl Remote {
                 Blob::Bytes(b) => b,
                 Blob::File(path) => read_file(&path).await?,
             };
-            if batch_size + digest.size > BATCH_TOTAL {
+            if batch_size + digest.size > self.batch_limit() {
                 self.write_batch(std::mem::take(&mut batch)).await?;
                 batch_size = 0;
             }

@@ -774,6 +774,10 @@ impl State {
             && let Some(n) = self.running_by_build.get_mut(&op.job.invocation)
         {
             *n = n.saturating_sub(1);
+            if *n == 0 {
+                // One entry per build would otherwise pile up forever.
+                self.running_by_build.remove(&op.job.invocation);
+            }
         }
         if let Some(op) = self.ops.get_mut(&lease.op) {
             op.lease = None;
