@@ -53,6 +53,28 @@ fn span_ms(from: &Option<prost_types::Timestamp>, to: &Option<prost_types::Times
     nanos / 1e6
 }
 
+/// A message the coordinator sent with the lease, if it is there and is
+/// the blob `digest` names.
+fn prefetched<M: Message + Default>(bytes: &bytes::Bytes, digest: Digest) -> Option<M> {
+    if bytes.is_empty() || digest.function.digest_of(bytes) != digest {
+        return None;
+    }
+    M::decode(bytes.clone()).ok()
+}
+
+/// The input tree's directories sent with the lease, keyed by the digests
+/// they verify against.
+fn prefetched_tree(blobs: &[fleet::Blob], function: Function) -> HashMap<Digest, reapi::Directory> {
+    blobs
+        .iter()
+        .filter_map(|b| {
+            let d = Digest::from_proto_opt(b.digest.as_ref(), function).ok()?;
+            (function.digest_of(&b.data) == d).then_some(())?;
+            Some((d, reapi::Directory::decode(b.data.clone()).ok()?))
+        })
+        .collect()
+}
+
 /// Runs a fetch or upload step, abandoning it when the lease is cancelled
 /// (the coordinator already gave the slot away).
 async fn unless_cancelled<T>(
@@ -90,8 +112,10 @@ impl Executor {
 
         events.stage(fleet::Stage::FetchingInputs);
         meta.input_fetch_start_timestamp = now();
-        let action: reapi::Action =
-            unless_cancelled(&cancel, remote.read_message(action_digest, "Action")).await?;
+        let action: reapi::Action = match prefetched(&lease.action, action_digest) {
+            Some(a) => a,
+            None => unless_cancelled(&cancel, remote.read_message(action_digest, "Action")).await?,
+        };
         let digest_field = |d: Option<&reapi::Digest>, what: &str| {
             Digest::from_proto_opt(d, function).map_err(|e| Error::BadInput(format!("{what}: {e}")))
         };
@@ -100,11 +124,26 @@ impl Executor {
             action.input_root_digest.as_ref(),
             "Action.input_root_digest",
         )?;
+        let sent_tree = prefetched_tree(&lease.directories, function);
         let (command, tree) = unless_cancelled(&cancel, async {
-            let (command, tree) = tokio::join!(
-                remote.read_message::<reapi::Command>(command_digest, "Command"),
-                remote.get_tree(root_digest)
-            );
+            let command = async {
+                match prefetched(&lease.command, command_digest) {
+                    Some(c) => Ok(c),
+                    None => {
+                        remote
+                            .read_message::<reapi::Command>(command_digest, "Command")
+                            .await
+                    }
+                }
+            };
+            let tree = async {
+                if sent_tree.contains_key(&root_digest) {
+                    Ok(sent_tree)
+                } else {
+                    remote.get_tree(root_digest).await
+                }
+            };
+            let (command, tree) = tokio::join!(command, tree);
             Ok((command?, tree?))
         })
         .await?;

@@ -10,7 +10,7 @@
 //! Action Cache behind traits, [`config`] the configuration.
 
 pub mod config;
-mod execution;
+pub mod execution;
 mod fleet;
 pub mod metrics;
 pub mod scheduler;

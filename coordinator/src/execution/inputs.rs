@@ -24,10 +24,24 @@ pub struct Checked {
     pub action: reapi::Action,
     pub command: reapi::Command,
     pub pin: Pin,
+    /// What the agent would otherwise fetch (see `fleet.Lease`).
+    pub prefetched: Prefetched,
 }
 
+/// The Action, Command and a small input tree as read from the CAS.
+#[derive(Clone, Default)]
+pub struct Prefetched {
+    pub action: Bytes,
+    pub command: Bytes,
+    pub directories: Vec<(Digest, Bytes)>,
+}
+
+/// Input trees up to this many bytes of Directory messages travel with the
+/// lease.
+const PREFETCH_TREE_BYTES: usize = 64 << 10;
+
 enum Fetched<M> {
-    Found(M),
+    Found(M, Bytes),
     Missing,
 }
 
@@ -43,7 +57,7 @@ async fn fetch<M: Message + Default>(
     }
     match ctx.cas.read_all(digest).await.map_err(storage_status)? {
         None => Ok(Fetched::Missing),
-        Some(bytes) => decode(bytes, digest, what).map(Fetched::Found),
+        Some(bytes) => decode(bytes.clone(), digest, what).map(|m| Fetched::Found(m, bytes)),
     }
 }
 
@@ -106,8 +120,12 @@ fn missing_error(missing: &[Digest]) -> Status {
 
 pub async fn check(ctx: &Context, action_digest: Digest) -> Result<Checked, Status> {
     let function: Function = action_digest.function;
+    let mut prefetched = Prefetched::default();
     let action: reapi::Action = match fetch(ctx, action_digest, "Action").await? {
-        Fetched::Found(a) => a,
+        Fetched::Found(a, bytes) => {
+            prefetched.action = bytes;
+            a
+        }
         Fetched::Missing => return Err(missing_error(&[action_digest])),
     };
     let command_digest = required_digest(
@@ -126,7 +144,10 @@ pub async fn check(ctx: &Context, action_digest: Digest) -> Result<Checked, Stat
     let mut pins = vec![ctx.cas.pin(&all)];
     let mut missing = Vec::new();
     let command = match fetch::<reapi::Command>(ctx, command_digest, "Command").await? {
-        Fetched::Found(c) => Some(c),
+        Fetched::Found(c, bytes) => {
+            prefetched.command = bytes;
+            Some(c)
+        }
         Fetched::Missing => {
             missing.push(command_digest);
             None
@@ -135,9 +156,14 @@ pub async fn check(ctx: &Context, action_digest: Digest) -> Result<Checked, Stat
     let mut queue = VecDeque::from([root]);
     let mut seen = HashSet::from([root]);
     let mut files = Vec::new();
+    let mut tree_bytes = 0usize;
     while let Some(dir_digest) = queue.pop_front() {
         let dir: reapi::Directory = match fetch(ctx, dir_digest, "Directory").await? {
-            Fetched::Found(d) => d,
+            Fetched::Found(d, bytes) => {
+                tree_bytes += bytes.len();
+                prefetched.directories.push((dir_digest, bytes));
+                d
+            }
             Fetched::Missing => {
                 missing.push(dir_digest);
                 continue;
@@ -177,9 +203,14 @@ pub async fn check(ctx: &Context, action_digest: Digest) -> Result<Checked, Stat
     if !missing.is_empty() {
         return Err(missing_error(&missing));
     }
+    if tree_bytes > PREFETCH_TREE_BYTES {
+        // Large trees: the agent asks GetTree instead.
+        prefetched.directories.clear();
+    }
     Ok(Checked {
         action,
         command: command.expect("present when nothing is missing"),
         pin: Pin::new(pins),
+        prefetched,
     })
 }

@@ -4,6 +4,8 @@
 
 mod inputs;
 
+pub use inputs::Prefetched;
+
 use std::pin::Pin;
 use std::time::{Duration, SystemTime};
 
@@ -212,6 +214,7 @@ impl Execution for ExecutionService {
             timeout,
             cacheable: !action.do_not_cache,
             pin: checked.pin,
+            prefetched: checked.prefetched,
             queued_at: SystemTime::now(),
         };
         let waiter = self.scheduler.submit(job).await?;

@@ -57,6 +57,8 @@ pub struct Job {
     /// Keeps the action's inputs in the CAS while it is queued or running.
     pub pin: Pin,
     pub queued_at: SystemTime,
+    /// Sent with the lease so the agent need not fetch them.
+    pub prefetched: crate::execution::Prefetched,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -403,6 +403,7 @@ impl State {
         }
         // Inputs may be evicted again.
         op.job.pin = crate::storage::Pin::new(());
+        op.job.prefetched = Default::default();
         let code = response.status.as_ref().map_or(0, |s| s.code);
         record_outcome(&self.metrics, &response);
         tracing::info!(
@@ -917,6 +918,18 @@ impl State {
                 timeout: prost_types::Duration::try_from(op.job.timeout).ok(),
                 config: op.job.config.clone(),
                 queued_at: Some(prost_types::Timestamp::from(op.job.queued_at)),
+                action: op.job.prefetched.action.clone(),
+                command: op.job.prefetched.command.clone(),
+                directories: op
+                    .job
+                    .prefetched
+                    .directories
+                    .iter()
+                    .map(|(d, data)| fleet::Blob {
+                        digest: Some(d.to_proto()),
+                        data: data.clone(),
+                    })
+                    .collect(),
             })),
         };
         let agent = self

@@ -66,6 +66,7 @@ fn job(n: u8, build: &str, priority: i32) -> Job {
         cacheable: true,
         pin: Pin::new(()),
         queued_at: SystemTime::now(),
+        prefetched: Default::default(),
     }
 }
 

@@ -221,7 +221,8 @@ fn commit_batch(core: &Core, batch: Vec<Request>) {
     // list yet: removed again if the transaction fails.
     let mut placed = Vec::new();
     let result = (|| -> Result<(), Error> {
-        let txn = db!("starting a commit", core.db.begin_write())?;
+        let mut txn = db!("starting a commit", core.db.begin_write())?;
+        let mut durable = false;
         {
             let mut blobs = db!("committing", txn.open_table(BLOBS))?;
             let mut lru = db!("committing", txn.open_table(LRU))?;
@@ -294,6 +295,7 @@ fn commit_batch(core: &Core, batch: Vec<Request>) {
                 // One sync makes every renamed file and its bytes durable
                 // before the index says it is present.
                 sync_filesystem(&core.layout, &placed)?;
+                durable = true;
             }
             for (digest, key) in &new_blobs {
                 db!("committing", blobs.insert(key, (digest.size, now)))?;
@@ -302,6 +304,13 @@ fn commit_batch(core: &Core, batch: Vec<Request>) {
             }
             db!("committing", stats.insert(TOTAL_BYTES, total))?;
             core.total_bytes.store(total, Ordering::Relaxed);
+        }
+        if !durable {
+            // Only Action Cache entries, agent sightings or forgotten
+            // blobs: a crash may lose the last of these (results are then
+            // recomputed), so the commit does not wait for the disk. Blob
+            // entries always do.
+            db!("committing", txn.set_durability(redb::Durability::None))?;
         }
         db!("committing", txn.commit())
     })();
