@@ -166,7 +166,10 @@ impl Scheduler {
     /// Queues an action (or joins an identical one in flight).
     pub async fn submit(&self, job: Job) -> Result<Waiter, Status> {
         let attached = self
-            .call(|reply| state::Msg::Submit { job, reply })
+            .call(|reply| state::Msg::Submit {
+                job: Box::new(job),
+                reply,
+            })
             .await??;
         Ok(self.waiter(attached))
     }

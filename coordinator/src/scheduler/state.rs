@@ -20,7 +20,7 @@ use crate::storage::{ActionCache, FleetMemory};
 
 pub enum Msg {
     Submit {
-        job: Job,
+        job: Box<Job>,
         reply: oneshot::Sender<Result<(String, watch::Receiver<OpState>), Status>>,
     },
     Attach {
@@ -219,7 +219,7 @@ impl State {
     fn handle(&mut self, msg: Msg) {
         match msg {
             Msg::Submit { job, reply } => {
-                let _ = reply.send(self.submit(job));
+                let _ = reply.send(self.submit(*job));
             }
             Msg::Attach { name, reply } => {
                 let attached = self.ops.get_mut(&name).map(|op| {
