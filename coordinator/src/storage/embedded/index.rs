@@ -262,6 +262,7 @@ fn commit_batch(core: &Core, batch: Vec<Request>) {
                         result,
                         reply,
                     } => {
+                        durable = true;
                         db!(
                             "writing the action cache",
                             ac.insert(
@@ -306,10 +307,10 @@ fn commit_batch(core: &Core, batch: Vec<Request>) {
             core.total_bytes.store(total, Ordering::Relaxed);
         }
         if !durable {
-            // Only Action Cache entries, agent sightings or forgotten
-            // blobs: a crash may lose the last of these (results are then
-            // recomputed), so the commit does not wait for the disk. Blob
-            // entries always do.
+            // Only agent sightings or forgotten blobs: a crash may lose the
+            // last of these, so the commit does not wait for the disk.
+            // Blob and Action Cache entries always do: a client was told
+            // they are stored.
             db!("committing", txn.set_durability(redb::Durability::None))?;
         }
         db!("committing", txn.commit())
