@@ -8,6 +8,23 @@ use std::time::{Duration, Instant};
 use common::{ActionSpec, Agent, Coordinator, free_port, tempdir};
 use tonic::Code;
 
+/// A coordinator (with `args`) and one agent with `slots`, connected.
+async fn fleet(
+    args: &[&str],
+    slots: &str,
+) -> (tempfile::TempDir, Coordinator, Agent, common::Client) {
+    let dir = tempdir();
+    let server = Coordinator::start(&dir.path().join("data"), args);
+    let agent = Agent::start(
+        &server.endpoint(),
+        &dir.path().join("agent"),
+        &["--slots", slots],
+    );
+    let mut client = server.client().await;
+    wait_for_fleet(&mut client).await;
+    (dir, server, agent, client)
+}
+
 /// Waits until a trivial action runs, i.e. an agent is connected.
 async fn wait_for_fleet(client: &mut common::Client) {
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -46,15 +63,7 @@ async fn read_pid(path: &std::path::Path) -> i32 {
 
 #[tokio::test]
 async fn an_action_runs_and_its_outputs_come_back() {
-    let dir = tempdir();
-    let server = Coordinator::start(&dir.path().join("data"), &[]);
-    let _agent = Agent::start(
-        &server.endpoint(),
-        &dir.path().join("agent"),
-        &["--slots", "2"],
-    );
-    let mut client = server.client().await;
-    wait_for_fleet(&mut client).await;
+    let (_dir, _server, _agent, mut client) = fleet(&[], "2").await;
 
     let mut spec = ActionSpec::shell(
         "mkdir -p out/tree/sub && cat input.txt > out/copy.txt && echo leaf > out/tree/sub/leaf \
@@ -128,15 +137,7 @@ async fn an_action_runs_and_its_outputs_come_back() {
 
 #[tokio::test]
 async fn unsatisfiable_platforms_fail_fast_with_the_reason() {
-    let dir = tempdir();
-    let server = Coordinator::start(&dir.path().join("data"), &["--startup-grace", "0s"]);
-    let _agent = Agent::start(
-        &server.endpoint(),
-        &dir.path().join("agent"),
-        &["--slots", "1"],
-    );
-    let mut client = server.client().await;
-    wait_for_fleet(&mut client).await;
+    let (_dir, _server, _agent, mut client) = fleet(&["--startup-grace", "0s"], "1").await;
     for (name, value, words) in [
         (
             "OSFamily",
@@ -194,15 +195,7 @@ async fn missing_inputs_are_listed() {
 
 #[tokio::test]
 async fn identical_concurrent_executes_run_once() {
-    let dir = tempdir();
-    let server = Coordinator::start(&dir.path().join("data"), &[]);
-    let _agent = Agent::start(
-        &server.endpoint(),
-        &dir.path().join("agent"),
-        &["--slots", "4"],
-    );
-    let mut client = server.client().await;
-    wait_for_fleet(&mut client).await;
+    let (dir, _server, _agent, mut client) = fleet(&[], "4").await;
     let count = dir.path().join("count");
     let action = client
         .upload_action(&ActionSpec::shell(&format!(
@@ -232,15 +225,7 @@ async fn identical_concurrent_executes_run_once() {
 
 #[tokio::test]
 async fn cancelling_kills_the_action_and_what_it_left_behind() {
-    let dir = tempdir();
-    let server = Coordinator::start(&dir.path().join("data"), &[]);
-    let _agent = Agent::start(
-        &server.endpoint(),
-        &dir.path().join("agent"),
-        &["--slots", "2"],
-    );
-    let mut client = server.client().await;
-    wait_for_fleet(&mut client).await;
+    let (dir, _server, _agent, mut client) = fleet(&[], "2").await;
     let main_pid = dir.path().join("main.pid");
     let daemon_pid = dir.path().join("daemon.pid");
     // The action starts a daemon in its own session, then sleeps.
@@ -292,15 +277,7 @@ async fn cancelling_kills_the_action_and_what_it_left_behind() {
 
 #[tokio::test]
 async fn a_timeout_kills_the_action_and_says_so() {
-    let dir = tempdir();
-    let server = Coordinator::start(&dir.path().join("data"), &[]);
-    let _agent = Agent::start(
-        &server.endpoint(),
-        &dir.path().join("agent"),
-        &["--slots", "1"],
-    );
-    let mut client = server.client().await;
-    wait_for_fleet(&mut client).await;
+    let (dir, _server, _agent, mut client) = fleet(&[], "1").await;
     let pid_file = dir.path().join("slow.pid");
     let mut spec = ActionSpec::shell(&format!(
         "echo $$ > {}; echo started; sleep 300",
@@ -517,15 +494,7 @@ async fn the_fleet_is_remembered_across_a_restart() {
 
 #[tokio::test]
 async fn a_draining_agent_finishes_its_work_and_exits() {
-    let dir = tempdir();
-    let server = Coordinator::start(&dir.path().join("data"), &[]);
-    let agent = Agent::start(
-        &server.endpoint(),
-        &dir.path().join("agent"),
-        &["--slots", "1"],
-    );
-    let mut client = server.client().await;
-    wait_for_fleet(&mut client).await;
+    let (dir, _server, agent, mut client) = fleet(&[], "1").await;
     let marker = dir.path().join("started");
     let action = client
         .upload_action(&ActionSpec::shell(&format!(
@@ -549,15 +518,7 @@ async fn a_draining_agent_finishes_its_work_and_exits() {
 
 #[tokio::test]
 async fn wait_execution_reattaches_and_unknown_operations_are_not_found() {
-    let dir = tempdir();
-    let server = Coordinator::start(&dir.path().join("data"), &[]);
-    let _agent = Agent::start(
-        &server.endpoint(),
-        &dir.path().join("agent"),
-        &["--slots", "1"],
-    );
-    let mut client = server.client().await;
-    wait_for_fleet(&mut client).await;
+    let (_dir, _server, _agent, mut client) = fleet(&[], "1").await;
     let action = client
         .upload_action(&ActionSpec::shell("sleep 2; echo reattached"))
         .await;
@@ -627,15 +588,7 @@ async fn an_input_tree_naming_one_path_twice_is_refused() {
 
 #[tokio::test]
 async fn agents_follow_a_small_batch_limit() {
-    let dir = tempdir();
-    let server = Coordinator::start(&dir.path().join("data"), &["--max-batch-size", "64KiB"]);
-    let _agent = Agent::start(
-        &server.endpoint(),
-        &dir.path().join("agent"),
-        &["--slots", "1"],
-    );
-    let mut client = server.client().await;
-    wait_for_fleet(&mut client).await;
+    let (_dir, _server, _agent, mut client) = fleet(&["--max-batch-size", "64KiB"], "1").await;
     let (_, input) = common::blob(7, 200_000);
     let mut spec = ActionSpec::shell("head -c 100000 input.bin > out.bin");
     spec.inputs = vec![("input.bin".into(), input.clone())];
@@ -657,15 +610,7 @@ async fn agents_follow_a_small_batch_limit() {
 
 #[tokio::test]
 async fn outputs_are_not_collected_through_a_symlinked_directory() {
-    let dir = tempdir();
-    let server = Coordinator::start(&dir.path().join("data"), &[]);
-    let _agent = Agent::start(
-        &server.endpoint(),
-        &dir.path().join("agent"),
-        &["--slots", "1"],
-    );
-    let mut client = server.client().await;
-    wait_for_fleet(&mut client).await;
+    let (dir, _server, _agent, mut client) = fleet(&[], "1").await;
     let secret_dir = dir.path().join("secret");
     std::fs::create_dir(&secret_dir).expect("mkdir");
     std::fs::write(secret_dir.join("key"), "do not upload").expect("write");
