@@ -219,7 +219,11 @@ impl State {
     fn handle(&mut self, msg: Msg) {
         match msg {
             Msg::Submit { job, reply } => {
-                let _ = reply.send(self.submit(*job));
+                // A client that left before the answer counted as a
+                // waiter; take it back so the operation can be abandoned.
+                if let Err(Ok((name, _))) = reply.send(self.submit(*job)) {
+                    self.waiter_gone(&name);
+                }
             }
             Msg::Attach { name, reply } => {
                 let attached = self.ops.get_mut(&name).map(|op| {
@@ -227,7 +231,9 @@ impl State {
                     op.abandoned_since = None;
                     (name.clone(), op.state.subscribe())
                 });
-                let _ = reply.send(attached);
+                if let Err(Some((name, _))) = reply.send(attached) {
+                    self.waiter_gone(&name);
+                }
             }
             Msg::Cancel { name, reply } => {
                 // A merged action keeps running while other clients wait on it.
@@ -242,14 +248,7 @@ impl State {
                     let _ = reply.send(self.cancel(&name, "cancelled by CancelOperation"));
                 }
             }
-            Msg::WaiterGone { name } => {
-                if let Some(op) = self.ops.get_mut(&name) {
-                    op.waiters = op.waiters.saturating_sub(1);
-                    if op.waiters == 0 && op.done_at.is_none() {
-                        op.abandoned_since = Some(Instant::now());
-                    }
-                }
-            }
+            Msg::WaiterGone { name } => self.waiter_gone(&name),
             Msg::Join {
                 register,
                 outgoing,
@@ -273,6 +272,15 @@ impl State {
                 let _ = reply.send(self.snapshot());
             }
             Msg::Completed { name, response } => self.complete(&name, *response),
+        }
+    }
+
+    fn waiter_gone(&mut self, name: &str) {
+        if let Some(op) = self.ops.get_mut(name) {
+            op.waiters = op.waiters.saturating_sub(1);
+            if op.waiters == 0 && op.done_at.is_none() {
+                op.abandoned_since = Some(Instant::now());
+            }
         }
     }
 

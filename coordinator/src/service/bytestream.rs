@@ -42,6 +42,9 @@ struct Session {
     decompressor: Option<Decompressor>,
     /// Bytes received on the wire (compressed bytes for zstd uploads).
     received: u64,
+    /// Set while a chunk is being fed; still set afterwards means the Write
+    /// was dropped half-way and the session no longer matches `received`.
+    feeding: bool,
     last_used: Instant,
 }
 
@@ -53,6 +56,7 @@ impl Session {
             writer: None,
             decompressor: None,
             received: 0,
+            feeding: false,
             last_used: Instant::now(),
         }
     }
@@ -136,6 +140,10 @@ impl ByteStreamService {
         name: &str,
         stream: &mut Streaming<bytestream::WriteRequest>,
     ) -> Result<WriteOutcome, Status> {
+        if session.feeding {
+            // A Write died in the middle of a chunk: start over.
+            *session = Session::new(session.digest, session.compressor);
+        }
         if first.write_offset == 0 && session.received > 0 {
             // The client starts over.
             *session = Session::new(session.digest, session.compressor);
@@ -171,7 +179,9 @@ impl ByteStreamService {
             }
             session.last_used = Instant::now();
             if !msg.data.is_empty() {
+                session.feeding = true;
                 feed(&self.ctx, session, msg.data).await?;
+                session.feeding = false;
             }
             if msg.finish_write {
                 return Ok(WriteOutcome::Finished);
@@ -386,6 +396,7 @@ impl ByteStream for ByteStreamService {
         }
         let committed_size = match self.uploads.get(&session_key(&r)) {
             Some(session) => match session.try_lock() {
+                Ok(s) if s.feeding => 0,
                 Ok(s) => s.received as i64,
                 Err(_) => {
                     return Err(Status::unavailable(
