@@ -56,6 +56,20 @@ impl InUse {
         }
     }
 
+    /// Which of `digests` are being evicted right now (a pin taken now
+    /// does not save them).
+    pub fn evicting_among(&self, digests: &[Digest]) -> Vec<Digest> {
+        let state = self.lock();
+        if state.evicting.is_empty() {
+            return Vec::new();
+        }
+        digests
+            .iter()
+            .filter(|d| state.evicting.contains(d))
+            .copied()
+            .collect()
+    }
+
     /// Whether a blob is read or pinned right now (a hint: it may change
     /// before [`InUse::claim_for_eviction`] decides).
     pub fn is_used(&self, digest: &Digest) -> bool {

@@ -127,8 +127,15 @@ impl Core {
         let blobs = db!("reading the index", txn.open_table(BLOBS))?;
         let mut missing = Vec::new();
         let mut present = Vec::with_capacity(digests.len());
+        // Blobs on their way out count as missing, so a caller that pinned
+        // them first (to run an action) re-uploads them.
+        let evicting = self.in_use.evicting_among(&digests);
         for d in digests {
             if d.is_empty_blob() {
+                continue;
+            }
+            if evicting.contains(&d) {
+                missing.push(d);
                 continue;
             }
             if db!("reading the index", blobs.get(&layout::key(&d)))?.is_some() {
