@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+mod admin;
 mod bench;
 
 use anyhow::Context as _;
@@ -32,6 +33,8 @@ enum Command {
     Agent(AgentArgs),
     /// Measure a REAPI server (Outpost or any other) with plain REAPI calls.
     Bench(bench::BenchArgs),
+    #[command(flatten)]
+    Admin(admin::Admin),
     /// Try Outpost on this machine: a coordinator on 127.0.0.1:8980 with its
     /// data in ./outpost-data and a local agent, and the .bazelrc lines to
     /// use them.
@@ -216,6 +219,10 @@ fn main() -> ExitCode {
         Command::Bench(args) => {
             let args = args.clone();
             return launch("warn", bench::run(args));
+        }
+        Command::Admin(admin) => {
+            let admin = admin.clone();
+            return launch("warn", admin::run(admin));
         }
     };
     let base = if up {

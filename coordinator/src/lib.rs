@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod scheduler;
 mod server;
 pub mod service;
+mod status;
 pub mod storage;
 
 pub use config::Config;

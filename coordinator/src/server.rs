@@ -5,7 +5,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use axum::routing::get;
+use axum::extract::Path;
+use axum::http::StatusCode;
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
 use outpost_proto::bytestream::byte_stream_server::ByteStreamServer;
 use outpost_proto::reapi::action_cache_server::ActionCacheServer;
 use outpost_proto::reapi::capabilities_server::CapabilitiesServer;
@@ -163,6 +166,7 @@ impl Coordinator {
                     .max_decoding_message_size(64 << 20)
                     .max_encoding_message_size(64 << 20),
             );
+        let scheduler_for_pages = scheduler.clone();
         let scheduler_for_ready = scheduler;
         let store = self.store.clone();
         let scrape = move || {
@@ -201,7 +205,8 @@ impl Coordinator {
                 .into_axum_router()
                 .route("/healthz", get(|| async { "ok\n" }))
                 .route("/readyz", get(ready))
-                .route("/metrics", get(scrape)),
+                .route("/metrics", get(scrape))
+                .merge(status_routes(scheduler_for_pages, Arc::clone(&ctx.cas))),
         );
         let incoming = TcpIncoming::from(self.listener).with_nodelay(Some(true));
         tracing::info!("coordinator listening on {addr}");
@@ -239,4 +244,88 @@ impl Coordinator {
         tracing::info!("stopped");
         Ok(())
     }
+}
+
+/// Blobs larger than this are not shown on the status page.
+const MAX_LOG_VIEW: u64 = 16 << 20;
+
+/// The status page, the admin views behind `outpost fleet`/`queue`, drain
+/// and undrain, and stdout/stderr links.
+fn status_routes(scheduler: Scheduler, cas: Arc<dyn crate::storage::Cas>) -> axum::Router {
+    async fn snapshot(s: &Scheduler) -> Result<crate::scheduler::Snapshot, Response> {
+        s.snapshot()
+            .await
+            .map_err(|e| (StatusCode::SERVICE_UNAVAILABLE, e.message().to_owned()).into_response())
+    }
+    let page = {
+        let s = scheduler.clone();
+        move || async move {
+            snapshot(&s)
+                .await
+                .map(|snap| Html(crate::status::page(&snap)))
+        }
+    };
+    let fleet = {
+        let s = scheduler.clone();
+        move || async move {
+            snapshot(&s)
+                .await
+                .map(|snap| crate::status::fleet_text(&snap))
+        }
+    };
+    let queue = {
+        let s = scheduler.clone();
+        move || async move {
+            snapshot(&s)
+                .await
+                .map(|snap| crate::status::queue_text(&snap))
+        }
+    };
+    let drain = |draining: bool| {
+        let s = scheduler.clone();
+        move |Path(id): Path<String>| async move {
+            match s.set_draining(&id, draining).await {
+                Ok(()) => (
+                    StatusCode::OK,
+                    format!("{id}: {}\n", if draining { "draining" } else { "ready" }),
+                ),
+                Err(e) => (StatusCode::NOT_FOUND, format!("{}\n", e.message())),
+            }
+        }
+    };
+    let blob = move |Path((hash, size)): Path<(String, String)>| {
+        let cas = Arc::clone(&cas);
+        async move {
+            let digest = outpost_proto::digest::Digest::parse(
+                &hash,
+                &size,
+                outpost_proto::digest::Function::Sha256,
+            )
+            .map_err(|e| (StatusCode::BAD_REQUEST, e.to_string()))?;
+            if digest.size > MAX_LOG_VIEW {
+                return Err((
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("{digest} is too large to show"),
+                ));
+            }
+            match cas.read_all(digest).await {
+                Ok(Some(bytes)) => Ok((
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        "text/plain; charset=utf-8",
+                    )],
+                    bytes,
+                )),
+                Ok(None) => Err((StatusCode::NOT_FOUND, format!("{digest} is not in the CAS"))),
+                Err(e) => Err((StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
+            }
+        }
+    };
+    axum::Router::new()
+        .route("/", get(page))
+        .route("/api/fleet", get(fleet))
+        .route("/api/queue", get(queue))
+        .route("/api/agents/{id}/drain", post(drain(true)))
+        .route("/api/agents/{id}/undrain", post(drain(false)))
+        .route("/blobs/{hash}/{size}", get(blob))
 }

@@ -226,6 +226,17 @@ impl Scheduler {
             .await;
     }
 
+    /// Stops (or resumes) giving an agent new work; what it runs finishes.
+    pub async fn set_draining(&self, agent_id: &str, draining: bool) -> Result<(), Status> {
+        let agent_id = agent_id.to_owned();
+        self.call(|reply| state::Msg::SetDraining {
+            agent_id,
+            draining,
+            reply,
+        })
+        .await?
+    }
+
     /// A snapshot for status pages and tests.
     pub async fn snapshot(&self) -> Result<Snapshot, Status> {
         self.call(|reply| state::Msg::Snapshot { reply }).await
@@ -238,6 +249,10 @@ pub struct Snapshot {
     pub queued: usize,
     pub executing: usize,
     pub agents: Vec<AgentSummary>,
+    /// Queued actions per requirement set.
+    pub queue: Vec<(String, usize)>,
+    /// The most recent finished actions, newest first.
+    pub recent: Vec<RecentAction>,
 }
 
 #[derive(Clone, Debug)]
@@ -248,4 +263,28 @@ pub struct AgentSummary {
     pub slots: u32,
     pub used_slots: u32,
     pub draining: bool,
+    /// `OSFamily/Arch`, OS version, isolation backends, GPUs.
+    pub platform: String,
+    pub os_version: String,
+    pub isolation: Vec<String>,
+    pub gpus: Vec<String>,
+    pub last_heartbeat: std::time::Duration,
+}
+
+/// One finished action, for the status page.
+#[derive(Clone, Debug)]
+pub struct RecentAction {
+    pub operation: String,
+    pub action_digest: Digest,
+    pub worker: String,
+    pub exit_code: Option<i32>,
+    /// Empty when the action ran; otherwise why it did not (or timed out).
+    pub error: String,
+    pub queued: Option<Duration>,
+    pub fetch: Option<Duration>,
+    pub execution: Option<Duration>,
+    pub upload: Option<Duration>,
+    pub stdout: Option<Digest>,
+    pub stderr: Option<Digest>,
+    pub finished: SystemTime,
 }

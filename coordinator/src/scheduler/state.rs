@@ -49,6 +49,11 @@ pub enum Msg {
     Snapshot {
         reply: oneshot::Sender<Snapshot>,
     },
+    SetDraining {
+        agent_id: String,
+        draining: bool,
+        reply: oneshot::Sender<Result<(), Status>>,
+    },
     /// An operation's result is stored; tell its clients.
     Completed {
         name: String,
@@ -57,6 +62,36 @@ pub enum Msg {
 }
 
 const TICK: Duration = Duration::from_millis(250);
+/// How an agent describes itself, for people.
+#[derive(Clone, Default)]
+struct Description {
+    platform: String,
+    os_version: String,
+    isolation: Vec<String>,
+    gpus: Vec<String>,
+}
+
+impl Description {
+    fn of(caps: &fleet::Capabilities) -> Description {
+        let get = |name: &str| {
+            caps.properties
+                .iter()
+                .find(|p| p.name == name)
+                .map_or("?", |p| p.value.as_str())
+                .to_owned()
+        };
+        Description {
+            platform: format!("{}/{}", get("OSFamily"), get("Arch")),
+            os_version: caps.os_version.clone(),
+            isolation: caps.isolation.clone(),
+            gpus: caps.gpus.iter().map(|g| g.model.clone()).collect(),
+        }
+    }
+}
+
+/// Finished actions kept for the status page.
+const RECENT: usize = 100;
+
 /// Infrastructure failures in a row after which an agent gets no more work.
 const QUARANTINE_AFTER: u32 = 5;
 /// How often a connected agent's "last seen" is written down.
@@ -81,6 +116,8 @@ type MergeKey = (String, Digest);
 
 struct Agent {
     hostname: String,
+    /// What the status page shows.
+    description: Description,
     offer: Offer,
     /// Encoded properties and resources, as remembered across restarts.
     remembered: bytes::Bytes,
@@ -130,6 +167,7 @@ struct State {
     leases: HashMap<String, Lease>,
     /// Offers of agents seen recently, for the could-ever-run check.
     seen: HashMap<String, (Offer, Instant)>,
+    recent: std::collections::VecDeque<super::RecentAction>,
 }
 
 pub async fn run(
@@ -159,6 +197,7 @@ pub async fn run(
         agents: HashMap::new(),
         leases: HashMap::new(),
         seen,
+        recent: std::collections::VecDeque::new(),
     };
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -272,6 +311,26 @@ impl State {
                 let _ = reply.send(self.snapshot());
             }
             Msg::Completed { name, response } => self.complete(&name, *response),
+            Msg::SetDraining {
+                agent_id,
+                draining,
+                reply,
+            } => {
+                let result = match self.agents.get_mut(&agent_id) {
+                    Some(agent) => {
+                        tracing::info!(agent_id, draining, "drain changed by an operator");
+                        agent.draining = draining;
+                        Ok(())
+                    }
+                    None => Err(Status::not_found(format!(
+                        "no agent {agent_id:?} is connected; `outpost fleet` lists them"
+                    ))),
+                };
+                let _ = reply.send(result);
+                if !draining {
+                    self.dispatch_all();
+                }
+            }
         }
     }
 
@@ -298,8 +357,19 @@ impl State {
                     slots: a.slots,
                     used_slots: a.used_slots,
                     draining: a.draining,
+                    platform: a.description.platform.clone(),
+                    os_version: a.description.os_version.clone(),
+                    isolation: a.description.isolation.clone(),
+                    gpus: a.description.gpus.clone(),
+                    last_heartbeat: a.last_heartbeat.elapsed(),
                 })
                 .collect(),
+            queue: self
+                .queue
+                .iter()
+                .map(|(req, builds)| (req.to_string(), builds.values().map(BTreeMap::len).sum()))
+                .collect(),
+            recent: self.recent.iter().cloned().collect(),
         }
     }
 
@@ -414,6 +484,9 @@ impl State {
         op.job.prefetched = Default::default();
         let code = response.status.as_ref().map_or(0, |s| s.code);
         record_outcome(&self.metrics, &response);
+        let recent = recent_action(name, op.job.action_digest, &response);
+        self.recent.push_front(recent);
+        self.recent.truncate(RECENT);
         tracing::info!(
             operation = %name,
             action_digest = %op.job.action_digest,
@@ -508,6 +581,7 @@ impl State {
                 }
             }
             agent.hostname = register.hostname.clone();
+            agent.description = Description::of(&caps);
             agent.offer = offer.clone();
             agent.remembered = remembered;
             agent.remembered_at = Instant::now();
@@ -522,6 +596,7 @@ impl State {
                 register.agent_id.clone(),
                 Agent {
                     hostname: register.hostname.clone(),
+                    description: Description::of(&caps),
                     offer: offer.clone(),
                     remembered,
                     remembered_at: Instant::now(),
@@ -1091,6 +1166,50 @@ fn duration_between(
     let a = std::time::SystemTime::try_from(*a).ok()?;
     let b = std::time::SystemTime::try_from(*b).ok()?;
     b.duration_since(a).ok()
+}
+
+fn recent_action(
+    name: &str,
+    digest: Digest,
+    response: &reapi::ExecuteResponse,
+) -> super::RecentAction {
+    let result = response.result.as_ref();
+    let meta = result.and_then(|r| r.execution_metadata.as_ref());
+    let span =
+        |from: fn(&reapi::ExecutedActionMetadata) -> &Option<prost_types::Timestamp>,
+         to: fn(&reapi::ExecutedActionMetadata) -> &Option<prost_types::Timestamp>| {
+            meta.and_then(|m| duration_between(from(m), to(m)))
+        };
+    let digest_of =
+        |d: Option<&reapi::Digest>| d.and_then(|d| Digest::from_proto(d, digest.function).ok());
+    super::RecentAction {
+        operation: name.to_owned(),
+        action_digest: digest,
+        worker: meta.map(|m| m.worker.clone()).unwrap_or_default(),
+        exit_code: result.map(|r| r.exit_code),
+        error: response
+            .status
+            .as_ref()
+            .filter(|s| s.code != 0)
+            .map(|s| s.message.clone())
+            .unwrap_or_default(),
+        queued: span(|m| &m.queued_timestamp, |m| &m.worker_start_timestamp),
+        fetch: span(
+            |m| &m.input_fetch_start_timestamp,
+            |m| &m.input_fetch_completed_timestamp,
+        ),
+        execution: span(
+            |m| &m.execution_start_timestamp,
+            |m| &m.execution_completed_timestamp,
+        ),
+        upload: span(
+            |m| &m.output_upload_start_timestamp,
+            |m| &m.output_upload_completed_timestamp,
+        ),
+        stdout: digest_of(result.and_then(|r| r.stdout_digest.as_ref())),
+        stderr: digest_of(result.and_then(|r| r.stderr_digest.as_ref())),
+        finished: std::time::SystemTime::now(),
+    }
 }
 
 /// Counts a finished operation by outcome and records its stage times.
