@@ -105,6 +105,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         .with_context(|| format!("coordinator address {:?}", config.coordinator))?
         .connect_timeout(Duration::from_secs(10))
         .tcp_nodelay(true)
+        .initial_stream_window_size(Some(8 << 20))
+        .initial_connection_window_size(Some(16 << 20))
+        .max_frame_size(Some(1 << 20))
         .http2_keep_alive_interval(Duration::from_secs(30))
         .keep_alive_while_idle(true)
         .connect_lazy();

@@ -217,6 +217,9 @@ impl Coordinator {
             // from tying up the server.
             .initial_stream_window_size(Some(8 << 20))
             .initial_connection_window_size(Some(32 << 20))
+            // Fewer, larger frames for blob uploads (peers may send up to
+            // this; the HTTP/2 default is 16 KiB).
+            .max_frame_size(Some(1 << 20))
             .max_concurrent_streams(Some(4096))
             // Dead peers (half-open connections) are noticed, so their
             // uploads and agent streams do not hang on forever.

@@ -99,6 +99,7 @@ pub async fn channels(endpoint: &str, n: usize) -> anyhow::Result<Vec<Channel>> 
             .connect_timeout(Duration::from_secs(10))
             .initial_connection_window_size(Some(16 << 20))
             .initial_stream_window_size(Some(8 << 20))
+            .max_frame_size(Some(1 << 20))
             .connect()
             .await
             .with_context(|| format!("cannot connect to {endpoint}"))?;
