@@ -5,6 +5,7 @@
 # On a fresh Debian/Ubuntu machine it first installs what the tests need:
 #   bazel-bootstrap  Bazel 4.2.3 for the end-to-end build (needs a JDK, pulled in by apt)
 #   util-linux       unshare, for the full-disk test's private tmpfs
+#   chromium         headless, to look at the status page
 #   cargo-nextest    the test runner (falls back to cargo test if it cannot be installed)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,6 +23,7 @@ apt_install() {
 missing=()
 command -v bazel >/dev/null 2>&1 || missing+=(bazel-bootstrap)
 command -v unshare >/dev/null 2>&1 || missing+=(util-linux)
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 if [ ${#missing[@]} -gt 0 ]; then
   apt_install "${missing[@]}"
 fi
@@ -42,5 +44,5 @@ say "cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
 
 say "tests"
-# The end-to-end Bazel test must run, not skip, here.
-OUTPOST_REQUIRE_BAZEL=1 "${runner[@]}" "$@"
+# The end-to-end Bazel and browser tests must run, not skip, here.
+OUTPOST_REQUIRE_BAZEL=1 OUTPOST_REQUIRE_CHROMIUM=1 "${runner[@]}" "$@"
