@@ -71,55 +71,52 @@ async fn referenced_blobs(
     result: &reapi::ActionResult,
     function: Function,
 ) -> Result<Option<Vec<Digest>>, Status> {
-    {
-        let mut blobs = Vec::new();
-        for f in &result.output_files {
-            blobs.extend(optional_digest(
-                f.digest.as_ref(),
-                function,
-                "output_files.digest",
-            )?);
-        }
+    let mut blobs = Vec::new();
+    for f in &result.output_files {
         blobs.extend(optional_digest(
-            result.stdout_digest.as_ref(),
+            f.digest.as_ref(),
             function,
-            "stdout_digest",
+            "output_files.digest",
         )?);
-        blobs.extend(optional_digest(
-            result.stderr_digest.as_ref(),
-            function,
-            "stderr_digest",
-        )?);
-        for dir in &result.output_directories {
-            let Some(tree_digest) =
-                optional_digest(dir.tree_digest.as_ref(), function, "tree_digest")?
-            else {
-                continue;
-            };
-            blobs.push(tree_digest);
-            let Some(bytes) = ctx
-                .cas
-                .read_all(tree_digest)
-                .await
-                .map_err(storage_status)?
-            else {
-                return Ok(None);
-            };
-            let tree = reapi::Tree::decode(bytes).map_err(|e| {
-                Status::internal(format!("stored tree {tree_digest} does not decode: {e}"))
-            })?;
-            for directory in tree.root.iter().chain(&tree.children) {
-                for file in &directory.files {
-                    blobs.extend(optional_digest(
-                        file.digest.as_ref(),
-                        function,
-                        "tree file digest",
-                    )?);
-                }
+    }
+    blobs.extend(optional_digest(
+        result.stdout_digest.as_ref(),
+        function,
+        "stdout_digest",
+    )?);
+    blobs.extend(optional_digest(
+        result.stderr_digest.as_ref(),
+        function,
+        "stderr_digest",
+    )?);
+    for dir in &result.output_directories {
+        let Some(tree_digest) = optional_digest(dir.tree_digest.as_ref(), function, "tree_digest")?
+        else {
+            continue;
+        };
+        blobs.push(tree_digest);
+        let Some(bytes) = ctx
+            .cas
+            .read_all(tree_digest)
+            .await
+            .map_err(storage_status)?
+        else {
+            return Ok(None);
+        };
+        let tree = reapi::Tree::decode(bytes).map_err(|e| {
+            Status::internal(format!("stored tree {tree_digest} does not decode: {e}"))
+        })?;
+        for directory in tree.root.iter().chain(&tree.children) {
+            for file in &directory.files {
+                blobs.extend(optional_digest(
+                    file.digest.as_ref(),
+                    function,
+                    "tree file digest",
+                )?);
             }
         }
-        Ok(Some(blobs))
     }
+    Ok(Some(blobs))
 }
 
 fn validate_result(result: &reapi::ActionResult, function: Function) -> Result<(), Status> {
