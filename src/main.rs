@@ -64,6 +64,9 @@ struct AgentArgs {
     /// Bound on the local input cache, e.g. 20GiB [default: 10GiB].
     #[arg(long, env = "OUTPOST_CACHE_SIZE")]
     cache_size: Option<ByteSize>,
+    /// Serve /metrics, /healthz and /readyz on HOST:PORT [default: no port].
+    #[arg(long, env = "OUTPOST_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
     /// Log filter [default: info].
     #[arg(long, env = "OUTPOST_LOG")]
     log: Option<String>,
@@ -88,6 +91,9 @@ impl AgentArgs {
             config.pool = self.pool.clone();
         }
         overlay(&mut config.cache_size, self.cache_size);
+        if self.metrics_listen.is_some() {
+            config.metrics_listen = self.metrics_listen;
+        }
         overlay(&mut config.log, self.log.clone());
         config.validate()?;
         Ok(config)

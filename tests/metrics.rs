@@ -120,3 +120,44 @@ async fn metrics_parse_and_move_when_actions_run() {
         "no queue length series"
     );
 }
+
+#[tokio::test]
+async fn the_agent_serves_metrics_only_when_asked() {
+    let dir = tempdir();
+    let server = Coordinator::start(&dir.path().join("data"), &[]);
+    let port = common::free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let agent = Agent::start(
+        &server.endpoint(),
+        &dir.path().join("agent"),
+        &["--slots", "1", "--metrics-listen", &listen],
+    );
+    agent
+        .wait_for(
+            "registered with the coordinator",
+            std::time::Duration::from_secs(30),
+        )
+        .await;
+    let addr: std::net::SocketAddr = listen.parse().expect("addr");
+    assert_eq!(get(addr, "/readyz").await.0, 200);
+    let mut client = server.client().await;
+    let ok = client.upload_action(&ActionSpec::shell("true")).await;
+    client.execute(&ok, true).await.expect("execute");
+    // The lease's task finishes a moment after the result went out.
+    let mut samples = HashMap::new();
+    for _ in 0..100 {
+        let (status, text) = get(addr, "/metrics").await;
+        assert_eq!(status, 200);
+        samples = parse(&text);
+        if value(&samples, "outpost_agent_running") == 0.0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        value(&samples, "outpost_agent_actions_total{outcome=\"success\"}"),
+        1.0
+    );
+    assert_eq!(value(&samples, "outpost_agent_connected"), 1.0);
+    assert_eq!(value(&samples, "outpost_agent_running"), 0.0);
+}

@@ -22,6 +22,9 @@ pub struct Config {
     pub pool: Option<String>,
     /// Bound on the local input cache.
     pub cache_size: ByteSize,
+    /// Serve /metrics, /healthz and /readyz here; none when unset (the agent
+    /// then listens on no port at all).
+    pub metrics_listen: Option<std::net::SocketAddr>,
     /// Log filter.
     pub log: String,
 }
@@ -35,6 +38,7 @@ impl Default for Config {
             labels: Vec::new(),
             pool: None,
             cache_size: ByteSize(10 << 30),
+            metrics_listen: None,
             log: "info".to_owned(),
         }
     }

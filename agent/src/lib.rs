@@ -14,6 +14,7 @@ pub mod error;
 pub mod exec;
 pub mod host;
 pub mod link;
+pub mod metrics;
 pub mod remote;
 
 use std::path::{Path, PathBuf};
@@ -120,6 +121,16 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         actions_dir,
         reaper,
     });
+    let metrics = metrics::Metrics::new();
+    if let Some(addr) = config.metrics_listen {
+        let listener = metrics::bind(addr).await?;
+        let (metrics, shutdown) = (std::sync::Arc::clone(&metrics), shutdown.clone());
+        tokio::spawn(async move {
+            if let Err(e) = metrics::serve(listener, metrics, shutdown).await {
+                tracing::error!("{e:#}");
+            }
+        });
+    }
     let (outbox_tx, outbox) = tokio::sync::mpsc::channel(1024);
     let link = link::Link {
         channel,
@@ -136,6 +147,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         outbox_tx,
         outbox,
         reported: link::Reported::default(),
+        metrics,
     };
     link.run(shutdown).await;
     tracing::info!("agent stopped");

@@ -50,6 +50,7 @@ pub struct Link {
     /// Results sent (or waiting to be sent) that the coordinator has not
     /// yet confirmed; see [`Reported`].
     pub reported: Reported,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// Finished leases whose results may not have reached the coordinator (the
@@ -82,7 +83,9 @@ impl Link {
         let mut backoff = BACKOFF_START;
         loop {
             let mut registered = false;
-            match self.session(&shutdown, &mut registered).await {
+            let end = self.session(&shutdown, &mut registered).await;
+            self.metrics.set_connected(false);
+            match end {
                 End::Done => return,
                 End::Broken(why) => {
                     if registered {
@@ -140,6 +143,7 @@ impl Link {
             Err(s) => return End::Broken(describe(&s)),
         };
         *registered = true;
+        self.metrics.set_connected(true);
         self.executor
             .remote
             .learn_limits(self.channel.clone())
@@ -234,7 +238,10 @@ impl Link {
         let outbox = self.outbox_tx.clone();
         let running = self.running.clone();
         let reported = self.reported.clone();
+        let metrics = Arc::clone(&self.metrics);
+        metrics.running.inc();
         tokio::spawn(async move {
+            let _running = RunningGauge(Arc::clone(&metrics));
             let id = lease.lease_id.clone();
             let _ = outbox
                 .send(ToCoordinator::LeaseAccepted(fleet::LeaseAccepted {
@@ -255,6 +262,7 @@ impl Link {
                     timed_out: ran.timed_out,
                 },
                 Err(Error::Cancelled) => {
+                    metrics.finished("cancelled");
                     running.lock().remove(&id);
                     return;
                 }
@@ -268,6 +276,7 @@ impl Link {
                     }
                 }
             };
+            metrics.finished(outcome_of(&message));
             // Kept until confirmed, and queued before the lease stops
             // counting as running, so neither a link break nor a drain
             // loses it.
@@ -277,6 +286,24 @@ impl Link {
             let _ = outbox.send(ToCoordinator::LeaseResult(message)).await;
             running.lock().remove(&id);
         });
+    }
+}
+
+/// Counts a running lease down however its task ends.
+struct RunningGauge(Arc<crate::metrics::Metrics>);
+
+impl Drop for RunningGauge {
+    fn drop(&mut self) {
+        self.0.running.dec();
+    }
+}
+
+fn outcome_of(r: &fleet::LeaseResult) -> &'static str {
+    match &r.outcome {
+        Some(fleet::lease_result::Outcome::Result(_)) if r.timed_out => "timeout",
+        Some(fleet::lease_result::Outcome::Result(a)) if a.exit_code == 0 => "success",
+        Some(fleet::lease_result::Outcome::Result(_)) => "failed",
+        _ => "error",
     }
 }
 
