@@ -235,21 +235,7 @@ async fn cancelling_kills_the_action_and_what_it_left_behind() {
         m = main_pid.display()
     );
     let action = client.upload_action(&ActionSpec::shell(&script)).await;
-    let mut stream = client
-        .execution
-        .execute(outpost_proto::reapi::ExecuteRequest {
-            action_digest: Some(action.to_proto()),
-            skip_cache_lookup: true,
-            ..Default::default()
-        })
-        .await
-        .expect("execute")
-        .into_inner();
-    let first = stream
-        .message()
-        .await
-        .expect("stream")
-        .expect("an operation");
+    let (stream, first) = client.start_execute(&action).await;
     let main = read_pid(&main_pid).await;
     let daemon = read_pid(&daemon_pid).await;
     assert!(pid_alive(main) && pid_alive(daemon));
@@ -522,21 +508,7 @@ async fn wait_execution_reattaches_and_unknown_operations_are_not_found() {
     let action = client
         .upload_action(&ActionSpec::shell("sleep 2; echo reattached"))
         .await;
-    let mut stream = client
-        .execution
-        .execute(outpost_proto::reapi::ExecuteRequest {
-            action_digest: Some(action.to_proto()),
-            skip_cache_lookup: true,
-            ..Default::default()
-        })
-        .await
-        .expect("execute")
-        .into_inner();
-    let first = stream
-        .message()
-        .await
-        .expect("stream")
-        .expect("an operation");
+    let (stream, first) = client.start_execute(&action).await;
     assert!(!first.done);
     // The client's stream breaks; it comes back by name.
     drop(stream);

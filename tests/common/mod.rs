@@ -451,6 +451,35 @@ impl Client {
     }
 }
 
+impl Client {
+    /// Starts executing (no cache lookup) and returns the stream with its
+    /// first operation message already read.
+    pub async fn start_execute(
+        &mut self,
+        action: &Digest,
+    ) -> (
+        tonic::Streaming<outpost_proto::longrunning::Operation>,
+        outpost_proto::longrunning::Operation,
+    ) {
+        let mut stream = self
+            .execution
+            .execute(reapi::ExecuteRequest {
+                action_digest: Some(action.to_proto()),
+                skip_cache_lookup: true,
+                ..Default::default()
+            })
+            .await
+            .expect("execute")
+            .into_inner();
+        let first = stream
+            .message()
+            .await
+            .expect("stream")
+            .expect("an operation");
+        (stream, first)
+    }
+}
+
 /// Reads an operation stream to its end.
 pub async fn follow(
     mut stream: tonic::Streaming<outpost_proto::longrunning::Operation>,

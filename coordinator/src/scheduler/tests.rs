@@ -156,6 +156,12 @@ fn digest_of(lease: &fleet::Lease) -> Digest {
     Digest::from_proto_opt(lease.action_digest.as_ref(), Function::Sha256).expect("digest")
 }
 
+/// Gives the scheduler a moment, then checks the operation did not finish.
+async fn still_executing(waiter: &Waiter, why: &str) {
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(waiter.state.borrow().stage, Stage::Executing, "{why}");
+}
+
 async fn finished(waiter: &mut Waiter) -> reapi::ExecuteResponse {
     let state = tokio::time::timeout(
         Duration::from_secs(5),
@@ -181,12 +187,7 @@ async fn a_reconnecting_agent_resumes_its_lease() {
     assert_eq!(a2.registered.resumed_leases, vec![lease.lease_id.clone()]);
     // The old session can no longer report; the new one can.
     a.finish(&f.scheduler, &lease).await;
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    assert_eq!(
-        waiter.state.borrow().stage,
-        Stage::Executing,
-        "a stale session completed the lease"
-    );
+    still_executing(&waiter, "a stale session completed the lease").await;
     a2.finish(&f.scheduler, &lease).await;
     let response = finished(&mut waiter).await;
     assert_eq!(response.result.expect("result").exit_code, 0);
@@ -209,12 +210,7 @@ async fn a_lost_agents_lease_is_fenced_and_retried_elsewhere() {
         .expect("rejoin");
     assert!(a2.registered.resumed_leases.is_empty());
     a2.finish(&f.scheduler, &first).await;
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    assert_eq!(
-        waiter.state.borrow().stage,
-        Stage::Executing,
-        "a fenced result completed the operation"
-    );
+    still_executing(&waiter, "a fenced result completed the operation").await;
     b.finish(&f.scheduler, &second).await;
     assert_eq!(
         finished(&mut waiter)
