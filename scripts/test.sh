@@ -4,7 +4,10 @@
 #
 # On a fresh Debian/Ubuntu machine it first installs what the tests need:
 #   bazel-bootstrap  Bazel 4.2.3 for the end-to-end build (needs a JDK, pulled in by apt)
-#   util-linux       unshare, for the full-disk test's private tmpfs
+#   util-linux       unshare and setpriv: the full-disk test's private tmpfs,
+#                    the sandbox suite's unprivileged agent
+#   python3          (Debian's, in /usr/bin: what sandboxed actions can see)
+#                    for the sandbox suite's ptrace attempts
 #   chromium         headless, to look at the status page
 #   cargo-nextest    the test runner (falls back to cargo test if it cannot be installed)
 set -euo pipefail
@@ -23,6 +26,8 @@ apt_install() {
 missing=()
 command -v bazel >/dev/null 2>&1 || missing+=(bazel-bootstrap)
 command -v unshare >/dev/null 2>&1 || missing+=(util-linux)
+command -v setpriv >/dev/null 2>&1 || missing+=(util-linux)
+[ -x /usr/bin/python3 ] || missing+=(python3)
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 if [ ${#missing[@]} -gt 0 ]; then
   apt_install "${missing[@]}"

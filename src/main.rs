@@ -7,8 +7,10 @@ use std::process::ExitCode;
 
 mod admin;
 mod bench;
+mod logging;
+mod reload;
+mod supervisor;
 
-use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use outpost_coordinator::config::{ByteSize, Span};
 use outpost_coordinator::{Config, Coordinator};
@@ -41,7 +43,7 @@ enum Command {
     Up(CoordinatorArgs),
 }
 
-#[derive(Args)]
+#[derive(Args, Clone)]
 struct AgentArgs {
     /// YAML config file (see docs/configuration.md).
     #[arg(long, env = "OUTPOST_CONFIG")]
@@ -67,12 +69,37 @@ struct AgentArgs {
     /// Serve /metrics, /healthz and /readyz on HOST:PORT [default: no port].
     #[arg(long, env = "OUTPOST_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
+    /// Isolation backends, the default first: linux-sandbox, none [default: linux-sandbox on Linux].
+    #[arg(long, env = "OUTPOST_ISOLATION", value_delimiter = ',')]
+    isolation: Vec<String>,
+    /// Let sandboxed actions that ask (dockerNetwork=bridge) use the host's network.
+    #[arg(long, env = "OUTPOST_ALLOW_NETWORK")]
+    allow_network: Option<bool>,
+    /// Extra host path shown read-only in the sandbox (repeatable).
+    #[arg(
+        long = "sandbox-mount",
+        env = "OUTPOST_SANDBOX_MOUNTS",
+        value_delimiter = ','
+    )]
+    sandbox_mounts: Vec<PathBuf>,
+    /// Memory one action may use, e.g. 8GiB [default: the host's memory].
+    #[arg(long, env = "OUTPOST_ACTION_MEMORY_LIMIT")]
+    action_memory_limit: Option<ByteSize>,
+    /// Processes and threads one action may have; 0 for no limit [default: 8192].
+    #[arg(long, env = "OUTPOST_ACTION_PIDS_LIMIT")]
+    action_pids_limit: Option<u64>,
+    /// CPUs one action may use, e.g. 2 or 0.5 [default: no limit].
+    #[arg(long, env = "OUTPOST_ACTION_CPU_LIMIT")]
+    action_cpu_limit: Option<f64>,
     /// Log filter [default: info].
     #[arg(long, env = "OUTPOST_LOG")]
     log: Option<String>,
     /// Print the effective configuration as YAML and exit.
     #[arg(long)]
     print_config: bool,
+    /// Reload when the --config file changes, not only at SIGHUP.
+    #[arg(long, env = "OUTPOST_WATCH_CONFIG", requires = "config")]
+    watch_config: bool,
 }
 
 impl AgentArgs {
@@ -94,13 +121,27 @@ impl AgentArgs {
         if self.metrics_listen.is_some() {
             config.metrics_listen = self.metrics_listen;
         }
+        if !self.isolation.is_empty() {
+            config.isolation = self.isolation.clone();
+        }
+        overlay(&mut config.allow_network, self.allow_network);
+        if !self.sandbox_mounts.is_empty() {
+            config.sandbox_mounts = self.sandbox_mounts.clone();
+        }
+        if self.action_memory_limit.is_some() {
+            config.action_memory_limit = self.action_memory_limit;
+        }
+        overlay(&mut config.action_pids_limit, self.action_pids_limit);
+        if self.action_cpu_limit.is_some() {
+            config.action_cpu_limit = self.action_cpu_limit;
+        }
         overlay(&mut config.log, self.log.clone());
         config.validate()?;
         Ok(config)
     }
 }
 
-#[derive(Args)]
+#[derive(Args, Clone)]
 struct CoordinatorArgs {
     /// YAML config file (see docs/configuration.md).
     #[arg(long, env = "OUTPOST_CONFIG")]
@@ -153,6 +194,9 @@ struct CoordinatorArgs {
     /// Print the effective configuration as YAML and exit.
     #[arg(long)]
     print_config: bool,
+    /// Reload when the --config file changes, not only at SIGHUP.
+    #[arg(long, env = "OUTPOST_WATCH_CONFIG", requires = "config")]
+    watch_config: bool,
 }
 
 impl CoordinatorArgs {
@@ -209,12 +253,17 @@ fn overlay<T>(slot: &mut T, value: Option<T>) {
 
 fn main() -> ExitCode {
     let argv: Vec<String> = std::env::args().collect();
-    // The reaper stub runs in front of every action: no flag parsing, no
-    // logging, no runtime.
+    // The reaper and sandbox stubs run in front of every action: no flag
+    // parsing, no logging, no runtime (the sandbox must be single-threaded).
     if argv.get(1).map(String::as_str) == Some("__reap") {
         let rest = argv.get(2..).unwrap_or_default();
         let rest = rest.strip_prefix(&["--".to_owned()]).unwrap_or(rest);
         let code = outpost_sandbox::reaper::main(rest);
+        return ExitCode::from(u8::try_from(code).unwrap_or(1));
+    }
+    #[cfg(target_os = "linux")]
+    if argv.get(1).map(String::as_str) == Some("__sandbox") {
+        let code = outpost_sandbox::linux::stub::main(argv.get(2..).unwrap_or_default());
         return ExitCode::from(u8::try_from(code).unwrap_or(1));
     }
     let cli = Cli::parse();
@@ -231,15 +280,7 @@ fn main() -> ExitCode {
             return launch("warn", admin::run(admin));
         }
     };
-    let base = if up {
-        Config {
-            listen: SocketAddr::from(([127, 0, 0, 1], 8980)),
-            ..Config::default()
-        }
-    } else {
-        Config::default()
-    };
-    let config = match args.resolve(base) {
+    let config = match args.resolve(base_config(up)) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("outpost: {e:#}");
@@ -250,13 +291,28 @@ fn main() -> ExitCode {
         print!("{}", config.to_yaml());
         return ExitCode::SUCCESS;
     }
-    launch(&config.log.clone(), run_coordinator(config, up))
+    launch(
+        &config.log.clone(),
+        run_coordinator(args.clone(), config, up),
+    )
+}
+
+/// `outpost up` listens on loopback only.
+fn base_config(up: bool) -> Config {
+    if up {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8980)),
+            ..Config::default()
+        }
+    } else {
+        Config::default()
+    }
 }
 
 /// Sets up logging and the runtime, runs `work`, and maps its outcome to an
 /// exit code.
 fn launch(log: &str, work: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
-    if let Err(e) = init_logging(log) {
+    if let Err(e) = logging::init(log) {
         eprintln!("outpost: {e:#}");
         return ExitCode::from(2);
     }
@@ -293,20 +349,49 @@ fn agent_main(args: &AgentArgs) -> ExitCode {
         print!("{}", config.to_yaml());
         return ExitCode::SUCCESS;
     }
-    launch(&config.log.clone(), async {
+    let args = args.clone();
+    launch(&config.log.clone(), async move {
         let shutdown = CancellationToken::new();
         tokio::spawn(stop_on_signal(shutdown.clone()));
-        outpost_agent::run(config, shutdown).await
+        let agent = outpost_agent::Agent::start(config).await?;
+        let control = agent.control();
+        let watch = args.watch_config.then(|| args.config.clone()).flatten();
+        tokio::spawn(reload::serve(watch, move || {
+            let (args, control) = (args.clone(), control.clone());
+            async move {
+                let config = args.resolve()?;
+                logging::check(&config.log)?;
+                let done = control.reload(config.clone()).await?;
+                if done.applied.iter().any(|k| k == "log") {
+                    logging::set_filter(&config.log)?;
+                }
+                Ok(reload::Outcome {
+                    applied: done.applied,
+                    need_restart: done.need_restart,
+                })
+            }
+        }));
+        supervisor::ready("running");
+        supervisor::watchdog();
+        agent.run(shutdown).await
     })
 }
 
-async fn run_coordinator(config: Config, up: bool) -> anyhow::Result<()> {
+async fn run_coordinator(args: CoordinatorArgs, config: Config, up: bool) -> anyhow::Result<()> {
     let data_dir = config.data_dir.clone();
     let log = config.log.clone();
+    let running = std::sync::Arc::new(std::sync::Mutex::new(config.clone()));
     let coordinator = Coordinator::bind(config).await?;
     let addr = coordinator.local_addr()?;
     let shutdown = CancellationToken::new();
     tokio::spawn(stop_on_signal(shutdown.clone()));
+    let watch = args.watch_config.then(|| args.config.clone()).flatten();
+    tokio::spawn(reload::serve(watch, move || {
+        let (args, running) = (args.clone(), std::sync::Arc::clone(&running));
+        async move { reload_coordinator(&args, &running, up) }
+    }));
+    supervisor::ready(&format!("serving on {addr}"));
+    supervisor::watchdog();
     let mut agent = None;
     if up {
         let agent_config = outpost_agent::Config {
@@ -336,6 +421,33 @@ async fn run_coordinator(config: Config, up: bool) -> anyhow::Result<()> {
     served
 }
 
+/// Settings the coordinator takes from a reloaded configuration; the
+/// others need a restart.
+const COORDINATOR_RELOADABLE: &[&str] = &["log"];
+
+fn reload_coordinator(
+    args: &CoordinatorArgs,
+    running: &std::sync::Mutex<Config>,
+    up: bool,
+) -> anyhow::Result<reload::Outcome> {
+    let new = args.resolve(base_config(up))?;
+    logging::check(&new.log)?;
+    let mut running = running.lock().unwrap_or_else(|e| e.into_inner());
+    let mut outcome = reload::Outcome::default();
+    for key in outpost_proto::settings::changed_keys(&running.to_yaml(), &new.to_yaml()) {
+        if COORDINATOR_RELOADABLE.contains(&key.as_str()) {
+            outcome.applied.push(key);
+        } else {
+            outcome.need_restart.push(key);
+        }
+    }
+    if outcome.applied.iter().any(|k| k == "log") {
+        logging::set_filter(&new.log)?;
+        running.log = new.log;
+    }
+    Ok(outcome)
+}
+
 /// First SIGINT/SIGTERM: graceful shutdown. Second: exit at once.
 async fn stop_on_signal(shutdown: CancellationToken) {
     use tokio::signal::unix::{SignalKind, signal};
@@ -353,22 +465,12 @@ async fn stop_on_signal(shutdown: CancellationToken) {
         }
         if round == 0 {
             tracing::info!("signal received: shutting down (signal again to exit at once)");
+            supervisor::stopping("shutting down: finishing work in flight");
             shutdown.cancel();
         } else {
             std::process::exit(130);
         }
     }
-}
-
-fn init_logging(filter: &str) -> anyhow::Result<()> {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter)
-        .with_context(|| format!("log filter {filter:?} is not valid"))?;
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .try_init()
-        .map_err(|e| anyhow::anyhow!("cannot set up logging: {e}"))
 }
 
 /// Uploads hold files open; the usual soft limit of 1024 is too low.

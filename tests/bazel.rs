@@ -236,6 +236,18 @@ fn bazel_runs_every_action_remotely_on_two_agents() {
     );
     assert_eq!(on_first + on_second, remote as usize);
 
+    // Every action ran in the linux-sandbox, the agents' default.
+    bazel.expect_ok(&["test", "//:sandboxed_test", &executor]);
+    let log = std::fs::read_to_string(
+        bazel
+            .workspace
+            .join("bazel-testlogs/sandboxed_test/test.log"),
+    )
+    .expect("the sandboxed test's log was downloaded");
+    assert!(log.contains("OUTPOST_SANDBOXED: ok"), "{log}");
+    assert_eq!(first.count("linux-sandbox ready"), 1);
+    assert_eq!(second.count("linux-sandbox ready"), 1);
+
     // The failing test fails, and its log comes back.
     let (ok, text) = bazel.remote(&["test", "//:failing_test", &executor]);
     assert!(!ok, "the failing test passed");

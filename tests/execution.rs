@@ -1,5 +1,9 @@
 //! Remote execution end to end: a coordinator and agents as separate
 //! processes, driven over plain REAPI.
+//!
+//! These tests watch actions from the host (pid files, counters in the
+//! test's directory), which the sandbox rightly forbids, so their agents
+//! run with `--isolation none`; `tests/sandbox.rs` covers isolation.
 
 mod common;
 
@@ -18,7 +22,7 @@ async fn fleet(
     let agent = Agent::start(
         &server.endpoint(),
         &dir.path().join("agent"),
-        &["--slots", slots],
+        &["--slots", slots, "--isolation", "none"],
     );
     let mut client = server.client().await;
     wait_for_fleet(&mut client).await;
@@ -307,7 +311,7 @@ async fn work_of_a_killed_agent_runs_on_another() {
     let first = Agent::start(
         &server.endpoint(),
         &dir.path().join("first"),
-        &["--slots", "1"],
+        &["--slots", "1", "--isolation", "none"],
     );
     let mut client = server.client().await;
     wait_for_fleet(&mut client).await;
@@ -326,7 +330,7 @@ async fn work_of_a_killed_agent_runs_on_another() {
     let second = Agent::start(
         &server.endpoint(),
         &dir.path().join("second"),
-        &["--slots", "1"],
+        &["--slots", "1", "--isolation", "none"],
     );
     second
         .wait_for("registered with the coordinator", Duration::from_secs(30))
@@ -373,7 +377,7 @@ async fn agents_reconnect_after_a_coordinator_restart_mid_action() {
     let agent = Agent::start(
         &server.endpoint(),
         &dir.path().join("agent"),
-        &["--slots", "1"],
+        &["--slots", "1", "--isolation", "none"],
     );
     let mut client = server.client().await;
     wait_for_fleet(&mut client).await;
@@ -432,7 +436,7 @@ async fn the_fleet_is_remembered_across_a_restart() {
     let agent = Agent::start(
         &server.endpoint(),
         &dir.path().join("agent"),
-        &["--slots", "1"],
+        &["--slots", "1", "--isolation", "none"],
     );
     let mut client = server.client().await;
     wait_for_fleet(&mut client).await;
@@ -469,7 +473,7 @@ async fn the_fleet_is_remembered_across_a_restart() {
     let _agent = Agent::start(
         &server.endpoint(),
         &dir.path().join("agent"),
-        &["--slots", "1"],
+        &["--slots", "1", "--isolation", "none"],
     );
     let (_, response) = waiting
         .await

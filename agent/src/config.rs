@@ -25,9 +25,28 @@ pub struct Config {
     /// Serve /metrics, /healthz and /readyz here; none when unset (the agent
     /// then listens on no port at all).
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Isolation backends actions may ask for (`workload-isolation-type`);
+    /// the first is used when an action does not say. `linux-sandbox` or
+    /// `none`.
+    pub isolation: Vec<String>,
+    /// Let sandboxed actions that ask for it (`dockerNetwork=bridge`) use
+    /// the host's network; otherwise they get a private loopback only.
+    pub allow_network: bool,
+    /// Host paths shown read-only inside the sandbox, besides the defaults
+    /// (`/usr`, `/bin`, `/lib*`, `/etc` pieces; see `docs/isolation.md`).
+    pub sandbox_mounts: Vec<PathBuf>,
+    /// Memory one action may use; the host's memory when unset.
+    pub action_memory_limit: Option<ByteSize>,
+    /// Processes and threads one action may have; 0 for no limit.
+    pub action_pids_limit: u64,
+    /// CPUs one action may use (e.g. 2 or 0.5); no limit when unset.
+    pub action_cpu_limit: Option<f64>,
     /// Log filter.
     pub log: String,
 }
+
+/// The isolation backends this build knows.
+pub const ISOLATION_KINDS: &[&str] = &["linux-sandbox", "none"];
 
 impl Default for Config {
     fn default() -> Self {
@@ -39,8 +58,23 @@ impl Default for Config {
             pool: None,
             cache_size: ByteSize(10 << 30),
             metrics_listen: None,
+            isolation: vec![default_isolation().to_owned()],
+            allow_network: false,
+            sandbox_mounts: Vec::new(),
+            action_memory_limit: None,
+            action_pids_limit: 8192,
+            action_cpu_limit: None,
             log: "info".to_owned(),
         }
+    }
+}
+
+/// `linux-sandbox` on Linux; `none` elsewhere (until macOS has its own).
+pub fn default_isolation() -> &'static str {
+    if cfg!(target_os = "linux") {
+        "linux-sandbox"
+    } else {
+        "none"
     }
 }
 
@@ -61,6 +95,36 @@ impl Config {
                 "coordinator {:?} must look like grpc://HOST:PORT",
                 self.coordinator
             );
+        }
+        if self.isolation.is_empty() {
+            anyhow::bail!(
+                "isolation is empty; list at least one of {}",
+                ISOLATION_KINDS.join(", ")
+            );
+        }
+        for kind in &self.isolation {
+            if !ISOLATION_KINDS.contains(&kind.as_str()) {
+                anyhow::bail!(
+                    "isolation {kind:?} is not one of {}",
+                    ISOLATION_KINDS.join(", ")
+                );
+            }
+            if kind == "linux-sandbox" && !cfg!(target_os = "linux") {
+                anyhow::bail!("isolation linux-sandbox needs Linux; use none on this host");
+            }
+        }
+        if let Some(cpus) = self.action_cpu_limit
+            && !(cpus.is_finite() && cpus > 0.0)
+        {
+            anyhow::bail!("action_cpu_limit {cpus} must be a positive number of CPUs");
+        }
+        for p in &self.sandbox_mounts {
+            if !p.is_absolute() {
+                anyhow::bail!(
+                    "sandbox_mounts entry {} must be an absolute path",
+                    p.display()
+                );
+            }
         }
         for label in &self.labels {
             match label.split_once('=') {
@@ -108,6 +172,18 @@ mod tests {
         assert!(c.validate().is_err());
         let c = Config {
             labels: vec!["nokey".into()],
+            ..Config::default()
+        };
+        assert!(c.validate().is_err());
+        for isolation in [vec![], vec!["docker".to_owned()]] {
+            let c = Config {
+                isolation,
+                ..Config::default()
+            };
+            assert!(c.validate().is_err());
+        }
+        let c = Config {
+            sandbox_mounts: vec!["opt".into()],
             ..Config::default()
         };
         assert!(c.validate().is_err());

@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cache::Cache;
 use crate::error::Error;
+use crate::isolation::{Isolation, Layout, Prepared};
 use crate::remote::{Blob, Remote};
 
 pub struct Executor {
@@ -25,14 +26,17 @@ pub struct Executor {
     pub remote: Remote,
     pub cache: Cache,
     pub actions_dir: PathBuf,
-    /// This binary, started as `__reap` in front of every command.
-    pub reaper: PathBuf,
+    /// How commands are started: the reaper or the sandbox stub.
+    pub isolation: std::sync::Arc<Isolation>,
 }
 
 /// What the lease produced.
 pub struct Ran {
     pub result: reapi::ActionResult,
     pub timed_out: bool,
+    /// Why the action ended the way it did, when the agent knows more than
+    /// the exit code says (e.g. killed for using too much memory).
+    pub message: String,
 }
 
 /// Reports progress to the coordinator.
@@ -147,6 +151,14 @@ impl Executor {
             Ok((command?, tree?))
         })
         .await?;
+        let platform = match &action.platform {
+            Some(p) if !p.properties.is_empty() => &p.properties,
+            _ => command
+                .platform
+                .as_ref()
+                .map_or(&[][..], |p| &p.properties[..]),
+        };
+        let choice = self.isolation.choose(platform)?;
         let dir = self.actions_dir.join(&lease.lease_id);
         let root = dir.join("root");
         let mut cleanup = Cleanup {
@@ -154,13 +166,27 @@ impl Executor {
             cache: self.cache.clone(),
             linked: Vec::new(),
         };
-        cleanup.linked =
+        let (linked, input_files) =
             unless_cancelled(&cancel, self.materialize(&remote, &root, root_digest, tree)).await?;
+        cleanup.linked = linked;
         meta.input_fetch_completed_timestamp = now();
 
         let workdir_rel = normalize(Path::new(""), &command.working_directory)?;
         let workdir = root.join(&workdir_rel);
         let outputs = OutputSpec::of(&command, &workdir_rel)?;
+        let mut writable: Vec<PathBuf> = vec![workdir_rel.clone()];
+        writable.extend(
+            outputs
+                .all()
+                .filter_map(|(_, p)| p.parent().map(Path::to_path_buf)),
+        );
+        writable.sort();
+        writable.dedup();
+        let read_only = if choice.kind == crate::isolation::Kind::None {
+            Vec::new()
+        } else {
+            crate::isolation::read_only_paths(input_files.iter().map(PathBuf::as_path), &writable)
+        };
         {
             let root = root.clone();
             let workdir = workdir.clone();
@@ -189,16 +215,32 @@ impl Executor {
             .timeout
             .and_then(|t| Duration::try_from(t).ok())
             .unwrap_or(Duration::from_secs(3600));
-        let (exit_code, timed_out) = self
-            .spawn_and_wait(
-                &command,
-                &workdir,
-                &stdout_path,
-                &stderr_path,
-                timeout,
-                &cancel,
-            )
-            .await?;
+        if command.arguments.is_empty() {
+            return Err(Error::BadInput("the Command has no arguments".into()));
+        }
+        let layout = Layout {
+            dir: &dir,
+            root: &root,
+            workdir: &workdir_rel,
+            writable,
+            read_only,
+        };
+        let prepared = self
+            .isolation
+            .prepare(choice, &command.arguments, &layout)?;
+        let Finished {
+            exit_code,
+            timed_out,
+            message,
+        } = spawn_and_wait(
+            prepared,
+            &command,
+            &stdout_path,
+            &stderr_path,
+            timeout,
+            &cancel,
+        )
+        .await?;
         meta.execution_completed_timestamp = now();
         events.exited(exit_code);
 
@@ -226,18 +268,22 @@ impl Executor {
         result.exit_code = exit_code;
         result.execution_metadata = Some(meta);
         drop(cleanup);
-        Ok(Ran { result, timed_out })
+        Ok(Ran {
+            result,
+            timed_out,
+            message,
+        })
     }
 
     /// Lays out the input tree under `root`; returns the cached digests it
-    /// hard-linked.
+    /// hard-linked and the input files' paths under the root.
     async fn materialize(
         &self,
         remote: &Remote,
         root: &Path,
         root_digest: Digest,
         mut tree: HashMap<Digest, reapi::Directory>,
-    ) -> Result<Vec<Digest>, Error> {
+    ) -> Result<(Vec<Digest>, Vec<PathBuf>), Error> {
         complete_tree(remote, root_digest, &mut tree).await?;
         let root_owned = root.to_owned();
         let files = tokio::task::spawn_blocking(move || {
@@ -246,6 +292,10 @@ impl Executor {
         .await
         .map_err(|_| blocking_err())??;
         let digests: Vec<Digest> = files.iter().map(|(d, _, _)| *d).collect();
+        let paths: Vec<PathBuf> = files
+            .iter()
+            .filter_map(|(_, p, _)| p.strip_prefix(root).ok().map(Path::to_path_buf))
+            .collect();
         self.cache.ensure(remote, &digests).await?;
         let cache = self.cache.clone();
         let unplaced =
@@ -272,70 +322,128 @@ impl Executor {
                 }
             }
         }
-        Ok(digests)
+        Ok((digests, paths))
     }
+}
 
-    async fn spawn_and_wait(
-        &self,
-        command: &reapi::Command,
-        workdir: &Path,
-        stdout: &Path,
-        stderr: &Path,
-        timeout: Duration,
-        cancel: &CancellationToken,
-    ) -> Result<(i32, bool), Error> {
-        if command.arguments.is_empty() {
-            return Err(Error::BadInput("the Command has no arguments".into()));
+/// How a command ended.
+struct Finished {
+    exit_code: i32,
+    timed_out: bool,
+    message: String,
+}
+
+/// Starts a prepared command with the action's environment and output
+/// files, and waits for it, its timeout or its cancellation.
+async fn spawn_and_wait(
+    prepared: Prepared,
+    command: &reapi::Command,
+    stdout: &Path,
+    stderr: &Path,
+    timeout: Duration,
+    cancel: &CancellationToken,
+) -> Result<Finished, Error> {
+    let out =
+        std::fs::File::create(stdout).map_err(|e| Error::local("creating the stdout file", e))?;
+    let err =
+        std::fs::File::create(stderr).map_err(|e| Error::local("creating the stderr file", e))?;
+    #[cfg(target_os = "linux")]
+    let Prepared {
+        command: mut std_command,
+        status,
+        group,
+    } = prepared;
+    #[cfg(not(target_os = "linux"))]
+    let Prepared {
+        command: mut std_command,
+    } = prepared;
+    std_command
+        .env_clear()
+        .envs(
+            command
+                .environment_variables
+                .iter()
+                .map(|v| (&v.name, &v.value)),
+        )
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(out))
+        .stderr(Stdio::from(err));
+    let mut child = tokio::process::Command::from(std_command)
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| Error::local("starting the action", e))?;
+    // The stub's report arrives once the action is running (or could not
+    // start); read it while waiting.
+    #[cfg(target_os = "linux")]
+    let report = status.map(|mut s| {
+        s.started();
+        tokio::task::spawn_blocking(move || s.read())
+    });
+    let stop = |child: &tokio::process::Child| {
+        if let Some(pid) = child.id() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap_or(0)),
+                nix::sys::signal::Signal::SIGTERM,
+            );
         }
-        let out = std::fs::File::create(stdout)
-            .map_err(|e| Error::local("creating the stdout file", e))?;
-        let err = std::fs::File::create(stderr)
-            .map_err(|e| Error::local("creating the stderr file", e))?;
-        let mut child = tokio::process::Command::new(&self.reaper)
-            .arg("__reap")
-            .arg("--")
-            .args(&command.arguments)
-            .current_dir(workdir)
-            .env_clear()
-            .envs(
-                command
-                    .environment_variables
-                    .iter()
-                    .map(|v| (&v.name, &v.value)),
-            )
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(out))
-            .stderr(Stdio::from(err))
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|e| Error::local("starting the action", e))?;
-        let stop = |child: &tokio::process::Child| {
-            if let Some(pid) = child.id() {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap_or(0)),
-                    nix::sys::signal::Signal::SIGTERM,
-                );
+    };
+    let (status, timed_out) = tokio::select! {
+        status = child.wait() => (status, false),
+        () = tokio::time::sleep(timeout) => {
+            stop(&child);
+            (child.wait().await, true)
+        }
+        () = cancel.cancelled() => {
+            stop(&child);
+            let _ = child.wait().await;
+            return Err(Error::Cancelled);
+        }
+    };
+    let status = status.map_err(|e| Error::local("waiting for the action", e))?;
+    use std::os::unix::process::ExitStatusExt;
+    let exit_code = status
+        .code()
+        .or_else(|| status.signal().map(|s| 128 + s))
+        .unwrap_or(-1);
+    let mut message = String::new();
+    #[cfg(target_os = "linux")]
+    {
+        if let Some(report) = report {
+            let report = report.await.map_err(|_| blocking_err())?;
+            if let Some(e) = report.error {
+                return Err(Error::Retryable(format!(
+                    "the sandbox could not be set up on this agent: {e}"
+                )));
             }
-        };
-        let (status, timed_out) = tokio::select! {
-            status = child.wait() => (status, false),
-            () = tokio::time::sleep(timeout) => {
-                stop(&child);
-                (child.wait().await, true)
-            }
-            () = cancel.cancelled() => {
-                stop(&child);
-                let _ = child.wait().await;
-                return Err(Error::Cancelled);
-            }
-        };
-        let status = status.map_err(|e| Error::local("waiting for the action", e))?;
-        use std::os::unix::process::ExitStatusExt;
-        let code = status
-            .code()
-            .or_else(|| status.signal().map(|s| 128 + s))
-            .unwrap_or(-1);
-        Ok((code, timed_out))
+        }
+        if let Some(group) = &group
+            && group.oom_killed()
+        {
+            message = format!(
+                "the action was killed for running out of memory (its limit is {} MiB; \
+                 set action_memory_limit on the agent to change it)",
+                group.memory_limit().unwrap_or(0) >> 20
+            );
+            append_note(stderr, &message);
+        }
+        // Removing the cgroups may wait for the kernel: not on the way of
+        // the result.
+        if let Some(group) = group {
+            tokio::task::spawn_blocking(move || drop(group));
+        }
+    }
+    Ok(Finished {
+        exit_code,
+        timed_out,
+        message,
+    })
+}
+
+/// Adds the agent's own note to the end of the action's stderr.
+fn append_note(stderr: &Path, note: &str) {
+    use std::io::Write;
+    if let Ok(mut f) = std::fs::OpenOptions::new().append(true).open(stderr) {
+        let _ = writeln!(f, "outpost: {note}");
     }
 }
 

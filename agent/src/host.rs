@@ -42,7 +42,7 @@ pub fn cpus() -> u32 {
     std::thread::available_parallelism().map_or(1, |n| u32::try_from(n.get()).unwrap_or(1))
 }
 
-fn memory_bytes() -> u64 {
+pub fn memory_bytes() -> u64 {
     #[cfg(target_os = "linux")]
     {
         std::fs::read_to_string("/proc/meminfo")
@@ -227,7 +227,12 @@ fn prop(name: &str, value: &str) -> Property {
 }
 
 /// Everything the agent advertises at registration.
-pub fn capabilities(config: &Config, slots: u32, work_dir: &Path) -> fleet::Capabilities {
+pub fn capabilities(
+    config: &Config,
+    slots: u32,
+    work_dir: &Path,
+    isolation: &crate::isolation::Isolation,
+) -> fleet::Capabilities {
     let (arch, isa) = arch();
     let gpus = gpus();
     let toolchains = compilers();
@@ -235,8 +240,13 @@ pub fn capabilities(config: &Config, slots: u32, work_dir: &Path) -> fleet::Capa
         prop("OSFamily", os_family()),
         prop("Arch", arch),
         prop("ISA", isa),
-        prop("workload-isolation-type", "none"),
     ];
+    for kind in isolation.kinds() {
+        properties.push(prop("workload-isolation-type", &kind));
+    }
+    for value in isolation.network_values() {
+        properties.push(prop("dockerNetwork", value));
+    }
     if let Some(pool) = &config.pool {
         properties.push(prop("Pool", pool));
     }
@@ -269,8 +279,9 @@ pub fn capabilities(config: &Config, slots: u32, work_dir: &Path) -> fleet::Capa
         disk_bytes: disk,
         os_version: os_version(),
         gpus,
-        isolation: vec!["none".to_owned()],
+        isolation: isolation.kinds(),
         toolchains,
+        isolation_detail: isolation.describe(),
     }
 }
 
@@ -308,7 +319,21 @@ mod tests {
     #[test]
     fn this_host_is_described() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let caps = capabilities(&Config::default(), 2, dir.path());
+        let config = Config {
+            isolation: vec!["none".to_owned()],
+            ..Config::default()
+        };
+        let isolation = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+            .block_on(crate::isolation::Isolation::new(
+                &config,
+                dir.path(),
+                "test",
+            ))
+            .expect("none always works");
+        let caps = capabilities(&config, 2, dir.path(), &isolation);
         let has = |k: &str| caps.properties.iter().any(|p| p.name == k);
         assert!(has("OSFamily") && has("Arch") && has("ISA"));
         assert!(caps.cpus >= 1 && caps.memory_bytes > 0 && caps.disk_bytes > 0);

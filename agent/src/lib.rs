@@ -4,15 +4,16 @@
 //! ([`cache`]), and uploads their results ([`remote`]). It opens no
 //! listening port.
 //!
-//! Start at [`run`]. Every command runs behind the reaper stub of
-//! `outpost-sandbox`, so a timeout or cancellation kills everything it
-//! started.
+//! Start at [`Agent::start`]. Every command runs behind a stub of `outpost-sandbox`
+//! ([`isolation`]): the Linux sandbox, or the reaper for `none`; either way
+//! a timeout or cancellation kills everything it started.
 
 pub mod cache;
 pub mod config;
 pub mod error;
 pub mod exec;
 pub mod host;
+pub mod isolation;
 pub mod link;
 pub mod metrics;
 pub mod remote;
@@ -77,81 +78,205 @@ fn prepare_work_dir(dir: &Path) -> anyhow::Result<PathBuf> {
     Ok(dir)
 }
 
+/// Settings a running agent takes from a reloaded configuration; the
+/// others need a restart. `log` is the caller's (it owns logging).
+pub const RELOADABLE: &[&str] = &[
+    "log",
+    "labels",
+    "pool",
+    "action_memory_limit",
+    "action_pids_limit",
+    "action_cpu_limit",
+];
+
+/// A started agent: work directory, cache and isolation ready, not yet
+/// connected.
+pub struct Agent {
+    link: link::Link,
+    control: Control,
+    metrics_listener: Option<tokio::net::TcpListener>,
+}
+
+/// Changes a running agent's settings; see [`RELOADABLE`].
+#[derive(Clone)]
+pub struct Control {
+    inner: Arc<ControlInner>,
+}
+
+struct ControlInner {
+    config: std::sync::Mutex<Config>,
+    slots: u32,
+    work_dir: PathBuf,
+    isolation: Arc<isolation::Isolation>,
+    capabilities: tokio::sync::watch::Sender<fleet::Capabilities>,
+}
+
+/// What a reload did.
+#[derive(Debug, Default)]
+pub struct Reloaded {
+    /// Settings now in effect.
+    pub applied: Vec<String>,
+    /// Settings that changed in the file but take effect only on restart.
+    pub need_restart: Vec<String>,
+}
+
+impl Agent {
+    /// Prepares the work directory, the input cache and isolation (proving
+    /// a configured sandbox works), and describes the host.
+    pub async fn start(config: Config) -> anyhow::Result<Agent> {
+        config.validate()?;
+        let work_dir = prepare_work_dir(&config.work_dir)?;
+        let id = agent_id(&work_dir)?;
+        let slots = if config.slots == 0 {
+            host::cpus()
+        } else {
+            config.slots
+        };
+        let actions_dir = work_dir.join("actions");
+        if actions_dir.exists() {
+            // Left by a previous run that was killed.
+            let _ = std::fs::remove_dir_all(&actions_dir);
+        }
+        let cache = cache::Cache::open(work_dir.join("cache"), &actions_dir, config.cache_size.0)?;
+        let isolation = Arc::new(isolation::Isolation::new(&config, &work_dir, &id).await?);
+        let capabilities = host::capabilities(&config, slots, &work_dir, &isolation);
+        tracing::info!(
+            agent_id = %id,
+            slots,
+            os = %capabilities.os_version,
+            gpus = capabilities.gpus.len(),
+            isolation = %capabilities.isolation_detail,
+            coordinator = %config.coordinator,
+            "agent starting"
+        );
+        let channel = Endpoint::from_shared(config.endpoint())
+            .with_context(|| format!("coordinator address {:?}", config.coordinator))?
+            .connect_timeout(Duration::from_secs(10))
+            .tcp_nodelay(true)
+            .initial_stream_window_size(Some(8 << 20))
+            .initial_connection_window_size(Some(16 << 20))
+            .max_frame_size(Some(1 << 20))
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_while_idle(true)
+            .connect_lazy();
+        let executor = Arc::new(exec::Executor {
+            agent_id: id.clone(),
+            remote: remote::Remote::new(channel.clone(), ""),
+            cache,
+            actions_dir,
+            isolation: Arc::clone(&isolation),
+        });
+        let metrics = metrics::Metrics::new();
+        let metrics_listener = match config.metrics_listen {
+            Some(addr) => Some(metrics::bind(addr).await?),
+            None => None,
+        };
+        let (capabilities_tx, capabilities) = tokio::sync::watch::channel(capabilities);
+        let (outbox_tx, outbox) = tokio::sync::mpsc::channel(1024);
+        let link = link::Link {
+            channel,
+            register: fleet::Register {
+                protocol_version: outpost_proto::FLEET_PROTOCOL_VERSION,
+                agent_id: id,
+                hostname: hostname(),
+                version: env!("CARGO_PKG_VERSION").to_owned(),
+                capabilities: None,
+                running_leases: Vec::new(),
+            },
+            capabilities,
+            executor,
+            running: link::Running::default(),
+            outbox_tx,
+            outbox,
+            reported: link::Reported::default(),
+            metrics,
+        };
+        let control = Control {
+            inner: Arc::new(ControlInner {
+                config: std::sync::Mutex::new(config),
+                slots,
+                work_dir,
+                isolation,
+                capabilities: capabilities_tx,
+            }),
+        };
+        Ok(Agent {
+            link,
+            control,
+            metrics_listener,
+        })
+    }
+
+    pub fn control(&self) -> Control {
+        self.control.clone()
+    }
+
+    /// Dials the coordinator and runs what it leases until `shutdown` fires
+    /// and running actions finished.
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        if let Some(listener) = self.metrics_listener {
+            let (metrics, shutdown) = (Arc::clone(&self.link.metrics), shutdown.clone());
+            tokio::spawn(async move {
+                if let Err(e) = metrics::serve(listener, metrics, shutdown).await {
+                    tracing::error!("{e:#}");
+                }
+            });
+        }
+        self.link.run(shutdown).await;
+        tracing::info!("agent stopped");
+        Ok(())
+    }
+}
+
+impl Control {
+    /// Takes what can change at run time from `new`: action limits for
+    /// actions that start from now on, and labels and pool, which the
+    /// agent advertises again (registering anew; running actions go on).
+    pub async fn reload(&self, new: Config) -> anyhow::Result<Reloaded> {
+        new.validate()?;
+        let old = self
+            .inner
+            .config
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let changed = outpost_proto::settings::changed_keys(&old.to_yaml(), &new.to_yaml());
+        let mut reloaded = Reloaded::default();
+        let mut running = old.clone();
+        for key in changed {
+            match key.as_str() {
+                "log" => running.log = new.log.clone(),
+                "labels" => running.labels = new.labels.clone(),
+                "pool" => running.pool = new.pool.clone(),
+                "action_memory_limit" => running.action_memory_limit = new.action_memory_limit,
+                "action_pids_limit" => running.action_pids_limit = new.action_pids_limit,
+                "action_cpu_limit" => running.action_cpu_limit = new.action_cpu_limit,
+                _ => {
+                    reloaded.need_restart.push(key);
+                    continue;
+                }
+            }
+            reloaded.applied.push(key);
+        }
+        self.inner.isolation.set_limits(&running);
+        if running.labels != old.labels || running.pool != old.pool {
+            let inner = Arc::clone(&self.inner);
+            let config = running.clone();
+            let capabilities = tokio::task::spawn_blocking(move || {
+                host::capabilities(&config, inner.slots, &inner.work_dir, &inner.isolation)
+            })
+            .await
+            .context("describing the host")?;
+            self.inner.capabilities.send_replace(capabilities);
+        }
+        *self.inner.config.lock().unwrap_or_else(|e| e.into_inner()) = running;
+        Ok(reloaded)
+    }
+}
+
 /// Runs the agent until `shutdown` fires and running actions finished.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
-    config.validate()?;
-    let work_dir = prepare_work_dir(&config.work_dir)?;
-    let id = agent_id(&work_dir)?;
-    let slots = if config.slots == 0 {
-        host::cpus()
-    } else {
-        config.slots
-    };
-    let actions_dir = work_dir.join("actions");
-    if actions_dir.exists() {
-        // Left by a previous run that was killed.
-        let _ = std::fs::remove_dir_all(&actions_dir);
-    }
-    let cache = cache::Cache::open(work_dir.join("cache"), &actions_dir, config.cache_size.0)?;
-    let capabilities = host::capabilities(&config, slots, &work_dir);
-    tracing::info!(
-        agent_id = %id,
-        slots,
-        os = %capabilities.os_version,
-        gpus = capabilities.gpus.len(),
-        coordinator = %config.coordinator,
-        "agent starting"
-    );
-    let channel = Endpoint::from_shared(config.endpoint())
-        .with_context(|| format!("coordinator address {:?}", config.coordinator))?
-        .connect_timeout(Duration::from_secs(10))
-        .tcp_nodelay(true)
-        .initial_stream_window_size(Some(8 << 20))
-        .initial_connection_window_size(Some(16 << 20))
-        .max_frame_size(Some(1 << 20))
-        .http2_keep_alive_interval(Duration::from_secs(30))
-        .keep_alive_while_idle(true)
-        .connect_lazy();
-    let reaper: PathBuf =
-        std::env::current_exe().context("finding this binary to run actions through")?;
-    let executor = Arc::new(exec::Executor {
-        agent_id: id.clone(),
-        remote: remote::Remote::new(channel.clone(), ""),
-        cache,
-        actions_dir,
-        reaper,
-    });
-    let metrics = metrics::Metrics::new();
-    if let Some(addr) = config.metrics_listen {
-        let listener = metrics::bind(addr).await?;
-        let (metrics, shutdown) = (std::sync::Arc::clone(&metrics), shutdown.clone());
-        tokio::spawn(async move {
-            if let Err(e) = metrics::serve(listener, metrics, shutdown).await {
-                tracing::error!("{e:#}");
-            }
-        });
-    }
-    let (outbox_tx, outbox) = tokio::sync::mpsc::channel(1024);
-    let link = link::Link {
-        channel,
-        register: fleet::Register {
-            protocol_version: outpost_proto::FLEET_PROTOCOL_VERSION,
-            agent_id: id,
-            hostname: hostname(),
-            version: env!("CARGO_PKG_VERSION").to_owned(),
-            capabilities: Some(capabilities),
-            running_leases: Vec::new(),
-        },
-        executor,
-        running: link::Running::default(),
-        outbox_tx,
-        outbox,
-        reported: link::Reported::default(),
-        metrics,
-    };
-    link.run(shutdown).await;
-    tracing::info!("agent stopped");
-    Ok(())
+    Agent::start(config).await?.run(shutdown).await
 }
 
 #[cfg(test)]

@@ -42,7 +42,10 @@ impl Running {
 
 pub struct Link {
     pub channel: Channel,
+    /// Sent at every registration, with the latest capabilities.
     pub register: fleet::Register,
+    /// Changed by a reload; a change means registering again.
+    pub capabilities: tokio::sync::watch::Receiver<fleet::Capabilities>,
     pub executor: Arc<Executor>,
     pub running: Running,
     pub outbox_tx: mpsc::Sender<ToCoordinator>,
@@ -76,6 +79,8 @@ enum End {
     Done,
     /// The link broke; dial again.
     Broken(String),
+    /// The capabilities changed: register again at once.
+    Reregister,
 }
 
 impl Link {
@@ -87,6 +92,10 @@ impl Link {
             self.metrics.set_connected(false);
             match end {
                 End::Done => return,
+                End::Reregister => {
+                    tracing::info!("capabilities changed: registering again");
+                    backoff = BACKOFF_START;
+                }
                 End::Broken(why) => {
                     if registered {
                         backoff = BACKOFF_START;
@@ -115,6 +124,7 @@ impl Link {
     async fn session(&mut self, shutdown: &CancellationToken, registered: &mut bool) -> End {
         let (tx, rx) = mpsc::channel::<fleet::AgentMessage>(256);
         let mut register = self.register.clone();
+        register.capabilities = Some(self.capabilities.borrow_and_update().clone());
         register.running_leases = self.running.ids();
         register
             .running_leases
@@ -220,6 +230,10 @@ impl Link {
                     let busy = u32::try_from(self.running.len()).unwrap_or(u32::MAX);
                     let _ = tx.try_send(send(ToCoordinator::Heartbeat(fleet::Heartbeat { busy_slots: busy })));
                 }
+                Ok(()) = self.capabilities.changed(), if !draining => {
+                    // Running leases resume under the new registration.
+                    return End::Reregister;
+                }
                 () = shutdown.cancelled(), if !draining => {
                     tracing::info!(running = self.running.len(), "draining: finishing running actions, taking no new ones");
                     draining = true;
@@ -260,6 +274,7 @@ impl Link {
                     outcome: Some(fleet::lease_result::Outcome::Result(ran.result)),
                     retryable: false,
                     timed_out: ran.timed_out,
+                    message: ran.message,
                 },
                 Err(Error::Cancelled) => {
                     metrics.finished("cancelled");
@@ -273,6 +288,7 @@ impl Link {
                         retryable: e.retryable(),
                         outcome: Some(fleet::lease_result::Outcome::Error(error_status(&e))),
                         timed_out: false,
+                        message: String::new(),
                     }
                 }
             };

@@ -343,18 +343,11 @@ impl Remote {
         let response = self
             .cas
             .clone()
-            .batch_update_blobs(reapi::BatchUpdateBlobsRequest {
-                instance_name: self.instance_name.clone(),
-                requests: blobs
-                    .into_iter()
-                    .map(|(d, data)| reapi::batch_update_blobs_request::Request {
-                        digest: Some(d.to_proto()),
-                        data,
-                        compressor: 0,
-                    })
-                    .collect(),
-                digest_function: function.to_proto() as i32,
-            })
+            .batch_update_blobs(reapi::BatchUpdateBlobsRequest::of(
+                &self.instance_name,
+                function.to_proto() as i32,
+                blobs,
+            ))
             .await
             .map_err(|s| Error::remote("uploading outputs", s))?;
         for r in response.into_inner().responses {

@@ -152,6 +152,29 @@ pub struct Digest {
     pub size: u64,
 }
 
+impl reapi::BatchUpdateBlobsRequest {
+    /// A request uploading `blobs` uncompressed; `digest_function` as on
+    /// the wire (0: unspecified, for servers older than REAPI 2.3).
+    pub fn of(
+        instance_name: &str,
+        digest_function: i32,
+        blobs: impl IntoIterator<Item = (Digest, bytes::Bytes)>,
+    ) -> Self {
+        reapi::BatchUpdateBlobsRequest {
+            instance_name: instance_name.to_owned(),
+            requests: blobs
+                .into_iter()
+                .map(|(d, data)| reapi::batch_update_blobs_request::Request {
+                    digest: Some(d.to_proto()),
+                    data,
+                    compressor: 0,
+                })
+                .collect(),
+            digest_function,
+        }
+    }
+}
+
 impl Digest {
     /// Checks a wire digest under the request's digest function.
     pub fn from_proto(d: &reapi::Digest, function: Function) -> Result<Digest, Error> {

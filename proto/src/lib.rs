@@ -12,6 +12,7 @@
 
 pub mod digest;
 pub mod resource;
+pub mod settings;
 pub mod units;
 
 #[allow(clippy::all, missing_docs)]

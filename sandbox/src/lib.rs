@@ -1,13 +1,22 @@
 //! Runs one process isolated: a plain spec (argv, environment, working
 //! directory, mounts, limits, network) in, a contained process out.
 //!
-//! Today it provides the [`reaper`]: a small stub the agent starts in front
-//! of every action so that killing the action kills everything it started,
-//! including processes that left its process group. Namespaces, Landlock and
-//! cgroups (Linux) and sandbox-exec profiles (macOS) arrive with the sandbox
-//! work.
+//! - [`spec`]: what to run and how to isolate it, written by the agent and
+//!   read by the stub.
+//! - [`linux`]: the Linux sandbox (namespaces, read-only bind mounts,
+//!   Landlock, cgroups); the agent starts it as `outpost __sandbox`.
+//! - [`reaper`]: `outpost __reap`, the stub in front of actions that run
+//!   without isolation, so that killing the action kills everything it
+//!   started.
 //!
 //! It knows nothing of REAPI, protobuf or tokio, and it is the only crate
 //! allowed `unsafe`.
 
+// Forking, descriptor juggling and prctl/ioctl calls need it; every block
+// says why it is sound.
+#![allow(unsafe_code)]
+
+#[cfg(target_os = "linux")]
+pub mod linux;
 pub mod reaper;
+pub mod spec;

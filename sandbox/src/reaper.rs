@@ -42,19 +42,13 @@ pub fn main(argv: &[String]) -> i32 {
     }
     // Block the signals we wait for before the child exists, so none is
     // missed; the child gets a clean mask from std's spawn.
-    let mut waited = SigSet::empty();
-    for s in [
-        Signal::SIGCHLD,
-        Signal::SIGTERM,
-        Signal::SIGINT,
-        Signal::SIGHUP,
-    ] {
-        waited.add(s);
-    }
-    if let Err(e) = signal::sigprocmask(SigmaskHow::SIG_BLOCK, Some(&waited), None) {
-        eprintln!("outpost __reap: cannot block signals: {e}");
-        return EXIT_CANNOT_RUN;
-    }
+    let waited = match block_waited_signals() {
+        Ok(w) => w,
+        Err(e) => {
+            eprintln!("outpost __reap: cannot block signals: {e}");
+            return EXIT_CANNOT_RUN;
+        }
+    };
     let child = match Command::new(program).args(args).process_group(0).spawn() {
         Ok(c) => c,
         Err(e) => {
@@ -79,6 +73,22 @@ pub fn main(argv: &[String]) -> i32 {
     };
     kill_everything(main_pid);
     code
+}
+
+/// Blocks the signals a stub waits for (a child's exit, and being told to
+/// stop) so that none is missed; returns them, for `SigSet::wait`.
+pub(crate) fn block_waited_signals() -> nix::Result<SigSet> {
+    let mut waited = SigSet::empty();
+    for s in [
+        Signal::SIGCHLD,
+        Signal::SIGTERM,
+        Signal::SIGINT,
+        Signal::SIGHUP,
+    ] {
+        waited.add(s);
+    }
+    signal::sigprocmask(SigmaskHow::SIG_BLOCK, Some(&waited), None)?;
+    Ok(waited)
 }
 
 /// Reaps exited children; returns the main program's exit code once it

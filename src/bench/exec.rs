@@ -36,18 +36,7 @@ pub async fn put_all(
         let instance = instance.to_owned();
         async move {
             let response = cas
-                .batch_update_blobs(reapi::BatchUpdateBlobsRequest {
-                    instance_name: instance,
-                    requests: batch
-                        .into_iter()
-                        .map(|(d, data)| reapi::batch_update_blobs_request::Request {
-                            digest: Some(d.to_proto()),
-                            data,
-                            compressor: 0,
-                        })
-                        .collect(),
-                    digest_function: 0,
-                })
+                .batch_update_blobs(reapi::BatchUpdateBlobsRequest::of(&instance, 0, batch))
                 .await
                 .context("BatchUpdateBlobs")?;
             for r in response.into_inner().responses {

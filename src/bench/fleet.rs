@@ -80,6 +80,7 @@ async fn agent(
                         outcome: Some(fleet::lease_result::Outcome::Result(reapi::ActionResult::default())),
                         retryable: false,
                         timed_out: false,
+                        message: String::new(),
                     })))
                     .await?;
                 }

@@ -143,7 +143,18 @@ pub struct Agent {
 
 impl Agent {
     pub fn start(coordinator: &str, work_dir: &Path, extra: &[&str]) -> Agent {
-        let mut child = Command::new(OUTPOST)
+        Agent::start_with(Command::new(OUTPOST), coordinator, work_dir, extra)
+    }
+
+    /// Starts the agent with `cmd`, which ends up running `outpost` with
+    /// the arguments appended (e.g. a wrapper that drops privileges).
+    pub fn start_with(
+        mut cmd: Command,
+        coordinator: &str,
+        work_dir: &Path,
+        extra: &[&str],
+    ) -> Agent {
+        let mut child = cmd
             .args(["agent", "--coordinator", coordinator, "--work-dir"])
             .arg(work_dir)
             .args(extra)
@@ -349,6 +360,8 @@ pub struct ActionSpec {
     pub do_not_cache: bool,
     /// Files in the input root: (name, contents).
     pub inputs: Vec<(String, Bytes)>,
+    /// Symlinks in the input root: (name, target).
+    pub symlinks: Vec<(String, String)>,
 }
 
 impl ActionSpec {
@@ -371,6 +384,57 @@ fn put_message<M: prost::Message>(m: &M, uploads: &mut Vec<(Digest, Bytes)>) -> 
     let d = Function::Sha256.digest_of(&bytes);
     uploads.push((d, bytes));
     d
+}
+
+/// The Directory for the inputs under `prefix` (paths with `/` make
+/// subdirectories); every blob goes to `uploads`.
+fn input_tree(
+    files: &[(String, Bytes)],
+    symlinks: &[(String, String)],
+    prefix: &str,
+    uploads: &mut Vec<(Digest, Bytes)>,
+) -> reapi::Directory {
+    let mut dir = reapi::Directory::default();
+    let mut subdirs = std::collections::BTreeSet::new();
+    for (path, data) in files {
+        let Some(rest) = path.strip_prefix(prefix) else {
+            continue;
+        };
+        match rest.split_once('/') {
+            Some((sub, _)) => {
+                subdirs.insert(sub.to_owned());
+            }
+            None => {
+                let d = Function::Sha256.digest_of(data);
+                uploads.push((d, data.clone()));
+                dir.files.push(reapi::FileNode {
+                    name: rest.to_owned(),
+                    digest: Some(d.to_proto()),
+                    ..Default::default()
+                });
+            }
+        }
+    }
+    for (path, target) in symlinks {
+        if let Some(name) = path.strip_prefix(prefix).filter(|n| !n.contains('/')) {
+            dir.symlinks.push(reapi::SymlinkNode {
+                name: name.to_owned(),
+                target: target.clone(),
+                ..Default::default()
+            });
+        }
+    }
+    for sub in subdirs {
+        let child = input_tree(files, symlinks, &format!("{prefix}{sub}/"), uploads);
+        let d = put_message(&child, uploads);
+        dir.directories.push(reapi::DirectoryNode {
+            name: sub,
+            digest: Some(d.to_proto()),
+        });
+    }
+    dir.files.sort_by(|a, b| a.name.cmp(&b.name));
+    dir.symlinks.sort_by(|a, b| a.name.cmp(&b.name));
+    dir
 }
 
 impl Client {
@@ -400,18 +464,7 @@ impl Client {
             output_paths: spec.output_paths.clone(),
             ..Default::default()
         };
-        let mut root = reapi::Directory::default();
-        let mut inputs = spec.inputs.clone();
-        inputs.sort();
-        for (name, data) in inputs {
-            let d = Function::Sha256.digest_of(&data);
-            uploads.push((d, data));
-            root.files.push(reapi::FileNode {
-                name,
-                digest: Some(d.to_proto()),
-                ..Default::default()
-            });
-        }
+        let root = input_tree(&spec.inputs, &spec.symlinks, "", &mut uploads);
         let command_digest = put_message(&command, &mut uploads);
         let root_digest = put_message(&root, &mut uploads);
         let action = reapi::Action {

@@ -1,7 +1,8 @@
 //! Typed platform properties: what an action asks for, what an agent
 //! offers, and whether one satisfies the other.
 //!
-//! Every property is an exact match unless it is a consumable minimum
+//! Every property is an exact match (`dockerNetwork=bridge` finds the agents
+//! that allow sandboxed actions the network) unless it is a consumable minimum
 //! (`gpu-count`, `EstimatedCPU`, `EstimatedMemory`, `EstimatedFreeDiskBytes`,
 //! `resources:<name>`) or on the configuration-only list, which is passed to
 //! the agent and never matched. Names of known properties are matched
@@ -15,7 +16,6 @@ use outpost_proto::reapi::platform::Property;
 
 /// Properties the runner reads; never used to choose an agent.
 pub const CONFIG_ONLY: &[&str] = &[
-    "dockerNetwork",
     "dockerUser",
     "dockerRunAsRoot",
     "dockerInit",
@@ -55,6 +55,7 @@ const KNOWN_EXACT: &[&str] = &[
     "Pool",
     "container-image",
     "workload-isolation-type",
+    "dockerNetwork",
     "gpu-model",
 ];
 
@@ -322,7 +323,7 @@ mod tests {
             ("Arch", "x86_64"),
             ("EstimatedCPU", "500m"),
             ("gpu-count", "1"),
-            ("dockerNetwork", "off"),
+            ("dockerUser", "root"),
         ]))
         .expect("valid");
         assert_eq!(req.exact.get("OSFamily").map(String::as_str), Some("linux"));
@@ -333,6 +334,10 @@ mod tests {
         let (isa_only, _) =
             requirements(&props(&[("OSFamily", "linux"), ("ISA", "x86-64")])).expect("valid");
         assert!(linux_offer().satisfies(&isa_only));
+        // The network is matched: only agents that allow it offer bridge.
+        let (bridge, config) = requirements(&props(&[("dockernetwork", "bridge")])).expect("valid");
+        assert!(config.is_empty());
+        assert!(!linux_offer().satisfies(&bridge));
     }
 
     #[test]

@@ -83,7 +83,12 @@ impl Description {
         Description {
             platform: format!("{}/{}", get("OSFamily"), get("Arch")),
             os_version: caps.os_version.clone(),
-            isolation: caps.isolation.clone(),
+            // For people: what is enforced, where the agent says.
+            isolation: if caps.isolation_detail.is_empty() {
+                caps.isolation.clone()
+            } else {
+                vec![caps.isolation_detail.clone()]
+            },
             gpus: caps.gpus.iter().map(|g| g.model.clone()).collect(),
         }
     }
@@ -755,6 +760,7 @@ impl State {
                     result: Some(result),
                     cached_result: false,
                     status: Some(status),
+                    message: r.message.clone(),
                     ..Default::default()
                 };
                 if cacheable

@@ -145,6 +145,7 @@ impl FakeAgent {
             })),
             retryable: false,
             timed_out: false,
+            message: String::new(),
         };
         s.agent_message(&self.session, FromAgent::LeaseResult(result))
             .await
@@ -370,6 +371,7 @@ async fn a_retry_avoids_the_agent_that_failed_it() {
         )),
         retryable: true,
         timed_out: false,
+        message: String::new(),
     };
     f.scheduler
         .agent_message(&failing.session, FromAgent::LeaseResult(error))

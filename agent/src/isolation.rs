@@ -1,0 +1,530 @@
+//! How the agent isolates actions: the backends it offers, the one each
+//! action gets (from its `workload-isolation-type` and `dockerNetwork`
+//! properties), and the command that starts it — the reaper stub for
+//! `none`, the sandbox stub for `linux-sandbox`.
+//!
+//! An agent configured for `linux-sandbox` proves it works at start-up by
+//! running a probe action in it, and refuses to start otherwise: it never
+//! falls back to running actions unisolated on its own.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use outpost_proto::reapi::platform::Property;
+#[cfg(target_os = "linux")]
+use outpost_sandbox::linux::{cgroup, launch};
+use outpost_sandbox::spec::{Limits, Spec};
+
+use crate::config::Config;
+use crate::error::Error;
+
+/// Host paths every sandbox shows read-only: what compilers, linkers and
+/// shells need, and no more of `/etc` than name lookup and TLS roots.
+pub const DEFAULT_SANDBOX_MOUNTS: &[&str] = &[
+    "/usr",
+    "/bin",
+    "/sbin",
+    "/lib",
+    "/lib32",
+    "/lib64",
+    "/libx32",
+    "/etc/alternatives",
+    "/etc/ld.so.cache",
+    "/etc/ld.so.conf",
+    "/etc/ld.so.conf.d",
+    "/etc/passwd",
+    "/etc/group",
+    "/etc/nsswitch.conf",
+    "/etc/hosts",
+    "/etc/resolv.conf",
+    "/etc/localtime",
+    "/etc/ssl",
+    "/etc/ca-certificates",
+    "/etc/os-release",
+];
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    None,
+    LinuxSandbox,
+}
+
+impl Kind {
+    fn parse(s: &str) -> Option<Kind> {
+        match s {
+            "none" => Some(Kind::None),
+            "linux-sandbox" => Some(Kind::LinuxSandbox),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::None => "none",
+            Kind::LinuxSandbox => "linux-sandbox",
+        }
+    }
+}
+
+/// What one action gets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Choice {
+    pub kind: Kind,
+    pub network: bool,
+}
+
+pub struct Isolation {
+    /// The default first.
+    kinds: Vec<Kind>,
+    allow_network: bool,
+    /// This binary: the stubs are its `__reap` and `__sandbox` modes.
+    exe: PathBuf,
+    #[cfg(target_os = "linux")]
+    sandbox: Option<Sandbox>,
+}
+
+#[cfg(target_os = "linux")]
+struct Sandbox {
+    host_paths: Vec<PathBuf>,
+    /// Changed by a configuration reload; each action takes a copy.
+    limits: std::sync::RwLock<Limits>,
+    limiter: cgroup::Limiter,
+    /// What the probe found Landlock enforced.
+    landlock: String,
+}
+
+/// A command ready to start, and what must live until the action ends.
+pub struct Prepared {
+    pub command: std::process::Command,
+    #[cfg(target_os = "linux")]
+    pub status: Option<launch::StatusPipe>,
+    #[cfg(target_os = "linux")]
+    pub group: Option<cgroup::Group>,
+}
+
+/// Where one action's sandbox lives on the host.
+pub struct Layout<'a> {
+    /// The action's directory: the spec, `tmp` and `sysroot` go here.
+    pub dir: &'a Path,
+    pub root: &'a Path,
+    pub workdir: &'a Path,
+    pub writable: Vec<PathBuf>,
+    pub read_only: Vec<PathBuf>,
+}
+
+impl Isolation {
+    /// Sets up the configured backends; fails, saying why and what to do,
+    /// when `linux-sandbox` is configured and does not work here.
+    pub async fn new(
+        config: &Config,
+        work_dir: &Path,
+        agent_id: &str,
+    ) -> anyhow::Result<Isolation> {
+        let exe = std::env::current_exe().context("finding this binary to run actions through")?;
+        let kinds: Vec<Kind> = config
+            .isolation
+            .iter()
+            .filter_map(|k| Kind::parse(k))
+            .collect();
+        #[cfg(target_os = "linux")]
+        let sandbox = if kinds.contains(&Kind::LinuxSandbox) {
+            Some(Sandbox::start(config, work_dir, agent_id, &exe).await?)
+        } else {
+            None
+        };
+        #[cfg(not(target_os = "linux"))]
+        let _ = (work_dir, agent_id);
+        Ok(Isolation {
+            kinds,
+            allow_network: config.allow_network,
+            exe,
+            #[cfg(target_os = "linux")]
+            sandbox,
+        })
+    }
+
+    /// Backend names, the default first: advertised as
+    /// `workload-isolation-type` values.
+    pub fn kinds(&self) -> Vec<String> {
+        self.kinds.iter().map(|k| k.name().to_owned()).collect()
+    }
+
+    /// `dockerNetwork` values this agent serves.
+    pub fn network_values(&self) -> Vec<&'static str> {
+        if self.allow_network || self.kinds.contains(&Kind::None) {
+            vec!["off", "bridge"]
+        } else {
+            vec!["off"]
+        }
+    }
+
+    /// One line for logs and the fleet page.
+    pub fn describe(&self) -> String {
+        #[cfg(target_os = "linux")]
+        if let Some(s) = &self.sandbox {
+            return format!(
+                "linux-sandbox: namespaces, Landlock {}, limits by {}{}",
+                s.landlock,
+                s.limiter.describe(),
+                if self.allow_network {
+                    ", network on request"
+                } else {
+                    ", no network"
+                }
+            );
+        }
+        "none: actions run as the agent's user, unisolated".to_owned()
+    }
+
+    /// Takes the action limits of a reloaded configuration; actions that
+    /// start from now on get them.
+    pub fn set_limits(&self, config: &Config) {
+        #[cfg(target_os = "linux")]
+        if let Some(s) = &self.sandbox {
+            *s.limits.write().unwrap_or_else(|e| e.into_inner()) = limits_of(config);
+        }
+        #[cfg(not(target_os = "linux"))]
+        let _ = config;
+    }
+
+    /// The backend and network an action's platform asks for.
+    pub fn choose(&self, platform: &[Property]) -> Result<Choice, Error> {
+        let get = |name: &str| {
+            platform
+                .iter()
+                .find(|p| p.name.eq_ignore_ascii_case(name))
+                .map(|p| p.value.trim().to_owned())
+        };
+        let kind = match get("workload-isolation-type") {
+            None => self.kinds[0],
+            Some(v) => Kind::parse(&v)
+                .filter(|k| self.kinds.contains(k))
+                .ok_or_else(|| {
+                    Error::BadInput(format!(
+                        "workload-isolation-type={v} is not offered by this agent (it offers {})",
+                        self.kinds().join(", ")
+                    ))
+                })?,
+        };
+        let network = match get("dockerNetwork").as_deref() {
+            None | Some("off" | "none" | "") => false,
+            Some("bridge" | "host") => true,
+            Some(other) => {
+                return Err(Error::BadInput(format!(
+                    "dockerNetwork={other} is not one of off, bridge"
+                )));
+            }
+        };
+        if network && kind == Kind::LinuxSandbox && !self.allow_network {
+            return Err(Error::BadInput(
+                "dockerNetwork=bridge: this agent does not allow sandboxed actions the network"
+                    .into(),
+            ));
+        }
+        Ok(Choice { kind, network })
+    }
+
+    /// The reaper stub in front of `argv`, for `none`.
+    fn reaper(&self, argv: &[String], workdir: &Path) -> std::process::Command {
+        let mut c = std::process::Command::new(&self.exe);
+        c.arg("__reap").arg("--").args(argv).current_dir(workdir);
+        c
+    }
+
+    /// The command for one action (environment and stdio are the caller's).
+    pub fn prepare(
+        &self,
+        choice: Choice,
+        argv: &[String],
+        layout: &Layout<'_>,
+    ) -> Result<Prepared, Error> {
+        match choice.kind {
+            Kind::None => Ok(Prepared {
+                command: self.reaper(argv, &layout.root.join(layout.workdir)),
+                #[cfg(target_os = "linux")]
+                status: None,
+                #[cfg(target_os = "linux")]
+                group: None,
+            }),
+            #[cfg(target_os = "linux")]
+            Kind::LinuxSandbox => {
+                let sandbox = self.sandbox.as_ref().ok_or_else(|| {
+                    Error::Retryable("linux-sandbox is not set up on this agent".into())
+                })?;
+                sandbox.prepare(&self.exe, choice.network, argv, layout)
+            }
+            #[cfg(not(target_os = "linux"))]
+            Kind::LinuxSandbox => Err(Error::BadInput("linux-sandbox needs Linux".into())),
+        }
+    }
+}
+
+/// One action's limits under `config`; memory defaults to the host's.
+#[cfg(target_os = "linux")]
+fn limits_of(config: &Config) -> Limits {
+    let memory = config
+        .action_memory_limit
+        .map(|b| b.0)
+        .unwrap_or_else(crate::host::memory_bytes);
+    Limits {
+        memory_bytes: (memory > 0).then_some(memory),
+        pids: (config.action_pids_limit > 0).then_some(config.action_pids_limit),
+        cpu_millis: config.action_cpu_limit.map(|c| (c * 1000.0).round() as u64),
+    }
+}
+
+#[cfg(target_os = "linux")]
+impl Sandbox {
+    async fn start(
+        config: &Config,
+        work_dir: &Path,
+        agent_id: &str,
+        exe: &Path,
+    ) -> anyhow::Result<Sandbox> {
+        let mut host_paths: Vec<PathBuf> =
+            DEFAULT_SANDBOX_MOUNTS.iter().map(PathBuf::from).collect();
+        host_paths.extend(config.sandbox_mounts.iter().cloned());
+        let limits = std::sync::RwLock::new(limits_of(config));
+        let name: String = agent_id
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        let limiter = tokio::task::spawn_blocking(move || {
+            cgroup::Limiter::detect(&format!("outpost-{name}"))
+        })
+        .await
+        .context("detecting cgroups")?;
+        let mut sandbox = Sandbox {
+            host_paths,
+            limits,
+            limiter,
+            landlock: String::new(),
+        };
+        sandbox.landlock = sandbox.probe(exe, work_dir).await.map_err(|e| {
+            anyhow::anyhow!(
+                "isolation linux-sandbox does not work on this host: {e}. \
+                     See docs/isolation.md for what it needs; to run actions without \
+                     isolation instead, say so explicitly with --isolation none"
+            )
+        })?;
+        tracing::info!(
+            landlock = %sandbox.landlock,
+            limits = %sandbox.limiter.describe(),
+            "linux-sandbox ready"
+        );
+        Ok(sandbox)
+    }
+
+    fn limits(&self) -> Limits {
+        self.limits
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Runs `true` in a sandbox; returns what Landlock enforced.
+    async fn probe(&self, exe: &Path, work_dir: &Path) -> Result<String, String> {
+        let dir = work_dir.join(format!("sandbox-probe-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let root = dir.join("root");
+        std::fs::create_dir_all(&root).map_err(|e| format!("creating {}: {e}", root.display()))?;
+        let layout = Layout {
+            dir: &dir,
+            root: &root,
+            workdir: Path::new(""),
+            writable: vec![PathBuf::new()],
+            read_only: Vec::new(),
+        };
+        let result = async {
+            let mut prepared = self
+                .prepare(exe, false, &["true".to_owned()], &layout)
+                .map_err(|e| e.to_string())?;
+            prepared
+                .command
+                .env_clear()
+                .env("PATH", "/usr/bin:/bin")
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null());
+            let mut status = prepared.status.take().ok_or("no status pipe")?;
+            let mut child = prepared
+                .command
+                .spawn()
+                .map_err(|e| format!("starting {}: {e}", exe.display()))?;
+            status.started();
+            let (report, exit) = tokio::task::spawn_blocking(move || (status.read(), child.wait()))
+                .await
+                .map_err(|e| e.to_string())?;
+            if let Some(e) = report.error {
+                return Err(e);
+            }
+            let exit = exit.map_err(|e| e.to_string())?;
+            if !exit.success() {
+                return Err(format!("the probe action `true` failed: {exit}"));
+            }
+            Ok(report.landlock.unwrap_or_else(|| "unknown".to_owned()))
+        }
+        .await;
+        let _ = std::fs::remove_dir_all(&dir);
+        result
+    }
+
+    fn prepare(
+        &self,
+        exe: &Path,
+        network: bool,
+        argv: &[String],
+        layout: &Layout<'_>,
+    ) -> Result<Prepared, Error> {
+        let local = |what: &str, e: std::io::Error| Error::local(what.to_owned(), e);
+        let tmp = layout.dir.join("tmp");
+        let scratch = layout.dir.join("sysroot");
+        std::fs::create_dir_all(&tmp).map_err(|e| local("creating the sandbox /tmp", e))?;
+        std::fs::create_dir_all(&scratch).map_err(|e| local("creating the sandbox root", e))?;
+        let name = layout
+            .dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("action")
+            .to_owned();
+        let group = self
+            .limiter
+            .create(&name, &self.limits())
+            .map_err(|e| Error::Retryable(format!("creating the action's cgroup: {e}")))?;
+        let spec = Spec {
+            argv: argv.iter().map(Into::into).collect(),
+            root: layout.root.to_owned(),
+            workdir: layout.workdir.to_owned(),
+            writable: layout.writable.clone(),
+            read_only: layout.read_only.clone(),
+            host_paths: self.host_paths.clone(),
+            tmp,
+            scratch,
+            network,
+            cgroup_procs: group.procs_files(),
+            rlimits: group.rlimits.clone(),
+        };
+        let spec_file = layout.dir.join("sandbox.spec");
+        std::fs::write(&spec_file, spec.encode())
+            .map_err(|e| local("writing the sandbox spec", e))?;
+        let (command, status) =
+            launch::command(exe, &spec_file).map_err(|e| local("making the status pipe", e))?;
+        Ok(Prepared {
+            command,
+            status: Some(status),
+            group: Some(group),
+        })
+    }
+}
+
+/// What to bind read-only over the input root: for each input file, its
+/// highest ancestor directory that holds no writable path (one mount for a
+/// whole input subtree), or the file itself when every ancestor does.
+pub fn read_only_paths<'a>(
+    files: impl Iterator<Item = &'a Path>,
+    writable: &[PathBuf],
+) -> Vec<PathBuf> {
+    let holds_writable = |dir: &Path| writable.iter().any(|w| w.starts_with(dir));
+    let mut out = BTreeSet::new();
+    for f in files {
+        let mut prefix = PathBuf::new();
+        let mut chosen = None;
+        for c in f.parent().map(Path::components).into_iter().flatten() {
+            prefix.push(c);
+            if !holds_writable(&prefix) {
+                chosen = Some(prefix.clone());
+                break;
+            }
+        }
+        out.insert(chosen.unwrap_or_else(|| f.to_path_buf()));
+    }
+    out.into_iter().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn isolation(kinds: &[Kind], allow_network: bool) -> Isolation {
+        Isolation {
+            kinds: kinds.to_vec(),
+            allow_network,
+            exe: PathBuf::from("/bin/false"),
+            #[cfg(target_os = "linux")]
+            sandbox: None,
+        }
+    }
+
+    fn props(list: &[(&str, &str)]) -> Vec<Property> {
+        list.iter()
+            .map(|(n, v)| Property {
+                name: (*n).to_owned(),
+                value: (*v).to_owned(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn actions_get_the_default_or_what_they_ask_for() {
+        let iso = isolation(&[Kind::LinuxSandbox, Kind::None], false);
+        let pick = |p: &[(&str, &str)]| iso.choose(&props(p));
+        assert_eq!(pick(&[]).expect("default").kind, Kind::LinuxSandbox);
+        assert_eq!(
+            pick(&[("workload-isolation-type", "none")])
+                .expect("none")
+                .kind,
+            Kind::None
+        );
+        assert!(pick(&[("workload-isolation-type", "docker")]).is_err());
+        let err = pick(&[("dockerNetwork", "bridge")]).expect_err("no network");
+        assert!(err.to_string().contains("does not allow"), "{err}");
+        assert!(pick(&[("dockerNetwork", "sideways")]).is_err());
+        let open = isolation(&[Kind::LinuxSandbox], true);
+        let c = open
+            .choose(&props(&[("dockerNetwork", "bridge")]))
+            .expect("allowed");
+        assert!(c.network);
+        assert_eq!(open.network_values(), vec!["off", "bridge"]);
+        assert_eq!(
+            iso.network_values(),
+            vec!["off", "bridge"],
+            "none has the network"
+        );
+        assert_eq!(
+            isolation(&[Kind::LinuxSandbox], false).network_values(),
+            vec!["off"]
+        );
+    }
+
+    #[test]
+    fn inputs_are_covered_by_few_read_only_mounts() {
+        let files: Vec<PathBuf> = [
+            "BUILD",
+            "src/a.c",
+            "src/deep/b.h",
+            "bazel-out/k8/bin/pkg/in.o",
+            "bazel-out/k8/bin/lib/x.a",
+        ]
+        .iter()
+        .map(PathBuf::from)
+        .collect();
+        let writable = vec![PathBuf::new(), PathBuf::from("bazel-out/k8/bin/pkg")];
+        let ro = read_only_paths(files.iter().map(PathBuf::as_path), &writable);
+        let want: Vec<PathBuf> = [
+            "BUILD",
+            "bazel-out/k8/bin/lib",
+            "bazel-out/k8/bin/pkg/in.o",
+            "src",
+        ]
+        .iter()
+        .map(PathBuf::from)
+        .collect();
+        assert_eq!(ro, want);
+    }
+}

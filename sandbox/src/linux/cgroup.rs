@@ -1,0 +1,404 @@
+//! Per-action resource limits, from the best source the host offers:
+//!
+//! - cgroup v2, where the agent's own cgroup is delegated to it and has the
+//!   `memory`/`pids`/`cpu` controllers (systemd `Delegate=yes`): the agent
+//!   moves itself into a leaf and makes one child cgroup per action;
+//! - cgroup v1 `memory`, `pids` and `cpu` hierarchies it can write to
+//!   (hybrid hosts, where the controllers live in v1);
+//! - rlimits (`RLIMIT_AS`, `RLIMIT_NPROC`) for whatever neither covers.
+//!
+//! An OOM kill is reported as such from `memory.events` (v2) or
+//! `memory.oom_control` (v1). Everything here is plain file I/O.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::spec::Limits;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Controller {
+    Memory,
+    Pids,
+    Cpu,
+}
+
+impl Controller {
+    const ALL: [Controller; 3] = [Controller::Memory, Controller::Pids, Controller::Cpu];
+
+    fn name(self) -> &'static str {
+        match self {
+            Controller::Memory => "memory",
+            Controller::Pids => "pids",
+            Controller::Cpu => "cpu",
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+enum Tree {
+    /// The directory action cgroups are made in, and its controllers.
+    V2(PathBuf, Vec<Controller>),
+    /// Per controller, the directory action cgroups are made in.
+    V1(Vec<(Controller, PathBuf)>),
+    None,
+}
+
+/// Makes the per-action cgroups; removes its own directories when dropped.
+#[derive(Debug)]
+pub struct Limiter {
+    tree: Tree,
+}
+
+/// One action's cgroups; killed and removed when dropped.
+#[derive(Debug)]
+pub struct Group {
+    dirs: Vec<PathBuf>,
+    memory_dir: Option<PathBuf>,
+    memory_limit: Option<u64>,
+    v2: bool,
+    /// What the cgroups could not cover, to apply as rlimits.
+    pub rlimits: Limits,
+}
+
+fn write(path: &Path, value: &str) -> std::io::Result<()> {
+    std::fs::write(path, value)
+        .map_err(|e| std::io::Error::new(e.kind(), format!("writing {}: {e}", path.display())))
+}
+
+/// This process's cgroup paths: (controllers, path) per line.
+fn own_cgroups() -> Vec<(String, String)> {
+    let text = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    text.lines()
+        .filter_map(|l| {
+            let mut parts = l.splitn(3, ':');
+            let _id = parts.next()?;
+            let controllers = parts.next()?.to_owned();
+            let path = parts.next()?.to_owned();
+            Some((controllers, path))
+        })
+        .collect()
+}
+
+/// Mount points of cgroup file systems: (fstype, super options, mount point).
+fn cgroup_mounts() -> Vec<(String, String, PathBuf)> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    text.lines()
+        .filter_map(|l| {
+            let (left, right) = l.split_once(" - ")?;
+            let mount_point = left.split(' ').nth(4)?;
+            let mut r = right.split(' ');
+            let fstype = r.next()?;
+            let _source = r.next()?;
+            let options = r.next().unwrap_or("");
+            fstype
+                .starts_with("cgroup")
+                .then(|| (fstype.to_owned(), options.to_owned(), mount_point.into()))
+        })
+        .collect()
+}
+
+/// Whether a directory can hold our cgroups: make and remove a probe.
+fn writable(dir: &Path) -> bool {
+    let probe = dir.join(format!("outpost-probe-{}", std::process::id()));
+    std::fs::create_dir(&probe).is_ok() && std::fs::remove_dir(&probe).is_ok()
+}
+
+impl Limiter {
+    /// Finds where this process may make cgroups; `name` (the agent's) keeps
+    /// agents sharing a cgroup apart. Leftovers from an earlier run under
+    /// `name` are removed.
+    pub fn detect(name: &str) -> Limiter {
+        let tree = detect_v2(name)
+            .or_else(|| detect_v1(name))
+            .unwrap_or(Tree::None);
+        let limiter = Limiter { tree };
+        limiter.sweep();
+        limiter
+    }
+
+    /// For logs and the fleet page: `cgroup v2 (memory, pids, cpu)`.
+    pub fn describe(&self) -> String {
+        let (version, controllers): (&str, Vec<Controller>) = match &self.tree {
+            Tree::V2(_, cs) => ("v2", cs.clone()),
+            Tree::V1(dirs) => ("v1", dirs.iter().map(|(c, _)| *c).collect()),
+            Tree::None => return "rlimits".to_owned(),
+        };
+        let names: Vec<&str> = controllers.into_iter().map(Controller::name).collect();
+        format!("cgroup {version} ({})", names.join(", "))
+    }
+
+    fn parents(&self) -> Vec<PathBuf> {
+        match &self.tree {
+            Tree::V2(dir, _) => vec![dir.clone()],
+            Tree::V1(dirs) => dirs.iter().map(|(_, d)| d.clone()).collect(),
+            Tree::None => Vec::new(),
+        }
+    }
+
+    /// Removes action cgroups a killed agent left behind: its own, and the
+    /// empty directories of other agents that were killed (`rmdir` fails on
+    /// any that is in use, so live agents keep theirs).
+    fn sweep(&self) {
+        for parent in self.parents() {
+            if let Ok(entries) = std::fs::read_dir(&parent) {
+                for e in entries.flatten() {
+                    if e.path().is_dir() {
+                        remove(&[e.path()], self.is_v2());
+                    }
+                }
+            }
+            let Some(siblings) = parent.parent().and_then(|p| std::fs::read_dir(p).ok()) else {
+                continue;
+            };
+            for e in siblings.flatten() {
+                let name = e.file_name();
+                let name = name.to_string_lossy();
+                if name.starts_with("outpost-") && name.ends_with("-actions") && e.path() != parent
+                {
+                    let _ = std::fs::remove_dir(e.path());
+                }
+            }
+        }
+    }
+
+    fn is_v2(&self) -> bool {
+        matches!(self.tree, Tree::V2(..))
+    }
+
+    /// Makes the cgroups for one action and sets its limits.
+    pub fn create(&self, action: &str, limits: &Limits) -> std::io::Result<Group> {
+        let mut group = Group {
+            dirs: Vec::new(),
+            memory_dir: None,
+            memory_limit: limits.memory_bytes,
+            v2: self.is_v2(),
+            rlimits: limits.clone(),
+        };
+        let controllers: Vec<(Controller, PathBuf)> = match &self.tree {
+            Tree::V2(dir, cs) => {
+                if !dir.exists() {
+                    // Swept by another agent while idle: set it up again.
+                    std::fs::create_dir(dir)?;
+                    write(&dir.join("cgroup.subtree_control"), &enable(cs))?;
+                }
+                let d = dir.join(action);
+                std::fs::create_dir(&d)?;
+                group.dirs.push(d.clone());
+                cs.iter().map(|c| (*c, d.clone())).collect()
+            }
+            Tree::V1(dirs) => {
+                let mut out = Vec::new();
+                for (c, dir) in dirs {
+                    let d = dir.join(action);
+                    std::fs::create_dir_all(&d)?;
+                    group.dirs.push(d.clone());
+                    out.push((*c, d));
+                }
+                out
+            }
+            Tree::None => Vec::new(),
+        };
+        for (c, dir) in controllers {
+            match c {
+                Controller::Memory => {
+                    group.memory_dir = Some(dir.clone());
+                    if let Some(bytes) = limits.memory_bytes {
+                        if group.v2 {
+                            write(&dir.join("memory.max"), &bytes.to_string())?;
+                            let _ = write(&dir.join("memory.swap.max"), "0");
+                        } else {
+                            write(&dir.join("memory.limit_in_bytes"), &bytes.to_string())?;
+                            let _ =
+                                write(&dir.join("memory.memsw.limit_in_bytes"), &bytes.to_string());
+                        }
+                    }
+                    group.rlimits.memory_bytes = None;
+                }
+                Controller::Pids => {
+                    if let Some(n) = limits.pids {
+                        write(&dir.join("pids.max"), &n.to_string())?;
+                    }
+                    group.rlimits.pids = None;
+                }
+                Controller::Cpu => {
+                    if let Some(milli) = limits.cpu_millis {
+                        let period = 100_000u64;
+                        let quota = (milli * period / 1000).max(1000);
+                        if group.v2 {
+                            write(&dir.join("cpu.max"), &format!("{quota} {period}"))?;
+                        } else {
+                            write(&dir.join("cpu.cfs_period_us"), &period.to_string())?;
+                            write(&dir.join("cpu.cfs_quota_us"), &quota.to_string())?;
+                        }
+                    }
+                    group.rlimits.cpu_millis = None;
+                }
+            }
+        }
+        Ok(group)
+    }
+}
+
+/// `+memory +pids`: what `cgroup.subtree_control` takes.
+fn enable(controllers: &[Controller]) -> String {
+    controllers
+        .iter()
+        .map(|c| format!("+{}", c.name()))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn detect_v2(name: &str) -> Option<Tree> {
+    let own = own_cgroups();
+    let (_, path) = own.iter().find(|(c, _)| c.is_empty())?;
+    let (_, _, mount) = cgroup_mounts()
+        .into_iter()
+        .find(|(fstype, _, _)| fstype == "cgroup2")?;
+    let base = mount.join(path.trim_start_matches('/'));
+    let available = std::fs::read_to_string(base.join("cgroup.controllers")).ok()?;
+    let controllers: Vec<Controller> = Controller::ALL
+        .into_iter()
+        .filter(|c| available.split_whitespace().any(|a| a == c.name()))
+        .collect();
+    if !controllers.contains(&Controller::Memory) || !writable(&base) {
+        return None;
+    }
+    // No processes may sit in a cgroup whose children have controllers:
+    // move the agent into a leaf of its own first.
+    let leaf = base.join(format!("{name}-agent"));
+    let _ = std::fs::create_dir(&leaf);
+    write(&leaf.join("cgroup.procs"), &std::process::id().to_string()).ok()?;
+    write(&base.join("cgroup.subtree_control"), &enable(&controllers)).ok()?;
+    let actions = base.join(format!("{name}-actions"));
+    let _ = std::fs::create_dir(&actions);
+    write(
+        &actions.join("cgroup.subtree_control"),
+        &enable(&controllers),
+    )
+    .ok()?;
+    Some(Tree::V2(actions, controllers))
+}
+
+fn detect_v1(name: &str) -> Option<Tree> {
+    let own = own_cgroups();
+    let mounts = cgroup_mounts();
+    let mut dirs = Vec::new();
+    for c in Controller::ALL {
+        let Some((_, path)) = own
+            .iter()
+            .find(|(cs, _)| cs.split(',').any(|x| x == c.name()))
+        else {
+            continue;
+        };
+        let Some((_, _, mount)) = mounts.iter().find(|(fstype, options, _)| {
+            fstype == "cgroup" && options.split(',').any(|o| o == c.name())
+        }) else {
+            continue;
+        };
+        let base = mount.join(path.trim_start_matches('/'));
+        let dir = base.join(format!("{name}-actions"));
+        if std::fs::create_dir(&dir).is_err() && !dir.is_dir() {
+            continue;
+        }
+        if writable(&dir) {
+            dirs.push((c, dir));
+        }
+    }
+    dirs.iter()
+        .any(|(c, _)| *c == Controller::Memory)
+        .then_some(Tree::V1(dirs))
+}
+
+impl Group {
+    /// The `cgroup.procs` files the stub joins.
+    pub fn procs_files(&self) -> Vec<PathBuf> {
+        self.dirs.iter().map(|d| d.join("cgroup.procs")).collect()
+    }
+
+    /// The memory limit this action runs under.
+    pub fn memory_limit(&self) -> Option<u64> {
+        self.memory_limit
+    }
+
+    /// Whether the kernel's OOM killer killed a process of this action.
+    pub fn oom_killed(&self) -> bool {
+        let Some(dir) = &self.memory_dir else {
+            return false;
+        };
+        let file = if self.v2 {
+            "memory.events"
+        } else {
+            "memory.oom_control"
+        };
+        let text = std::fs::read_to_string(dir.join(file)).unwrap_or_default();
+        text.lines()
+            .filter_map(|l| l.strip_prefix("oom_kill "))
+            .any(|n| n.trim().parse::<u64>().is_ok_and(|n| n > 0))
+    }
+}
+
+/// Kills every process in the cgroups and removes them.
+fn remove(dirs: &[PathBuf], v2: bool) {
+    for _ in 0..250 {
+        let mut busy = false;
+        for d in dirs {
+            if v2 && write(&d.join("cgroup.kill"), "1").is_ok() {
+                // Killed; rmdir below waits for them to go.
+            } else if let Ok(procs) = std::fs::read_to_string(d.join("cgroup.procs")) {
+                for pid in procs.lines().filter_map(|p| p.trim().parse::<i32>().ok()) {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+            }
+            if d.exists() && std::fs::remove_dir(d).is_err() {
+                busy = true;
+            }
+        }
+        if !busy {
+            return;
+        }
+        // The kernel frees an emptied cgroup a moment after its last task.
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+impl Drop for Limiter {
+    fn drop(&mut self) {
+        self.sweep();
+        for p in self.parents() {
+            let _ = std::fs::remove_dir(p);
+        }
+    }
+}
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        remove(&self.dirs, self.v2);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn this_hosts_cgroups_are_described() {
+        // Whatever the host offers, detection must not fail or panic.
+        let l = Limiter::detect(&format!("outpost-unit-{}", std::process::id()));
+        let d = l.describe();
+        assert!(d.starts_with("cgroup v") || d == "rlimits", "{d}");
+        let g = l
+            .create("probe", &Limits::default())
+            .expect("an action cgroup");
+        assert!(!g.oom_killed());
+        drop(g);
+        let parents = l.parents();
+        drop(l);
+        assert!(
+            parents.iter().all(|p| !p.exists()),
+            "{parents:?} left behind"
+        );
+    }
+}

@@ -1,0 +1,255 @@
+//! The sandbox stub: `outpost __sandbox SPEC_FILE`, status pipe on fd 3.
+//!
+//! Three processes, so that killing one kills all:
+//! 1. the stub joins the action's cgroups, unshares the user, mount, pid,
+//!    ipc, uts (and net) namespaces, maps its own uid and gid, and forks;
+//!    it then waits, and on SIGTERM (timeout, cancel) kills the next one;
+//! 2. init, pid 1 of the new pid namespace, builds the root
+//!    ([`mounts`](super::mounts)), brings up loopback, forks the action and
+//!    reaps whatever is re-parented to it; when the action exits it exits
+//!    with its status, and the kernel kills every process left in the
+//!    namespace (daemons included);
+//! 3. the action: rlimits, Landlock and an empty capability bounding set
+//!    ([`restrict`](super::restrict)), then `exec`.
+//!
+//! Each process dies with its parent (`PR_SET_PDEATHSIG`), so the chain
+//! ends when the agent dies too.
+
+use std::ffi::CString;
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::FromRawFd;
+use std::os::unix::ffi::OsStrExt;
+
+use nix::errno::Errno;
+use nix::sched::CloneFlags;
+use nix::sys::signal::{self, SigSet, SigmaskHow, Signal};
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::unistd::{ForkResult, Pid};
+
+use super::launch::STATUS_FD;
+use super::{mounts, restrict};
+use crate::spec::Spec;
+
+/// Exit code when the sandbox could not be built (the status pipe says why).
+pub const EXIT_SETUP_FAILED: i32 = 125;
+/// Exit code when the program could not be started (as a shell does).
+pub const EXIT_CANNOT_RUN: i32 = 127;
+/// Exit code when the stub itself was told to stop.
+pub const EXIT_KILLED: i32 = 128 + 15;
+
+/// Where the stub and its children report setup failures.
+pub(super) struct Status(Option<File>);
+
+impl Status {
+    pub(super) fn line(&mut self, line: &str) {
+        if let Some(f) = &mut self.0 {
+            let _ = f.write_all(format!("{line}\n").as_bytes());
+        }
+    }
+}
+
+fn status_pipe() -> Status {
+    // The fd is ours if it is open at all: `launch` put it there. Close it
+    // at the action's exec, so the agent reads to the end then.
+    // SAFETY: fcntl on an integer descriptor; no memory is involved.
+    if unsafe { libc::fcntl(STATUS_FD, libc::F_SETFD, libc::FD_CLOEXEC) } == -1 {
+        return Status(None);
+    }
+    // SAFETY: STATUS_FD is open (checked above) and nothing else in this
+    // process owns it.
+    Status(Some(unsafe { File::from_raw_fd(STATUS_FD) }))
+}
+
+/// Runs the stub; returns the exit code for the process.
+pub fn main(args: &[String]) -> i32 {
+    let mut status = status_pipe();
+    match run(args, &mut status) {
+        Ok(code) => code,
+        Err(e) => {
+            status.line(&format!("error: {e}"));
+            EXIT_SETUP_FAILED
+        }
+    }
+}
+
+fn run(args: &[String], status: &mut Status) -> Result<i32, String> {
+    let [spec_file] = args else {
+        return Err("usage: outpost __sandbox SPEC_FILE".into());
+    };
+    let bytes =
+        std::fs::read(spec_file).map_err(|e| format!("reading the spec {spec_file}: {e}"))?;
+    let spec = Spec::decode(&bytes)?;
+
+    let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
+    if nix::unistd::getppid() == Pid::from_raw(1) {
+        return Ok(EXIT_KILLED);
+    }
+    for procs in &spec.cgroup_procs {
+        std::fs::write(procs, std::process::id().to_string())
+            .map_err(|e| format!("joining the cgroup {}: {e}", procs.display()))?;
+    }
+
+    let uid = nix::unistd::getuid();
+    let gid = nix::unistd::getgid();
+    let mut flags = CloneFlags::CLONE_NEWUSER
+        | CloneFlags::CLONE_NEWNS
+        | CloneFlags::CLONE_NEWPID
+        | CloneFlags::CLONE_NEWIPC
+        | CloneFlags::CLONE_NEWUTS;
+    if !spec.network {
+        flags |= CloneFlags::CLONE_NEWNET;
+    }
+    nix::sched::unshare(flags).map_err(|e| {
+        format!(
+            "creating namespaces: {e} (unprivileged user namespaces must be allowed: \
+             sysctl kernel.unprivileged_userns_clone=1, user.max_user_namespaces > 0, \
+             and on Ubuntu kernel.apparmor_restrict_unprivileged_userns=0)"
+        )
+    })?;
+    // Inside, the action keeps the agent's uid and gid (and gets no
+    // capabilities: `restrict` empties the bounding set).
+    std::fs::write("/proc/self/setgroups", "deny").map_err(|e| format!("setgroups: {e}"))?;
+    std::fs::write("/proc/self/uid_map", format!("{uid} {uid} 1"))
+        .map_err(|e| format!("writing uid_map: {e}"))?;
+    std::fs::write("/proc/self/gid_map", format!("{gid} {gid} 1"))
+        .map_err(|e| format!("writing gid_map: {e}"))?;
+
+    let waited = block_signals()?;
+    // SAFETY: the stub is single-threaded (it runs before any runtime).
+    match unsafe { nix::unistd::fork() }.map_err(|e| format!("fork: {e}"))? {
+        ForkResult::Child => {
+            let code = init(&spec, status);
+            std::process::exit(code)
+        }
+        ForkResult::Parent { child } => {
+            *status = Status(None);
+            Ok(wait_for_init(child, &waited))
+        }
+    }
+}
+
+fn block_signals() -> Result<SigSet, String> {
+    crate::reaper::block_waited_signals().map_err(|e| format!("blocking signals: {e}"))
+}
+
+fn exit_code(status: WaitStatus) -> Option<i32> {
+    match status {
+        WaitStatus::Exited(_, code) => Some(code),
+        WaitStatus::Signaled(_, sig, _) => Some(128 + sig as i32),
+        _ => None,
+    }
+}
+
+/// The stub's wait: init's status, or kill it when told to stop.
+fn wait_for_init(init: Pid, waited: &SigSet) -> i32 {
+    loop {
+        match waited.wait() {
+            Ok(Signal::SIGCHLD) => loop {
+                match waitpid(init, Some(WaitPidFlag::WNOHANG)) {
+                    Ok(s) => match exit_code(s) {
+                        Some(code) => return code,
+                        None => break,
+                    },
+                    Err(Errno::EINTR) => {}
+                    Err(_) => return EXIT_KILLED,
+                }
+            },
+            _ => {
+                // Init's death takes every process in the namespace along.
+                let _ = signal::kill(init, Signal::SIGKILL);
+                let _ = waitpid(init, None);
+                return EXIT_KILLED;
+            }
+        }
+    }
+}
+
+/// Pid 1 of the sandbox.
+fn init(spec: &Spec, status: &mut Status) -> i32 {
+    let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
+    // Init holds capabilities in the namespace: nothing may attach to it.
+    let _ = nix::sys::prctl::set_dumpable(false);
+    if let Err(e) = mounts::build_root(spec) {
+        status.line(&format!("error: {e}"));
+        return EXIT_SETUP_FAILED;
+    }
+    let _ = nix::unistd::sethostname("localhost");
+    if !spec.network
+        && let Err(e) = restrict::loopback_up()
+    {
+        status.line(&format!("error: bringing up loopback: {e}"));
+        return EXIT_SETUP_FAILED;
+    }
+    let waited = match block_signals() {
+        Ok(w) => w,
+        Err(e) => {
+            status.line(&format!("error: {e}"));
+            return EXIT_SETUP_FAILED;
+        }
+    };
+    // SAFETY: init is single-threaded.
+    let action = match unsafe { nix::unistd::fork() } {
+        Ok(ForkResult::Child) => std::process::exit(action(spec, status)),
+        Ok(ForkResult::Parent { child }) => child,
+        Err(e) => {
+            status.line(&format!("error: fork: {e}"));
+            return EXIT_SETUP_FAILED;
+        }
+    };
+    *status = Status(None);
+    loop {
+        if !matches!(waited.wait(), Ok(Signal::SIGCHLD)) {
+            continue;
+        }
+        // Reap everything that exited: the action, and orphans
+        // re-parented to init.
+        while let Ok(s) = waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+            if s == WaitStatus::StillAlive {
+                break;
+            }
+            if s.pid() == Some(action)
+                && let Some(code) = exit_code(s)
+            {
+                // Returning ends the namespace: leftovers die.
+                return code;
+            }
+        }
+    }
+}
+
+/// The action's process: restrict, then exec.
+fn action(spec: &Spec, status: &mut Status) -> i32 {
+    let _ = signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
+    let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
+    let workdir = std::path::Path::new(crate::spec::EXEC_ROOT).join(&spec.workdir);
+    if let Err(e) = nix::unistd::chdir(&workdir) {
+        status.line(&format!(
+            "error: entering the working directory {}: {e}",
+            workdir.display()
+        ));
+        return EXIT_SETUP_FAILED;
+    }
+    match restrict::apply(spec) {
+        Ok(landlock) => status.line(&format!("landlock: {landlock}")),
+        Err(e) => {
+            status.line(&format!("error: {e}"));
+            return EXIT_SETUP_FAILED;
+        }
+    }
+    let argv: Vec<CString> = match spec
+        .argv
+        .iter()
+        .map(|a| CString::new(a.as_bytes()))
+        .collect()
+    {
+        Ok(v) => v,
+        Err(_) => {
+            eprintln!("outpost: an argument contains a NUL byte");
+            return EXIT_CANNOT_RUN;
+        }
+    };
+    let e = nix::unistd::execvp(&argv[0], &argv).unwrap_err();
+    eprintln!("outpost: cannot run {:?}: {e}", spec.argv[0]);
+    EXIT_CANNOT_RUN
+}

@@ -1,0 +1,209 @@
+//! What to run and how to isolate it: a plain value the agent writes to a
+//! file in the action's directory and the sandbox stub reads back.
+//!
+//! The encoding is a list of `key=value` records, each ended by a NUL byte,
+//! so any path (newlines included) survives the trip.
+
+use std::ffi::{OsStr, OsString};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::path::{Path, PathBuf};
+
+/// Where the action's input root appears inside the sandbox.
+pub const EXEC_ROOT: &str = "/execroot";
+
+/// Resource limits for one action; `None` or 0 means unlimited.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Limits {
+    pub memory_bytes: Option<u64>,
+    pub pids: Option<u64>,
+    /// CPU time per wall second, in thousandths of a CPU.
+    pub cpu_millis: Option<u64>,
+}
+
+/// One sandboxed run.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Spec {
+    /// The program and its arguments.
+    pub argv: Vec<OsString>,
+    /// The action's input root on the host; it appears at [`EXEC_ROOT`].
+    pub root: PathBuf,
+    /// The working directory, relative to the input root.
+    pub workdir: PathBuf,
+    /// Paths under the input root the action may write (the working
+    /// directory and the parents of its outputs), relative to it.
+    pub writable: Vec<PathBuf>,
+    /// Paths under the input root that are bound read-only: whole input
+    /// subtrees, and input files that sit in writable directories.
+    pub read_only: Vec<PathBuf>,
+    /// Host paths made visible read-only at the same place: the toolchain.
+    pub host_paths: Vec<PathBuf>,
+    /// A host directory that becomes the private, writable `/tmp`.
+    pub tmp: PathBuf,
+    /// An empty host directory the stub builds the new root on.
+    pub scratch: PathBuf,
+    /// Keep the host's network (otherwise: a private loopback only).
+    pub network: bool,
+    /// `cgroup.procs` files the stub joins before anything else.
+    pub cgroup_procs: Vec<PathBuf>,
+    /// Limits applied as rlimits (used where no cgroup could be).
+    pub rlimits: Limits,
+}
+
+impl Spec {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut put = |key: &str, value: &OsStr| {
+            out.extend_from_slice(key.as_bytes());
+            out.push(b'=');
+            out.extend_from_slice(value.as_bytes());
+            out.push(0);
+        };
+        for a in &self.argv {
+            put("arg", a);
+        }
+        put("root", self.root.as_os_str());
+        put("workdir", self.workdir.as_os_str());
+        for p in &self.writable {
+            put("writable", p.as_os_str());
+        }
+        for p in &self.read_only {
+            put("read_only", p.as_os_str());
+        }
+        for p in &self.host_paths {
+            put("host", p.as_os_str());
+        }
+        put("tmp", self.tmp.as_os_str());
+        put("scratch", self.scratch.as_os_str());
+        if self.network {
+            put("network", OsStr::new("1"));
+        }
+        for p in &self.cgroup_procs {
+            put("cgroup", p.as_os_str());
+        }
+        let limits = [
+            ("memory", self.rlimits.memory_bytes),
+            ("pids", self.rlimits.pids),
+            ("cpu", self.rlimits.cpu_millis),
+        ];
+        for (key, value) in limits {
+            if let Some(v) = value {
+                put(key, OsStr::new(&v.to_string()));
+            }
+        }
+        out
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Spec, String> {
+        let mut spec = Spec::default();
+        for record in bytes.split(|b| *b == 0).filter(|r| !r.is_empty()) {
+            let eq = record
+                .iter()
+                .position(|b| *b == b'=')
+                .ok_or("a sandbox spec record has no '='")?;
+            let key = std::str::from_utf8(&record[..eq]).map_err(|_| "a key is not UTF-8")?;
+            let value = OsString::from_vec(record[eq + 1..].to_vec());
+            let number = |v: &OsString| -> Result<Option<u64>, String> {
+                v.to_str()
+                    .and_then(|s| s.parse().ok())
+                    .map(Some)
+                    .ok_or_else(|| format!("sandbox spec {key}={v:?} is not a number"))
+            };
+            match key {
+                "arg" => spec.argv.push(value),
+                "root" => spec.root = value.into(),
+                "workdir" => spec.workdir = value.into(),
+                "writable" => spec.writable.push(value.into()),
+                "read_only" => spec.read_only.push(value.into()),
+                "host" => spec.host_paths.push(value.into()),
+                "tmp" => spec.tmp = value.into(),
+                "scratch" => spec.scratch = value.into(),
+                "network" => spec.network = true,
+                "cgroup" => spec.cgroup_procs.push(value.into()),
+                "memory" => spec.rlimits.memory_bytes = number(&value)?,
+                "pids" => spec.rlimits.pids = number(&value)?,
+                "cpu" => spec.rlimits.cpu_millis = number(&value)?,
+                other => return Err(format!("unknown sandbox spec key {other:?}")),
+            }
+        }
+        if spec.argv.is_empty() {
+            return Err("the sandbox spec has no program".into());
+        }
+        for (what, p) in [
+            ("root", &spec.root),
+            ("tmp", &spec.tmp),
+            ("scratch", &spec.scratch),
+        ] {
+            if !p.is_absolute() {
+                return Err(format!("sandbox spec {what} {p:?} is not absolute"));
+            }
+        }
+        for p in spec
+            .writable
+            .iter()
+            .chain(&spec.read_only)
+            .chain([&spec.workdir])
+        {
+            if !is_plain_relative(p) {
+                return Err(format!(
+                    "sandbox spec path {p:?} must be relative and stay inside the input root"
+                ));
+            }
+        }
+        Ok(spec)
+    }
+}
+
+/// A relative path without `..`, `.` or a root: it cannot leave its base.
+pub fn is_plain_relative(p: &Path) -> bool {
+    p.components()
+        .all(|c| matches!(c, std::path::Component::Normal(_)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_spec_survives_encoding_with_odd_paths() {
+        let spec = Spec {
+            argv: vec!["sh".into(), "-c".into(), "echo 'a=b'\n".into()],
+            root: "/w/actions/1/root".into(),
+            workdir: "".into(),
+            writable: vec!["".into(), "out/dir with\nnewline".into()],
+            read_only: vec!["src".into()],
+            host_paths: vec!["/usr".into(), "/etc/ssl".into()],
+            tmp: "/w/actions/1/tmp".into(),
+            scratch: "/w/actions/1/sysroot".into(),
+            network: true,
+            cgroup_procs: vec!["/sys/fs/cgroup/x/cgroup.procs".into()],
+            rlimits: Limits {
+                memory_bytes: Some(1 << 30),
+                pids: Some(100),
+                cpu_millis: None,
+            },
+        };
+        assert_eq!(Spec::decode(&spec.encode()), Ok(spec));
+    }
+
+    #[test]
+    fn escaping_paths_and_junk_are_refused() {
+        let base = Spec {
+            argv: vec!["true".into()],
+            root: "/r".into(),
+            tmp: "/t".into(),
+            scratch: "/s".into(),
+            ..Spec::default()
+        };
+        assert!(Spec::decode(&base.encode()).is_ok());
+        for bad in ["../up", "/abs", "a/../../b"] {
+            let spec = Spec {
+                writable: vec![bad.into()],
+                ..base.clone()
+            };
+            assert!(Spec::decode(&spec.encode()).is_err(), "{bad}");
+        }
+        assert!(Spec::decode(b"nokey\0").is_err());
+        assert!(Spec::decode(b"bogus=1\0arg=true\0").is_err());
+        assert!(Spec::decode(b"root=/r\0").is_err(), "no program");
+    }
+}

@@ -1,0 +1,627 @@
+//! The Linux sandbox against hostile actions. Every test runs a real
+//! coordinator and a real agent with the default isolation
+//! (`linux-sandbox`), twice: with the agent as root, and as an unprivileged
+//! user (`setpriv`, uid 65534) in a cgroup delegated to it, as a systemd
+//! unit with `Delegate=yes` would start it.
+//!
+//! Each hostile attempt runs as `t NAME COMMAND`, which prints
+//! `NAME: refused` or `NAME: ESCAPED`; the tests also look at the host to
+//! see that nothing happened there.
+
+#![cfg(target_os = "linux")]
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::{ActionSpec, Agent, Coordinator, OUTPOST, tempdir};
+use outpost_proto::digest::{Digest, Function};
+use outpost_proto::reapi;
+
+/// Who runs the agent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum As {
+    Root,
+    Unprivileged,
+}
+
+const NOBODY: u32 = 65534;
+
+struct Fleet {
+    dir: tempfile::TempDir,
+    _server: Coordinator,
+    agent: Agent,
+    client: common::Client,
+    _cgroups: Cgroups,
+}
+
+/// Removes the delegated cgroups (and what the agent made in them).
+struct Cgroups(Vec<PathBuf>);
+
+impl Drop for Cgroups {
+    fn drop(&mut self) {
+        fn remove(dir: &Path) {
+            if let Ok(entries) = std::fs::read_dir(dir) {
+                for e in entries.flatten() {
+                    if e.path().is_dir() {
+                        remove(&e.path());
+                    }
+                }
+            }
+            let _ = std::fs::remove_dir(dir);
+        }
+        for d in &self.0 {
+            remove(d);
+        }
+    }
+}
+
+/// Prints one line per attempt; `sh -c` so each runs on its own.
+const TRY: &str = r#"t() { if sh -c "$2" >/dev/null 2>&1; then echo "$1: ESCAPED"; else echo "$1: refused"; fi; }
+"#;
+
+/// A v1 memory and pids cgroup owned by `NOBODY`, for the unprivileged
+/// agent to make its action cgroups in (empty on hosts without v1).
+fn delegated_cgroups(name: &str) -> Vec<PathBuf> {
+    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    let mut out = Vec::new();
+    for controller in ["memory", "pids"] {
+        let Some(path) = own.lines().find_map(|l| {
+            let mut parts = l.splitn(3, ':');
+            let _ = parts.next();
+            let cs = parts.next()?;
+            let path = parts.next()?;
+            cs.split(',').any(|c| c == controller).then_some(path)
+        }) else {
+            continue;
+        };
+        let dir = Path::new("/sys/fs/cgroup")
+            .join(controller)
+            .join(path.trim_start_matches('/'))
+            .join(name);
+        if std::fs::create_dir_all(&dir).is_err() {
+            continue;
+        }
+        chown_tree(&dir);
+        out.push(dir);
+    }
+    out
+}
+
+fn chown_tree(p: &Path) {
+    let status = Command::new("chown")
+        .args(["-R", &format!("{NOBODY}:{NOBODY}")])
+        .arg(p)
+        .status()
+        .expect("chown");
+    assert!(status.success(), "chown {}", p.display());
+}
+
+impl Fleet {
+    async fn start(user: As, extra: &[&str]) -> Fleet {
+        let dir = tempdir();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod");
+        let server = Coordinator::start(&dir.path().join("data"), &[]);
+        let work_dir = dir.path().join("agent");
+        let (agent, cgroups) = match user {
+            As::Root => (
+                Agent::start(&server.endpoint(), &work_dir, extra),
+                Vec::new(),
+            ),
+            As::Unprivileged => {
+                std::fs::create_dir(&work_dir).expect("work dir");
+                chown_tree(&work_dir);
+                let name = format!("outpost-test-{}", rand::random::<u32>());
+                let cgroups = delegated_cgroups(&name);
+                let mut join = String::new();
+                for c in &cgroups {
+                    join.push_str(&format!("echo $$ > {}/cgroup.procs && ", c.display()));
+                }
+                let mut cmd = Command::new("sh");
+                cmd.arg("-c")
+                    .arg(format!(
+                        "{join}exec setpriv --reuid={NOBODY} --regid={NOBODY} --clear-groups \"$0\" \"$@\""
+                    ))
+                    .arg(OUTPOST);
+                (
+                    Agent::start_with(cmd, &server.endpoint(), &work_dir, extra),
+                    cgroups,
+                )
+            }
+        };
+        agent
+            .wait_for("registered with the coordinator", Duration::from_secs(30))
+            .await;
+        if Path::new("/sys/fs/cgroup/memory").is_dir() {
+            assert_eq!(
+                agent.count("limits=cgroup"),
+                1,
+                "this host has cgroup v1 memory and pids: the agent must use them"
+            );
+        }
+        let client = server.client().await;
+        Fleet {
+            dir,
+            _server: server,
+            agent,
+            client,
+            _cgroups: Cgroups(cgroups),
+        }
+    }
+
+    async fn run(&mut self, spec: &ActionSpec) -> Ran {
+        let action = self.client.upload_action(spec).await;
+        let (_, response) = self.client.execute(&action, true).await.expect("execute");
+        let result = response.result.clone().unwrap_or_default();
+        let stdout = self.output(result.stdout_digest.as_ref()).await;
+        let stderr = self.output(result.stderr_digest.as_ref()).await;
+        Ran {
+            response,
+            result,
+            stdout,
+            stderr,
+        }
+    }
+
+    async fn output(&mut self, digest: Option<&reapi::Digest>) -> String {
+        let Some(d) = digest else {
+            return String::new();
+        };
+        let d = Digest::from_proto(d, Function::Sha256).expect("digest");
+        String::from_utf8_lossy(&self.client.download(&d).await.expect("download")).into_owned()
+    }
+
+    /// Runs `t` lines; asserts each named attempt was refused.
+    async fn refuses(&mut self, spec: ActionSpec, names: &[&str]) -> Ran {
+        let ran = self.run(&spec).await;
+        for name in names {
+            assert!(
+                ran.stdout.contains(&format!("{name}: refused")),
+                "{name} was not refused:\nstdout: {}\nstderr: {}",
+                ran.stdout,
+                ran.stderr
+            );
+        }
+        assert!(
+            !ran.stdout.contains("ESCAPED"),
+            "escaped:\n{}\nstderr: {}",
+            ran.stdout,
+            ran.stderr
+        );
+        ran
+    }
+
+    fn work_dir(&self) -> PathBuf {
+        self.dir.path().join("agent")
+    }
+}
+
+struct Ran {
+    response: reapi::ExecuteResponse,
+    result: reapi::ActionResult,
+    stdout: String,
+    stderr: String,
+}
+
+fn script(body: &str) -> ActionSpec {
+    ActionSpec::shell(&format!("{TRY}{body}"))
+}
+
+fn alive(pid: u32) -> bool {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None).is_ok()
+}
+
+/// Host processes whose command line contains `marker`.
+fn processes_with(marker: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if cmdline.contains(marker) {
+            out.push(format!(
+                "{}: {cmdline}",
+                entry.file_name().to_string_lossy()
+            ));
+        }
+    }
+    out
+}
+
+/// Waits (a little) until no host process carries `marker`.
+async fn all_gone(marker: &str, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !processes_with(marker).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "{what}: {:?}",
+            processes_with(marker)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn writes_outside_outputs_are_refused(user: As) {
+    let mut f = Fleet::start(user, &[]).await;
+    let host_dir = f.dir.path().join("host-only");
+    std::fs::create_dir(&host_dir).expect("mkdir");
+    let mut spec = script(&format!(
+        "t usr 'echo x > /usr/outpost-evil'
+t etc 'echo x > /etc/outpost-evil'
+t root 'echo x > /outpost-evil'
+t host-dir 'echo x > {host}/evil'
+t input 'echo x >> input.txt'
+t input-chmod 'chmod u+w input.txt && echo x >> input.txt'
+t input-remove 'rm input.txt'
+t input-dir 'echo x > src/new.c'
+t src 'echo x >> src/a.c'
+mkdir -p out && echo result > out/result.txt && echo output: written
+echo x > /tmp/scratch && echo tmp: written",
+        host = host_dir.display()
+    ));
+    spec.inputs = vec![
+        ("input.txt".into(), Bytes::from_static(b"original\n")),
+        ("src/a.c".into(), Bytes::from_static(b"int a;\n")),
+    ];
+    spec.output_paths = vec!["out/result.txt".into()];
+    let ran = f
+        .refuses(
+            spec,
+            &[
+                "usr",
+                "etc",
+                "root",
+                "host-dir",
+                "input",
+                "input-chmod",
+                "input-remove",
+                "input-dir",
+                "src",
+            ],
+        )
+        .await;
+    assert_eq!(ran.result.exit_code, 0, "{}", ran.stderr);
+    assert!(ran.stdout.contains("output: written"), "{}", ran.stdout);
+    assert!(ran.stdout.contains("tmp: written"), "{}", ran.stdout);
+    assert_eq!(ran.result.output_files.len(), 1, "the declared output");
+    for p in ["/usr/outpost-evil", "/etc/outpost-evil", "/outpost-evil"] {
+        assert!(!Path::new(p).exists(), "{p} was written on the host");
+    }
+    assert!(!host_dir.join("evil").exists());
+    // The agent's cached copies of the inputs are intact.
+    let mut check = ActionSpec::shell("cat input.txt src/a.c");
+    check.inputs = vec![
+        ("input.txt".into(), Bytes::from_static(b"original\n")),
+        ("src/a.c".into(), Bytes::from_static(b"int a;\n")),
+    ];
+    let again = f.run(&check).await;
+    assert_eq!(again.stdout, "original\nint a;\n");
+}
+
+async fn the_agents_secrets_are_out_of_sight(user: As) {
+    let mut f = Fleet::start(user, &[]).await;
+    let work_dir = f.work_dir();
+    std::fs::write(work_dir.join("secret-token"), "SECRET").expect("write");
+    let config = f.dir.path().join("agent.yaml");
+    std::fs::write(&config, "log: info # SECRET\n").expect("write");
+    let agent_pid = f.agent.pid();
+    let spec = script(&format!(
+        "t work-dir 'ls {w}'
+t agent-id 'cat {w}/agent-id'
+t token 'cat {w}/secret-token'
+t config 'cat {config}'
+t agent-environ 'cat /proc/{agent_pid}/environ'
+t agent-proc 'ls /proc/{agent_pid}/root/'
+t shadow 'cat /etc/shadow'
+t home 'ls /root/.cargo'
+t env 'env | grep -q OUTPOST'
+t coordinator-in-env 'env | grep -q 127.0.0.1'",
+        w = work_dir.display(),
+        config = config.display()
+    ));
+    f.refuses(
+        spec,
+        &[
+            "work-dir",
+            "agent-id",
+            "token",
+            "config",
+            "agent-environ",
+            "agent-proc",
+            "shadow",
+            "home",
+            "env",
+            "coordinator-in-env",
+        ],
+    )
+    .await;
+}
+
+async fn other_actions_inputs_are_invisible(user: As) {
+    let mut f = Fleet::start(user, &["--slots", "2"]).await;
+    let marker = format!("secret-{}", rand::random::<u64>());
+    let mut first = ActionSpec::shell("sleep 10");
+    first.inputs = vec![("secret.txt".into(), Bytes::from(marker.clone()))];
+    let action = f.client.upload_action(&first).await;
+    let (_, _stream) = f.client.start_execute(&action).await;
+    // Wait until it runs: its directory exists on the host.
+    let actions = f.work_dir().join("actions");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !std::fs::read_dir(&actions).is_ok_and(|mut d| d.next().is_some()) {
+        assert!(Instant::now() < deadline, "the first action never started");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let spec = script(&format!(
+        "t actions-dir 'ls {a}'
+t other-root 'cat {a}/*/root/secret.txt'
+t find 'find / -name secret.txt -not -path \"/proc/*\" 2>/dev/null | grep -q .'
+t grep-tmp 'grep -rqs {marker} /tmp /execroot /dev/shm'
+t parent 'ls /execroot/.. | grep -q actions'",
+        a = actions.display()
+    ));
+    f.refuses(
+        spec,
+        &["actions-dir", "other-root", "find", "grep-tmp", "parent"],
+    )
+    .await;
+}
+
+async fn loopback_services_on_the_host_are_unreachable(user: As) {
+    let mut f = Fleet::start(user, &[]).await;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    listener.set_nonblocking(true).expect("nonblocking");
+    let coordinator_port = f._server.addr.port();
+    let spec = script(&format!(
+        "t tcp 'bash -c \"echo hi > /dev/tcp/127.0.0.1/{port}\"'
+t coordinator 'bash -c \"echo hi > /dev/tcp/127.0.0.1/{coordinator_port}\"'
+t dns 'getent hosts example.com'
+bash -c 'echo > /dev/tcp/127.0.0.1/1' 2>&1 | grep -q refused && echo own-loopback: up"
+    ));
+    let ran = f.refuses(spec, &["tcp", "coordinator", "dns"]).await;
+    assert!(
+        ran.stdout.contains("own-loopback: up"),
+        "the sandbox's own loopback works: {}",
+        ran.stdout
+    );
+    assert!(
+        listener.accept().is_err(),
+        "the host's service was reached from the sandbox"
+    );
+}
+
+async fn network_is_given_only_on_request_where_allowed(user: As) {
+    let mut f = Fleet::start(user, &["--allow-network", "true"]).await;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let connect = format!("bash -c 'echo hi > /dev/tcp/127.0.0.1/{port}' && echo connected");
+    let closed = f.run(&ActionSpec::shell(&connect)).await;
+    assert!(
+        !closed.stdout.contains("connected"),
+        "no network unless asked"
+    );
+    let open = f
+        .run(&ActionSpec::shell(&connect).with_platform("dockerNetwork", "bridge"))
+        .await;
+    assert!(
+        open.stdout.contains("connected"),
+        "dockerNetwork=bridge on an agent that allows it: {}",
+        open.stderr
+    );
+    listener.accept().expect("the host's service was reached");
+}
+
+async fn agent_processes_cannot_be_signalled_or_traced(user: As) {
+    let mut f = Fleet::start(user, &[]).await;
+    let agent_pid = f.agent.pid();
+    let ptrace = |pid: &str| {
+        format!(
+            "python3 -c \"import ctypes,sys; r=ctypes.CDLL(None,use_errno=True).ptrace(16,{pid},0,0); sys.exit(0 if r==0 else 1)\""
+        )
+    };
+    let spec = script(&format!(
+        "t kill-agent 'kill -9 {agent_pid}'
+t ptrace-agent '{}'
+t ptrace-sandbox-init '{}'
+t see-agent 'ps ax | grep -v grep | grep -q \"outpost agent\"'
+kill -9 -1; echo after-kill-all",
+        ptrace(&agent_pid.to_string()).replace('\'', "'\\''"),
+        ptrace("1").replace('\'', "'\\''"),
+    ));
+    f.refuses(
+        spec,
+        &[
+            "kill-agent",
+            "ptrace-agent",
+            "ptrace-sandbox-init",
+            "see-agent",
+        ],
+    )
+    .await;
+    assert!(alive(agent_pid), "the agent was killed");
+    let after = f.run(&ActionSpec::shell("echo still-serving")).await;
+    assert_eq!(after.stdout, "still-serving\n");
+}
+
+async fn a_fork_bomb_is_contained(user: As) {
+    let mut f = Fleet::start(user, &["--action-pids-limit", "64"]).await;
+    let marker = format!("bomb-{}", rand::random::<u64>());
+    let mut spec = ActionSpec::shell(&format!("f() {{ f | f & }}; f; sleep 100 # {marker}"));
+    spec.timeout = Some(Duration::from_secs(4));
+    let started = Instant::now();
+    let ran = f.run(&spec).await;
+    let took = started.elapsed();
+    let context = format!(
+        "after {took:?}: status {:?}, exit code {}, message {:?}\nstdout: {}\nstderr: {}",
+        ran.response.status, ran.result.exit_code, ran.response.message, ran.stdout, ran.stderr
+    );
+    assert_eq!(
+        ran.response.status.as_ref().map(|s| s.code),
+        Some(tonic::Code::DeadlineExceeded as i32),
+        "{context}"
+    );
+    assert!(took < Duration::from_secs(30), "{context}");
+    all_gone(&marker, "the bomb outlived its action").await;
+    let after = f.run(&ActionSpec::shell("echo still-serving")).await;
+    assert_eq!(
+        after.stdout, "still-serving\n",
+        "the agent after the bomb: status {:?}, stderr {}",
+        after.response.status, after.stderr
+    );
+}
+
+async fn a_memory_hog_is_killed_and_reported_as_oom(user: As) {
+    let mut f = Fleet::start(user, &["--action-memory-limit", "64MiB"]).await;
+    let ran = f
+        .run(&ActionSpec::shell(
+            "head -c 400000000 /dev/zero | tail > /dev/null",
+        ))
+        .await;
+    assert_ne!(ran.result.exit_code, 0);
+    assert!(
+        ran.response.message.contains("out of memory"),
+        "ExecuteResponse.message: {:?}",
+        ran.response.message
+    );
+    assert!(
+        ran.stderr
+            .contains("outpost: the action was killed for running out of memory"),
+        "stderr: {}",
+        ran.stderr
+    );
+    let fine = f
+        .run(&ActionSpec::shell(
+            "head -c 1000000 /dev/zero | tail | wc -c",
+        ))
+        .await;
+    assert_eq!(
+        fine.result.exit_code, 0,
+        "a small action under the limit: {}",
+        fine.stderr
+    );
+    assert!(fine.response.message.is_empty());
+}
+
+async fn daemons_die_with_their_action(user: As) {
+    let mut f = Fleet::start(user, &[]).await;
+    let marker = format!("daemon-{}", rand::random::<u64>());
+    let ran = f
+        .run(&ActionSpec::shell(&format!(
+            "setsid sh -c 'sleep 300 # {marker}' & (nohup sleep 300 # {marker}
+) & sleep 0.2; echo started"
+        )))
+        .await;
+    assert_eq!(ran.stdout, "started\n");
+    all_gone(&marker, "daemons outlived their action").await;
+}
+
+async fn symlinks_in_the_input_tree_stay_inside(user: As) {
+    let mut f = Fleet::start(user, &[]).await;
+    let work_dir = f.work_dir();
+    let mut spec = script(&format!(
+        "t shadow 'cat shadow'
+t agent-id 'cat agent-id'
+t up 'ls up/ | grep -q OUTPOST-AGENT-WORK-DIR'
+t up-actions 'ls up{w}'
+ln -s {w}/agent-id leak",
+        w = work_dir.display()
+    ));
+    spec.symlinks = vec![
+        ("shadow".into(), "/etc/shadow".into()),
+        (
+            "agent-id".into(),
+            format!("{}/agent-id", work_dir.display()),
+        ),
+        ("up".into(), "../../../../../../..".into()),
+    ];
+    spec.output_paths = vec!["leak".into()];
+    let ran = f
+        .refuses(spec, &["shadow", "agent-id", "up", "up-actions"])
+        .await;
+    // The output symlink comes back as a symlink, never as what it names.
+    assert!(ran.result.output_files.is_empty());
+    assert_eq!(ran.result.output_symlinks.len(), 1);
+}
+
+macro_rules! both {
+    ($($name:ident),* $(,)?) => {
+        mod as_root {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    super::$name(super::As::Root).await
+                }
+            )*
+        }
+        mod unprivileged {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    super::$name(super::As::Unprivileged).await
+                }
+            )*
+        }
+    };
+}
+
+both!(
+    writes_outside_outputs_are_refused,
+    the_agents_secrets_are_out_of_sight,
+    other_actions_inputs_are_invisible,
+    loopback_services_on_the_host_are_unreachable,
+    network_is_given_only_on_request_where_allowed,
+    agent_processes_cannot_be_signalled_or_traced,
+    a_fork_bomb_is_contained,
+    a_memory_hog_is_killed_and_reported_as_oom,
+    daemons_die_with_their_action,
+    symlinks_in_the_input_tree_stay_inside,
+);
+
+/// Without user namespaces the agent refuses to start rather than run
+/// actions unisolated, and says what to do; `--isolation none` is the
+/// explicit way out.
+#[tokio::test]
+async fn an_agent_that_cannot_sandbox_refuses_to_start() {
+    let dir = tempdir();
+    let server = Coordinator::start(&dir.path().join("data"), &[]);
+    let endpoint = server.endpoint();
+    let work_dir = dir.path().join("agent-linux-sandbox");
+    let run = move |isolation: &str| {
+        Command::new("unshare")
+            .args(["--user", "--map-root-user", "sh", "-c"])
+            .arg("echo 0 > /proc/sys/user/max_user_namespaces && exec \"$0\" \"$@\"")
+            .arg(OUTPOST)
+            .args(["agent", "--coordinator", &endpoint, "--work-dir"])
+            .arg(&work_dir)
+            .args(["--isolation", isolation])
+            .output()
+    };
+    let out = tokio::task::spawn_blocking(move || run("linux-sandbox"))
+        .await
+        .expect("join")
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("isolation linux-sandbox does not work on this host")
+            && stderr.contains("--isolation none"),
+        "{stderr}"
+    );
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--user", "--map-root-user", "sh", "-c"])
+        .arg("echo 0 > /proc/sys/user/max_user_namespaces && exec \"$0\" \"$@\"")
+        .arg(OUTPOST);
+    let agent = Agent::start_with(
+        cmd,
+        &server.endpoint(),
+        &dir.path().join("agent-none"),
+        &["--isolation", "none"],
+    );
+    agent
+        .wait_for("registered with the coordinator", Duration::from_secs(30))
+        .await;
+}
