@@ -9,6 +9,8 @@
 #   python3          (Debian's, in /usr/bin: what sandboxed actions can see)
 #                    for the sandbox suite's ptrace attempts
 #   chromium         headless, to look at the status page
+#   systemd, dpkg    systemd-analyze verify for the rendered units; dpkg-deb and
+#                    dpkg -i for the Debian package (systemd need not be running)
 #   cargo-nextest    the test runner (falls back to cargo test if it cannot be installed)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,6 +31,8 @@ command -v unshare >/dev/null 2>&1 || missing+=(util-linux)
 command -v setpriv >/dev/null 2>&1 || missing+=(util-linux)
 [ -x /usr/bin/python3 ] || missing+=(python3)
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
+command -v dpkg-deb >/dev/null 2>&1 || missing+=(dpkg)
 if [ ${#missing[@]} -gt 0 ]; then
   apt_install "${missing[@]}"
 fi
@@ -49,5 +53,6 @@ say "cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
 
 say "tests"
-# The end-to-end Bazel and browser tests must run, not skip, here.
-OUTPOST_REQUIRE_BAZEL=1 OUTPOST_REQUIRE_CHROMIUM=1 "${runner[@]}" "$@"
+# The end-to-end Bazel, browser and service tests must run, not skip, here.
+OUTPOST_REQUIRE_BAZEL=1 OUTPOST_REQUIRE_CHROMIUM=1 OUTPOST_REQUIRE_SERVICE_TOOLS=1 \
+  "${runner[@]}" "$@"

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 
 mod admin;
 mod bench;
+mod install;
 mod logging;
 mod reload;
 mod supervisor;
@@ -30,9 +31,9 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the coordinator: the REAPI endpoint, CAS, Action Cache and queue.
-    Coordinator(CoordinatorArgs),
+    Coordinator(CoordinatorCommand),
     /// Run an agent: dial out to a coordinator and run the actions it leases.
-    Agent(AgentArgs),
+    Agent(AgentCommand),
     /// Measure a REAPI server (Outpost or any other) with plain REAPI calls.
     Bench(bench::BenchArgs),
     #[command(flatten)]
@@ -41,6 +42,54 @@ enum Command {
     /// data in ./outpost-data and a local agent, and the .bazelrc lines to
     /// use them.
     Up(CoordinatorArgs),
+}
+
+#[derive(Args)]
+#[command(args_conflicts_with_subcommands = true)]
+struct AgentCommand {
+    #[command(subcommand)]
+    service: Option<AgentService>,
+    #[command(flatten)]
+    args: AgentArgs,
+}
+
+#[derive(Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once, at start-up
+enum AgentService {
+    /// Install the agent as a service (systemd unit or launchd job) with
+    /// these settings as its config file, and start it.
+    Install {
+        #[command(flatten)]
+        options: install::Options,
+        #[command(flatten)]
+        args: AgentArgs,
+    },
+    /// Stop and remove the agent's service; its config and work directory stay.
+    Uninstall(install::Target),
+}
+
+#[derive(Args)]
+#[command(args_conflicts_with_subcommands = true)]
+struct CoordinatorCommand {
+    #[command(subcommand)]
+    service: Option<CoordinatorService>,
+    #[command(flatten)]
+    args: CoordinatorArgs,
+}
+
+#[derive(Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once, at start-up
+enum CoordinatorService {
+    /// Install the coordinator as a service (systemd unit or launchd job)
+    /// with these settings as its config file, and start it.
+    Install {
+        #[command(flatten)]
+        options: install::Options,
+        #[command(flatten)]
+        args: CoordinatorArgs,
+    },
+    /// Stop and remove the coordinator's service; its config and data stay.
+    Uninstall(install::Target),
 }
 
 #[derive(Args, Clone)]
@@ -268,9 +317,25 @@ fn main() -> ExitCode {
     }
     let cli = Cli::parse();
     let (args, up) = match &cli.command {
-        Command::Coordinator(args) => (args, false),
+        Command::Coordinator(CoordinatorCommand { service, args }) => match service {
+            None => (args, false),
+            Some(CoordinatorService::Install { options, args }) => {
+                return exit(install_coordinator(options, args));
+            }
+            Some(CoordinatorService::Uninstall(target)) => {
+                return exit(uninstall(install::Role::Coordinator, target));
+            }
+        },
         Command::Up(args) => (args, true),
-        Command::Agent(args) => return agent_main(args),
+        Command::Agent(AgentCommand { service, args }) => match service {
+            None => return agent_main(args),
+            Some(AgentService::Install { options, args }) => {
+                return exit(install_agent(options, args));
+            }
+            Some(AgentService::Uninstall(target)) => {
+                return exit(uninstall(install::Role::Agent, target));
+            }
+        },
         Command::Bench(args) => {
             let args = args.clone();
             return launch("warn", bench::run(args));
@@ -295,6 +360,71 @@ fn main() -> ExitCode {
         &config.log.clone(),
         run_coordinator(args.clone(), config, up),
     )
+}
+
+fn exit(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("outpost: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn install_agent(options: &install::Options, args: &AgentArgs) -> anyhow::Result<()> {
+    let paths = install::Paths::of(install::Role::Agent, &options.target)?;
+    let mut config = args.resolve()?;
+    if config.work_dir == outpost_agent::Config::default().work_dir {
+        config.work_dir = paths.state_dir.clone();
+    }
+    install_service(options, &paths, &config.to_yaml())
+}
+
+fn install_coordinator(options: &install::Options, args: &CoordinatorArgs) -> anyhow::Result<()> {
+    let paths = install::Paths::of(install::Role::Coordinator, &options.target)?;
+    let mut config = args.resolve(Config::default())?;
+    if config.data_dir == Config::default().data_dir {
+        config.data_dir = paths.state_dir.clone();
+    }
+    install_service(options, &paths, &config.to_yaml())
+}
+
+fn install_service(
+    options: &install::Options,
+    paths: &install::Paths,
+    config_yaml: &str,
+) -> anyhow::Result<()> {
+    let binary = match &options.binary {
+        Some(b) => std::path::absolute(b)?,
+        None => std::env::current_exe()?,
+    };
+    let existing = std::fs::read_to_string(&paths.config).ok();
+    let plan = install::install(
+        paths,
+        &binary,
+        config_yaml,
+        existing.as_deref(),
+        options.force,
+        install::service_user_exists(),
+    )?;
+    if options.target.print {
+        print!("{}", plan.describe());
+        return Ok(());
+    }
+    install::check_host(paths)?;
+    plan.apply()
+}
+
+fn uninstall(role: install::Role, target: &install::Target) -> anyhow::Result<()> {
+    let paths = install::Paths::of(role, target)?;
+    let plan = install::uninstall(&paths);
+    if target.print {
+        print!("{}", plan.describe());
+        return Ok(());
+    }
+    install::check_host(&paths)?;
+    plan.apply()
 }
 
 /// `outpost up` listens on loopback only.
@@ -356,7 +486,7 @@ fn agent_main(args: &AgentArgs) -> ExitCode {
         let agent = outpost_agent::Agent::start(config).await?;
         let control = agent.control();
         let watch = args.watch_config.then(|| args.config.clone()).flatten();
-        tokio::spawn(reload::serve(watch, move || {
+        reload::start(watch, move || {
             let (args, control) = (args.clone(), control.clone());
             async move {
                 let config = args.resolve()?;
@@ -370,7 +500,7 @@ fn agent_main(args: &AgentArgs) -> ExitCode {
                     need_restart: done.need_restart,
                 })
             }
-        }));
+        })?;
         supervisor::ready("running");
         supervisor::watchdog();
         agent.run(shutdown).await
@@ -386,10 +516,10 @@ async fn run_coordinator(args: CoordinatorArgs, config: Config, up: bool) -> any
     let shutdown = CancellationToken::new();
     tokio::spawn(stop_on_signal(shutdown.clone()));
     let watch = args.watch_config.then(|| args.config.clone()).flatten();
-    tokio::spawn(reload::serve(watch, move || {
+    reload::start(watch, move || {
         let (args, running) = (args.clone(), std::sync::Arc::clone(&running));
         async move { reload_coordinator(&args, &running, up) }
-    }));
+    })?;
     supervisor::ready(&format!("serving on {addr}"));
     supervisor::watchdog();
     let mut agent = None;

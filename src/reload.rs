@@ -19,60 +19,60 @@ pub struct Outcome {
 }
 
 /// Runs `reload` at every SIGHUP and, with `watch`, at changes to that
-/// file; forever (the caller drops the task at shutdown).
-pub async fn serve<F, Fut>(watch: Option<PathBuf>, mut reload: F)
+/// file, from now on (SIGHUP is handled before this returns, so it no
+/// longer ends the process).
+pub fn start<F, Fut>(watch: Option<PathBuf>, mut reload: F) -> anyhow::Result<()>
 where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = anyhow::Result<Outcome>>,
+    F: FnMut() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = anyhow::Result<Outcome>> + Send,
 {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut sighup =
+        signal(SignalKind::hangup()).map_err(|e| anyhow::anyhow!("cannot handle SIGHUP: {e}"))?;
     let (tx, mut triggers) = mpsc::channel::<&'static str>(4);
     let hup = tx.clone();
     tokio::spawn(async move {
-        use tokio::signal::unix::{SignalKind, signal};
-        let Ok(mut sighup) = signal(SignalKind::hangup()) else {
-            tracing::error!("cannot install the SIGHUP handler: reload needs a restart");
-            return;
-        };
         while sighup.recv().await.is_some() {
             let _ = hup.try_send("SIGHUP");
         }
     });
-    // Kept alive for as long as reloads are served.
-    let _watcher = match watch {
-        Some(path) => match watch_file(&path, tx) {
-            Ok(w) => Some(w),
-            Err(e) => {
-                tracing::error!(path = %path.display(), error = %e, "cannot watch the config file; reload with SIGHUP");
-                None
-            }
-        },
+    let watcher = match watch {
+        Some(path) => Some(
+            watch_file(&path, tx)
+                .map_err(|e| anyhow::anyhow!("cannot watch {}: {e}", path.display()))?,
+        ),
         None => None,
     };
-    while let Some(cause) = triggers.recv().await {
-        supervisor::reloading();
-        match reload().await {
-            Ok(outcome) => {
-                if outcome.applied.is_empty() && outcome.need_restart.is_empty() {
-                    tracing::info!(cause, "configuration reloaded: nothing changed");
-                } else {
-                    tracing::info!(cause, applied = ?outcome.applied, "configuration reloaded");
+    tokio::spawn(async move {
+        // Kept alive for as long as reloads are served.
+        let _watcher = watcher;
+        while let Some(cause) = triggers.recv().await {
+            supervisor::reloading();
+            match reload().await {
+                Ok(outcome) => {
+                    if outcome.applied.is_empty() && outcome.need_restart.is_empty() {
+                        tracing::info!(cause, "configuration reloaded: nothing changed");
+                    } else {
+                        tracing::info!(cause, applied = ?outcome.applied, "configuration reloaded");
+                    }
+                    if !outcome.need_restart.is_empty() {
+                        tracing::warn!(
+                            settings = ?outcome.need_restart,
+                            "these settings changed but take effect only after a restart"
+                        );
+                    }
                 }
-                if !outcome.need_restart.is_empty() {
-                    tracing::warn!(
-                        settings = ?outcome.need_restart,
-                        "these settings changed but take effect only after a restart"
+                Err(e) => {
+                    tracing::error!(
+                        cause,
+                        "configuration not reloaded, the running one stays: {e:#}"
                     );
                 }
             }
-            Err(e) => {
-                tracing::error!(
-                    cause,
-                    "configuration not reloaded, the running one stays: {e:#}"
-                );
-            }
+            supervisor::ready("running");
         }
-        supervisor::ready("running");
-    }
+    });
+    Ok(())
 }
 
 /// Watches the file's directory (editors replace files by renaming over
