@@ -15,6 +15,9 @@ pub struct Target {
         default_value = "grpc://127.0.0.1:8980"
     )]
     pub coordinator: String,
+    /// File whose first line is a token with the admin role.
+    #[arg(long, env = "OUTPOST_TOKEN_FILE")]
+    pub token_file: Option<std::path::PathBuf>,
 }
 
 #[derive(Subcommand, Clone, Debug)]
@@ -50,8 +53,22 @@ async fn request(target: &Target, method: &str, path: &str) -> anyhow::Result<St
     let mut stream = tokio::net::TcpStream::connect(&addr)
         .await
         .with_context(|| format!("cannot reach the coordinator at {addr}"))?;
+    let authorization = match &target.token_file {
+        Some(file) => {
+            let text = std::fs::read_to_string(file)
+                .with_context(|| format!("cannot read the token file {}", file.display()))?;
+            let token = text.lines().next().unwrap_or_default().trim();
+            anyhow::ensure!(
+                !token.is_empty() && token.chars().all(|c| c.is_ascii_graphic()),
+                "the token file {} must hold one token on its first line",
+                file.display()
+            );
+            format!("Authorization: Bearer {token}\r\n")
+        }
+        None => String::new(),
+    };
     let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{authorization}Content-Length: 0\r\nConnection: close\r\n\r\n"
     );
     stream.write_all(head.as_bytes()).await?;
     let mut reply = Vec::new();

@@ -143,6 +143,9 @@ struct AgentArgs {
     /// Log filter [default: info].
     #[arg(long, env = "OUTPOST_LOG")]
     log: Option<String>,
+    /// File holding this agent's token for the coordinator [default: none].
+    #[arg(long, env = "OUTPOST_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
     /// Print the effective configuration as YAML and exit.
     #[arg(long)]
     print_config: bool,
@@ -185,6 +188,9 @@ impl AgentArgs {
             config.action_cpu_limit = self.action_cpu_limit;
         }
         overlay(&mut config.log, self.log.clone());
+        if self.token_file.is_some() {
+            config.token_file = self.token_file.clone();
+        }
         config.validate()?;
         Ok(config)
     }
@@ -240,6 +246,12 @@ struct CoordinatorArgs {
     /// Log filter, e.g. info or outpost_coordinator=debug [default: info].
     #[arg(long, env = "OUTPOST_LOG")]
     log: Option<String>,
+    /// Client tokens: `TOKEN ROLE[,ROLE...]` per line [default: none, open].
+    #[arg(long, env = "OUTPOST_CLIENT_TOKENS")]
+    client_tokens: Option<PathBuf>,
+    /// Agent tokens: one per line [default: none, open].
+    #[arg(long, env = "OUTPOST_AGENT_TOKENS")]
+    agent_tokens: Option<PathBuf>,
     /// Print the effective configuration as YAML and exit.
     #[arg(long)]
     print_config: bool,
@@ -275,6 +287,12 @@ impl CoordinatorArgs {
         }
         if let Some(v) = &self.log {
             config.log = v.clone();
+        }
+        if self.client_tokens.is_some() {
+            config.client_tokens = self.client_tokens.clone();
+        }
+        if self.agent_tokens.is_some() {
+            config.agent_tokens = self.agent_tokens.clone();
         }
         overlay(&mut config.heartbeat_interval, self.heartbeat_interval);
         overlay(
@@ -512,13 +530,14 @@ async fn run_coordinator(args: CoordinatorArgs, config: Config, up: bool) -> any
     let log = config.log.clone();
     let running = std::sync::Arc::new(std::sync::Mutex::new(config.clone()));
     let coordinator = Coordinator::bind(config).await?;
+    let auth = coordinator.auth();
     let addr = coordinator.local_addr()?;
     let shutdown = CancellationToken::new();
     tokio::spawn(stop_on_signal(shutdown.clone()));
     let watch = args.watch_config.then(|| args.config.clone()).flatten();
     reload::start(watch, move || {
-        let (args, running) = (args.clone(), std::sync::Arc::clone(&running));
-        async move { reload_coordinator(&args, &running, up) }
+        let (args, running, auth) = (args.clone(), std::sync::Arc::clone(&running), auth.clone());
+        async move { reload_coordinator(&args, &running, &auth, up) }
     })?;
     supervisor::ready(&format!("serving on {addr}"));
     supervisor::watchdog();
@@ -553,15 +572,21 @@ async fn run_coordinator(args: CoordinatorArgs, config: Config, up: bool) -> any
 
 /// Settings the coordinator takes from a reloaded configuration; the
 /// others need a restart.
-const COORDINATOR_RELOADABLE: &[&str] = &["log"];
+const COORDINATOR_RELOADABLE: &[&str] = &["log", "client_tokens", "agent_tokens"];
 
 fn reload_coordinator(
     args: &CoordinatorArgs,
     running: &std::sync::Mutex<Config>,
+    auth: &outpost_coordinator::auth::Auth,
     up: bool,
 ) -> anyhow::Result<reload::Outcome> {
     let new = args.resolve(base_config(up))?;
     logging::check(&new.log)?;
+    // Token files are read again even when their paths did not change.
+    let tokens = outpost_coordinator::auth::Tokens::load(
+        new.client_tokens.as_deref(),
+        new.agent_tokens.as_deref(),
+    )?;
     let mut running = running.lock().unwrap_or_else(|e| e.into_inner());
     let mut outcome = reload::Outcome::default();
     for key in outpost_proto::settings::changed_keys(&running.to_yaml(), &new.to_yaml()) {
@@ -575,6 +600,14 @@ fn reload_coordinator(
         logging::set_filter(&new.log)?;
         running.log = new.log;
     }
+    tracing::info!(
+        tokens = tokens.as_ref().map_or(0, |t| t.len()),
+        open = tokens.is_none(),
+        "tokens in force"
+    );
+    auth.replace(tokens);
+    running.client_tokens = new.client_tokens;
+    running.agent_tokens = new.agent_tokens;
     Ok(outcome)
 }
 

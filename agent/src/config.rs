@@ -43,6 +43,8 @@ pub struct Config {
     pub action_cpu_limit: Option<f64>,
     /// Log filter.
     pub log: String,
+    /// File whose first line is this agent's token for the coordinator.
+    pub token_file: Option<PathBuf>,
 }
 
 /// The isolation backends this build knows.
@@ -65,6 +67,7 @@ impl Default for Config {
             action_pids_limit: 8192,
             action_cpu_limit: None,
             log: "info".to_owned(),
+            token_file: None,
         }
     }
 }

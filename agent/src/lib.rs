@@ -29,6 +29,43 @@ use tonic::transport::Endpoint;
 
 pub use config::Config;
 
+/// Adds the agent's token, if it has one, to every call to the coordinator.
+#[derive(Clone)]
+pub struct Bearer(Option<tonic::metadata::AsciiMetadataValue>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            request.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// The connection to the coordinator every client of the agent shares.
+pub type Transport =
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Bearer>;
+
+/// Reads the agent's token (the file's first line); the value is never logged.
+fn bearer(config: &Config) -> anyhow::Result<Bearer> {
+    let Some(path) = &config.token_file else {
+        return Ok(Bearer(None));
+    };
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the token file {}", path.display()))?;
+    let token = text.lines().next().unwrap_or_default().trim();
+    if token.is_empty() {
+        anyhow::bail!("the token file {} is empty", path.display());
+    }
+    let value = format!("Bearer {token}")
+        .parse()
+        .map_err(|_| anyhow::anyhow!("the token in {} is not printable ASCII", path.display()))?;
+    Ok(Bearer(Some(value)))
+}
+
 /// The agent's stable id: kept in the work directory, made once from the
 /// host name and a random suffix.
 fn agent_id(work_dir: &Path) -> anyhow::Result<String> {
@@ -159,6 +196,7 @@ impl Agent {
             .http2_keep_alive_interval(Duration::from_secs(30))
             .keep_alive_while_idle(true)
             .connect_lazy();
+        let channel = Transport::new(channel, bearer(&config)?);
         let executor = Arc::new(exec::Executor {
             agent_id: id.clone(),
             remote: remote::Remote::new(channel.clone(), ""),

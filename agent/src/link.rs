@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::Transport as Channel;
 use outpost_proto::fleet::fleet_client::FleetClient;
 use outpost_proto::fleet::{
     self, agent_message::Kind as ToCoordinator, coordinator_message::Kind as FromCoordinator,
@@ -14,7 +15,6 @@ use outpost_proto::fleet::{
 use prost::Message;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
 
 use crate::error::Error;
 use crate::exec::{Events, Executor};

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::Transport as Channel;
 use bytes::Bytes;
 use outpost_proto::bytestream::{self, byte_stream_client::ByteStreamClient};
 use outpost_proto::digest::{Digest, Function};
@@ -16,7 +17,6 @@ use outpost_proto::reapi::{
 use outpost_proto::resource::{self, Compressor};
 use prost::Message;
 use tokio_stream::StreamExt;
-use tonic::transport::Channel;
 
 use crate::error::Error;
 

@@ -9,6 +9,7 @@ use outpost_proto::fleet::{self, fleet_server::Fleet};
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::auth::{Auth, Principal};
 use crate::scheduler::Scheduler;
 
 /// An agent must register this soon after opening its stream.
@@ -21,11 +22,12 @@ type CoordinatorStream =
 
 pub struct FleetService {
     scheduler: Scheduler,
+    auth: Auth,
 }
 
 impl FleetService {
-    pub fn new(scheduler: Scheduler) -> Self {
-        FleetService { scheduler }
+    pub fn new(scheduler: Scheduler, auth: Auth) -> Self {
+        FleetService { scheduler, auth }
     }
 }
 
@@ -38,6 +40,7 @@ impl Fleet for FleetService {
         request: Request<Streaming<fleet::AgentMessage>>,
     ) -> Result<Response<CoordinatorStream>, Status> {
         let peer = request.remote_addr();
+        let principal = request.extensions().get::<Principal>().cloned();
         let mut incoming = request.into_inner();
         let first = tokio::time::timeout(REGISTER_WITHIN, incoming.message())
             .await
@@ -52,10 +55,37 @@ impl Fleet for FleetService {
         // The scheduler queues Registered on `tx` itself, ahead of any lease.
         let (session, _registered) = self.scheduler.join(register, tx).await?;
         tracing::debug!(agent_id = %session.agent_id, ?peer, "fleet stream open");
+        // A revoked token ends the stream: the reader stops (the agent is
+        // gone to the scheduler) and the agent gets UNAUTHENTICATED.
+        let revoked = tokio_util::sync::CancellationToken::new();
+        let done = tokio_util::sync::CancellationToken::new();
+        if let Some(principal) = principal {
+            let (auth, revoked, done, agent_id) = (
+                self.auth.clone(),
+                revoked.clone(),
+                done.clone(),
+                session.agent_id.clone(),
+            );
+            tokio::spawn(async move {
+                tokio::select! {
+                    () = auth.revoked(&principal) => {
+                        tracing::warn!(%agent_id, "the agent's token was revoked: closing its stream");
+                        revoked.cancel();
+                    }
+                    () = done.cancelled() => {}
+                }
+            });
+        }
         let scheduler = self.scheduler.clone();
+        let reader_revoked = revoked.clone();
         tokio::spawn(async move {
+            let _done = done.drop_guard();
             loop {
-                match incoming.message().await {
+                let message = tokio::select! {
+                    m = incoming.message() => m,
+                    () = reader_revoked.cancelled() => break,
+                };
+                match message {
                     Ok(Some(fleet::AgentMessage { kind: Some(kind) })) => {
                         if scheduler.agent_message(&session, kind).await.is_err() {
                             break;
@@ -71,8 +101,30 @@ impl Fleet for FleetService {
             }
             scheduler.agent_gone(&session).await;
         });
+        let (out_tx, out_rx) = tokio::sync::mpsc::channel(OUTGOING_CAPACITY);
+        tokio::spawn(async move {
+            let mut rx = rx;
+            loop {
+                tokio::select! {
+                    m = rx.recv() => match m {
+                        Some(m) => {
+                            if out_tx.send(m).await.is_err() {
+                                return;
+                            }
+                        }
+                        None => return,
+                    },
+                    () = revoked.cancelled() => {
+                        let _ = out_tx
+                            .send(Err(Status::unauthenticated("this agent's token was revoked")))
+                            .await;
+                        return;
+                    }
+                }
+            }
+        });
         Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
+            tokio_stream::wrappers::ReceiverStream::new(out_rx),
         )))
     }
 }

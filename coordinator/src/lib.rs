@@ -9,6 +9,7 @@
 //! storage. [`service`] holds the cache's gRPC services, [`storage`] the CAS and
 //! Action Cache behind traits, [`config`] the configuration.
 
+pub mod auth;
 pub mod config;
 pub mod execution;
 mod fleet;

@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
 use tonic::transport::server::TcpIncoming;
 
+use crate::auth::{Auth, Refusal, Tokens};
 use crate::config::Config;
 use crate::execution::{ExecutionService, OperationsService, Timeouts};
 use crate::fleet::FleetService;
@@ -43,6 +44,7 @@ const MESSAGE_OVERHEAD: usize = 4 << 20;
 /// A coordinator with its storage open and its socket bound.
 pub struct Coordinator {
     config: Config,
+    auth: Auth,
     listener: TcpListener,
     store: EmbeddedStore,
     committer: JoinHandle<()>,
@@ -60,15 +62,28 @@ impl Coordinator {
                         config.data_dir.display()
                     )
                 })?;
+        let tokens = Tokens::load(
+            config.client_tokens.as_deref(),
+            config.agent_tokens.as_deref(),
+        )?;
+        if let Some(t) = &tokens {
+            tracing::info!(tokens = t.len(), "requests need a token");
+        }
         let listener = TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("cannot listen on {}", config.listen))?;
         Ok(Coordinator {
             config,
+            auth: Auth::new(tokens),
             listener,
             store,
             committer,
         })
+    }
+
+    /// The gatekeeper, to put new tokens in force (on reload).
+    pub fn auth(&self) -> Auth {
+        self.auth.clone()
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
@@ -79,7 +94,7 @@ impl Coordinator {
     /// and flushes storage.
     pub async fn serve(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let addr = self.local_addr()?;
-        if !addr.ip().is_loopback() {
+        if !addr.ip().is_loopback() && self.auth.is_open() {
             tracing::warn!(
                 %addr,
                 "no credentials are configured: anyone who can reach this address can read and \
@@ -162,7 +177,7 @@ impl Coordinator {
                 scheduler.clone(),
             )))
             .add_service(
-                FleetServer::new(FleetService::new(scheduler.clone()))
+                FleetServer::new(FleetService::new(scheduler.clone(), self.auth.clone()))
                     .max_decoding_message_size(64 << 20)
                     .max_encoding_message_size(64 << 20),
             );
@@ -206,7 +221,11 @@ impl Coordinator {
                 .route("/healthz", get(|| async { "ok\n" }))
                 .route("/readyz", get(ready))
                 .route("/metrics", get(scrape))
-                .merge(status_routes(scheduler_for_pages, Arc::clone(&ctx.cas))),
+                .merge(status_routes(scheduler_for_pages, Arc::clone(&ctx.cas)))
+                .layer(axum::middleware::from_fn_with_state(
+                    self.auth.clone(),
+                    authorize,
+                )),
         );
         let incoming = TcpIncoming::from(self.listener).with_nodelay(Some(true));
         tracing::info!("coordinator listening on {addr}");
@@ -246,6 +265,49 @@ impl Coordinator {
             .context("the storage committer failed")?;
         tracing::info!("stopped");
         Ok(())
+    }
+}
+
+/// Lets a request through when its token has the role its path needs,
+/// with the caller recorded in its extensions; refuses it otherwise, as a
+/// gRPC status or an HTTP 401/403.
+async fn authorize(
+    axum::extract::State(auth): axum::extract::State<Auth>,
+    mut request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let header = request
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    match auth.check(request.uri().path(), header) {
+        Ok(principal) => {
+            request.extensions_mut().insert(principal);
+            next.run(request).await
+        }
+        Err(refusal) => {
+            let grpc = request
+                .headers()
+                .get(axum::http::header::CONTENT_TYPE)
+                .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+            let (status, code, message) = match refusal {
+                Refusal::Unauthenticated(m) => (
+                    tonic::Status::unauthenticated(m.clone()),
+                    StatusCode::UNAUTHORIZED,
+                    m,
+                ),
+                Refusal::Denied(m) => (
+                    tonic::Status::permission_denied(m.clone()),
+                    StatusCode::FORBIDDEN,
+                    m,
+                ),
+            };
+            if grpc {
+                status.into_http::<axum::body::Body>()
+            } else {
+                (code, format!("{message}\n")).into_response()
+            }
+        }
     }
 }
 

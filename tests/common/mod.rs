@@ -18,7 +18,25 @@ use outpost_proto::reapi::{
     content_addressable_storage_client::ContentAddressableStorageClient,
 };
 use outpost_proto::resource::{self, Compressor};
-use tonic::transport::Channel;
+use tonic::service::interceptor::InterceptedService;
+
+/// A channel that sends a bearer token when it has one.
+pub type Channel = InterceptedService<tonic::transport::Channel, Token>;
+
+#[derive(Clone, Default)]
+pub struct Token(Option<tonic::metadata::AsciiMetadataValue>);
+
+impl tonic::service::Interceptor for Token {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            request.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(request)
+    }
+}
 
 pub const OUTPOST: &str = env!("CARGO_BIN_EXE_outpost");
 
@@ -266,11 +284,18 @@ pub struct Client {
 
 impl Client {
     pub async fn connect(uri: &str) -> Client {
-        let channel = Channel::from_shared(uri.to_owned())
+        Client::connect_as(uri, None).await
+    }
+
+    /// Connects sending `authorization: Bearer TOKEN` on every call.
+    pub async fn connect_as(uri: &str, token: Option<&str>) -> Client {
+        let channel = tonic::transport::Channel::from_shared(uri.to_owned())
             .expect("uri")
             .connect()
             .await
             .expect("connect to the coordinator");
+        let token = Token(token.map(|t| format!("Bearer {t}").parse().expect("ascii token")));
+        let channel = Channel::new(channel, token);
         let max = 64 << 20;
         Client {
             cas: ContentAddressableStorageClient::new(channel.clone())

@@ -52,6 +52,11 @@ pub struct Config {
     pub max_action_timeout: Span,
     /// Log filter, e.g. `info` or `outpost_coordinator=debug,info`.
     pub log: String,
+    /// Client tokens, `TOKEN ROLE[,ROLE...]` per line; with neither token
+    /// file the coordinator is open.
+    pub client_tokens: Option<PathBuf>,
+    /// Agent tokens, one per line.
+    pub agent_tokens: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -72,6 +77,8 @@ impl Default for Config {
             default_action_timeout: Span(Duration::from_secs(3600)),
             max_action_timeout: Span(Duration::from_secs(6 * 3600)),
             log: "info".to_owned(),
+            client_tokens: None,
+            agent_tokens: None,
         }
     }
 }
