@@ -33,6 +33,19 @@ pub use config::Config;
 #[derive(Clone)]
 pub struct Bearer(Option<tonic::metadata::AsciiMetadataValue>);
 
+impl Bearer {
+    /// Sends `authorization: Bearer TOKEN`, or nothing without a token.
+    pub fn new(token: Option<&str>) -> anyhow::Result<Bearer> {
+        let Some(token) = token else {
+            return Ok(Bearer(None));
+        };
+        let value = format!("Bearer {token}")
+            .parse()
+            .map_err(|_| anyhow::anyhow!("a token must be printable ASCII"))?;
+        Ok(Bearer(Some(value)))
+    }
+}
+
 impl tonic::service::Interceptor for Bearer {
     fn call(
         &mut self,
@@ -60,10 +73,7 @@ fn bearer(config: &Config) -> anyhow::Result<Bearer> {
     if token.is_empty() {
         anyhow::bail!("the token file {} is empty", path.display());
     }
-    let value = format!("Bearer {token}")
-        .parse()
-        .map_err(|_| anyhow::anyhow!("the token in {} is not printable ASCII", path.display()))?;
-    Ok(Bearer(Some(value)))
+    Bearer::new(Some(token)).with_context(|| format!("the token in {}", path.display()))
 }
 
 /// The agent's stable id: kept in the work directory, made once from the

@@ -18,25 +18,8 @@ use outpost_proto::reapi::{
     content_addressable_storage_client::ContentAddressableStorageClient,
 };
 use outpost_proto::resource::{self, Compressor};
-use tonic::service::interceptor::InterceptedService;
-
-/// A channel that sends a bearer token when it has one.
-pub type Channel = InterceptedService<tonic::transport::Channel, Token>;
-
-#[derive(Clone, Default)]
-pub struct Token(Option<tonic::metadata::AsciiMetadataValue>);
-
-impl tonic::service::Interceptor for Token {
-    fn call(
-        &mut self,
-        mut request: tonic::Request<()>,
-    ) -> Result<tonic::Request<()>, tonic::Status> {
-        if let Some(v) = &self.0 {
-            request.metadata_mut().insert("authorization", v.clone());
-        }
-        Ok(request)
-    }
-}
+/// A channel that sends a bearer token when it has one (the agent's own).
+pub type Channel = outpost_agent::Transport;
 
 pub const OUTPOST: &str = env!("CARGO_BIN_EXE_outpost");
 
@@ -294,8 +277,10 @@ impl Client {
             .connect()
             .await
             .expect("connect to the coordinator");
-        let token = Token(token.map(|t| format!("Bearer {t}").parse().expect("ascii token")));
-        let channel = Channel::new(channel, token);
+        let channel = Channel::new(
+            channel,
+            outpost_agent::Bearer::new(token).expect("an ASCII token"),
+        );
         let max = 64 << 20;
         Client {
             cas: ContentAddressableStorageClient::new(channel.clone())
