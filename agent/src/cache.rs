@@ -255,9 +255,16 @@ impl Cache {
             }
         };
         if !entry.stamp.still_valid(&Stamp::of(&meta)) {
-            tracing::warn!(digest = %d, "a cached input changed since it was stored; fetching it again");
-            self.drop_entry(d);
-            return Ok(false);
+            // Concurrent links and unlinks by this agent's own actions also
+            // move the ctime: the content decides. Dropping a good entry
+            // here would pull it from under actions that are placing it.
+            let writable = meta.permissions().mode() & 0o222 != 0;
+            if writable || !self.content_matches(d, &src) {
+                tracing::warn!(digest = %d, "a cached input changed since it was stored; fetching it again");
+                self.drop_entry(d);
+                return Ok(false);
+            }
+            self.restamp(d);
         }
         let placed = if executable {
             std::fs::copy(&src, dest).and_then(|_| {
@@ -306,6 +313,27 @@ impl Cache {
             tracing::warn!(digest = %d, "an action modified a cached input; dropping it");
             self.drop_entry(d);
         }
+    }
+
+    /// Whether the file at `path` still holds `d`'s bytes (hashed again).
+    fn content_matches(&self, d: &Digest, path: &Path) -> bool {
+        let Ok(mut file) = std::fs::File::open(path) else {
+            return false;
+        };
+        let mut hasher = d.function.hasher();
+        let mut buf = vec![0u8; 256 << 10];
+        let mut size = 0u64;
+        loop {
+            match std::io::Read::read(&mut file, &mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    hasher.update(&buf[..n]);
+                    size += n as u64;
+                }
+                Err(_) => return false,
+            }
+        }
+        hasher.finish_with_size(size) == *d
     }
 
     fn drop_entry(&self, d: &Digest) {
