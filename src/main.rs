@@ -15,6 +15,7 @@ mod supervisor;
 use clap::{Args, Parser, Subcommand};
 use outpost_coordinator::config::{ByteSize, Span};
 use outpost_coordinator::{Config, Coordinator};
+use outpost_proto::settings::Reloaded;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -509,14 +510,11 @@ fn agent_main(args: &AgentArgs) -> ExitCode {
             async move {
                 let config = args.resolve()?;
                 logging::check(&config.log)?;
-                let done = control.reload(config.clone()).await?;
-                if done.applied.iter().any(|k| k == "log") {
+                let reloaded = control.reload(config.clone()).await?;
+                if reloaded.applied("log") {
                     logging::set_filter(&config.log)?;
                 }
-                Ok(reload::Outcome {
-                    applied: done.applied,
-                    need_restart: done.need_restart,
-                })
+                Ok(reloaded)
             }
         })?;
         supervisor::ready("running");
@@ -579,7 +577,7 @@ fn reload_coordinator(
     running: &std::sync::Mutex<Config>,
     auth: &outpost_coordinator::auth::Auth,
     up: bool,
-) -> anyhow::Result<reload::Outcome> {
+) -> anyhow::Result<Reloaded> {
     let new = args.resolve(base_config(up))?;
     logging::check(&new.log)?;
     // Token files are read again even when their paths did not change.
@@ -588,15 +586,8 @@ fn reload_coordinator(
         new.agent_tokens.as_deref(),
     )?;
     let mut running = running.lock().unwrap_or_else(|e| e.into_inner());
-    let mut outcome = reload::Outcome::default();
-    for key in outpost_proto::settings::changed_keys(&running.to_yaml(), &new.to_yaml()) {
-        if COORDINATOR_RELOADABLE.contains(&key.as_str()) {
-            outcome.applied.push(key);
-        } else {
-            outcome.need_restart.push(key);
-        }
-    }
-    if outcome.applied.iter().any(|k| k == "log") {
+    let reloaded = Reloaded::between(&running.to_yaml(), &new.to_yaml(), COORDINATOR_RELOADABLE);
+    if reloaded.applied("log") {
         logging::set_filter(&new.log)?;
         running.log = new.log;
     }
@@ -608,7 +599,7 @@ fn reload_coordinator(
     auth.replace(tokens);
     running.client_tokens = new.client_tokens;
     running.agent_tokens = new.agent_tokens;
-    Ok(outcome)
+    Ok(reloaded)
 }
 
 /// First SIGINT/SIGTERM: graceful shutdown. Second: exit at once.

@@ -7,16 +7,10 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use outpost_proto::settings::Reloaded;
 use tokio::sync::mpsc;
 
 use crate::supervisor;
-
-/// The outcome of one reload.
-#[derive(Debug, Default)]
-pub struct Outcome {
-    pub applied: Vec<String>,
-    pub need_restart: Vec<String>,
-}
 
 /// Runs `reload` at every SIGHUP and, with `watch`, at changes to that
 /// file, from now on (SIGHUP is handled before this returns, so it no
@@ -24,7 +18,7 @@ pub struct Outcome {
 pub fn start<F, Fut>(watch: Option<PathBuf>, mut reload: F) -> anyhow::Result<()>
 where
     F: FnMut() -> Fut + Send + 'static,
-    Fut: std::future::Future<Output = anyhow::Result<Outcome>> + Send,
+    Fut: std::future::Future<Output = anyhow::Result<Reloaded>> + Send,
 {
     use tokio::signal::unix::{SignalKind, signal};
     let mut sighup =

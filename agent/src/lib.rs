@@ -24,6 +24,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use outpost_proto::fleet;
+use outpost_proto::settings::Reloaded;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Endpoint;
 
@@ -125,8 +126,9 @@ fn prepare_work_dir(dir: &Path) -> anyhow::Result<PathBuf> {
     Ok(dir)
 }
 
-/// Settings a running agent takes from a reloaded configuration; the
-/// others need a restart. `log` is the caller's (it owns logging).
+/// Settings a running agent takes from a reloaded configuration (copied in
+/// [`Control::reload`]); the others need a restart. `log` is applied by the
+/// caller, which owns logging.
 pub const RELOADABLE: &[&str] = &[
     "log",
     "labels",
@@ -156,15 +158,6 @@ struct ControlInner {
     work_dir: PathBuf,
     isolation: Arc<isolation::Isolation>,
     capabilities: tokio::sync::watch::Sender<fleet::Capabilities>,
-}
-
-/// What a reload did.
-#[derive(Debug, Default)]
-pub struct Reloaded {
-    /// Settings now in effect.
-    pub applied: Vec<String>,
-    /// Settings that changed in the file but take effect only on restart.
-    pub need_restart: Vec<String>,
 }
 
 impl Agent {
@@ -288,24 +281,16 @@ impl Control {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
-        let changed = outpost_proto::settings::changed_keys(&old.to_yaml(), &new.to_yaml());
-        let mut reloaded = Reloaded::default();
-        let mut running = old.clone();
-        for key in changed {
-            match key.as_str() {
-                "log" => running.log = new.log.clone(),
-                "labels" => running.labels = new.labels.clone(),
-                "pool" => running.pool = new.pool.clone(),
-                "action_memory_limit" => running.action_memory_limit = new.action_memory_limit,
-                "action_pids_limit" => running.action_pids_limit = new.action_pids_limit,
-                "action_cpu_limit" => running.action_cpu_limit = new.action_cpu_limit,
-                _ => {
-                    reloaded.need_restart.push(key);
-                    continue;
-                }
-            }
-            reloaded.applied.push(key);
-        }
+        let reloaded = Reloaded::between(&old.to_yaml(), &new.to_yaml(), RELOADABLE);
+        let running = Config {
+            log: new.log,
+            labels: new.labels,
+            pool: new.pool,
+            action_memory_limit: new.action_memory_limit,
+            action_pids_limit: new.action_pids_limit,
+            action_cpu_limit: new.action_cpu_limit,
+            ..old.clone()
+        };
         self.inner.isolation.set_limits(&running);
         if running.labels != old.labels || running.pool != old.pool {
             let inner = Arc::clone(&self.inner);

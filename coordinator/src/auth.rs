@@ -106,11 +106,18 @@ pub struct Tokens {
     grants: HashMap<Hash, Vec<Role>>,
 }
 
-/// Who a request came from.
+/// Who a request came from: the token, or nobody on an open coordinator
+/// and for paths that need no token.
 #[derive(Clone, Debug)]
 pub struct Principal {
     token: Option<Hash>,
-    pub roles: Vec<Role>,
+}
+
+impl Principal {
+    /// Whether a token (which may be revoked) stands behind the request.
+    pub fn has_token(&self) -> bool {
+        self.token.is_some()
+    }
 }
 
 /// Why a request was refused; maps to gRPC UNAUTHENTICATED or
@@ -233,18 +240,9 @@ impl Auth {
     pub fn check(&self, path: &str, authorization: Option<&str>) -> Result<Principal, Refusal> {
         let need = required(path);
         let tokens = self.tokens.read().unwrap_or_else(|e| e.into_inner());
-        let Some(tokens) = tokens.as_ref() else {
-            return Ok(Principal {
-                token: None,
-                roles: Vec::new(),
-            });
+        let Some(tokens) = tokens.as_ref().filter(|_| need != Need::Nothing) else {
+            return Ok(Principal { token: None });
         };
-        if need == Need::Nothing {
-            return Ok(Principal {
-                token: None,
-                roles: Vec::new(),
-            });
-        }
         let Some(header) = authorization else {
             return Err(Refusal::Unauthenticated(
                 "this coordinator needs a token: send `authorization: Bearer TOKEN` \
@@ -277,14 +275,11 @@ impl Auth {
                 held.join(",")
             )));
         }
-        Ok(Principal {
-            token: Some(h),
-            roles: roles.clone(),
-        })
+        Ok(Principal { token: Some(h) })
     }
 
-    /// Resolves once `principal`'s token is no longer in force (never, for
-    /// an open coordinator's anonymous principal).
+    /// Resolves once `principal`'s token is no longer in force (never for
+    /// one without a token).
     pub async fn revoked(&self, principal: &Principal) {
         let Some(token) = principal.token else {
             return std::future::pending().await;

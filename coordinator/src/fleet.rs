@@ -6,7 +6,7 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use outpost_proto::fleet::{self, fleet_server::Fleet};
-use tokio_stream::Stream;
+use tokio_stream::{Stream, StreamExt as _};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::auth::{Auth, Principal};
@@ -59,9 +59,14 @@ impl Fleet for FleetService {
         // gone to the scheduler) and the agent gets UNAUTHENTICATED.
         let revoked = tokio_util::sync::CancellationToken::new();
         let done = tokio_util::sync::CancellationToken::new();
-        if let Some(principal) = principal {
-            let (auth, revoked, done, agent_id) = (
+        let principal = principal.filter(Principal::has_token);
+        // With a token, the stream may end in UNAUTHENTICATED: sent on
+        // `end`, which closes once the agent is gone.
+        let (end_tx, end) = tokio::sync::mpsc::channel(1);
+        if let Some(principal) = &principal {
+            let (auth, principal, revoked, done, agent_id) = (
                 self.auth.clone(),
+                principal.clone(),
                 revoked.clone(),
                 done.clone(),
                 session.agent_id.clone(),
@@ -71,15 +76,18 @@ impl Fleet for FleetService {
                     () = auth.revoked(&principal) => {
                         tracing::warn!(%agent_id, "the agent's token was revoked: closing its stream");
                         revoked.cancel();
+                        let _ = end_tx
+                            .send(Err(Status::unauthenticated("this agent's token was revoked")))
+                            .await;
                     }
                     () = done.cancelled() => {}
                 }
             });
         }
         let scheduler = self.scheduler.clone();
-        let reader_revoked = revoked.clone();
+        let (reader_revoked, reader_done) = (revoked.clone(), done.clone());
         tokio::spawn(async move {
-            let _done = done.drop_guard();
+            let _done = reader_done.drop_guard();
             loop {
                 let message = tokio::select! {
                     m = incoming.message() => m,
@@ -101,30 +109,11 @@ impl Fleet for FleetService {
             }
             scheduler.agent_gone(&session).await;
         });
-        let (out_tx, out_rx) = tokio::sync::mpsc::channel(OUTGOING_CAPACITY);
-        tokio::spawn(async move {
-            let mut rx = rx;
-            loop {
-                tokio::select! {
-                    m = rx.recv() => match m {
-                        Some(m) => {
-                            if out_tx.send(m).await.is_err() {
-                                return;
-                            }
-                        }
-                        None => return,
-                    },
-                    () = revoked.cancelled() => {
-                        let _ = out_tx
-                            .send(Err(Status::unauthenticated("this agent's token was revoked")))
-                            .await;
-                        return;
-                    }
-                }
-            }
-        });
-        Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(out_rx),
-        )))
+        let outgoing = tokio_stream::wrappers::ReceiverStream::new(rx);
+        if principal.is_none() {
+            return Ok(Response::new(Box::pin(outgoing)));
+        }
+        let end = tokio_stream::wrappers::ReceiverStream::new(end);
+        Ok(Response::new(Box::pin(outgoing.merge(end))))
     }
 }

@@ -19,6 +19,34 @@ pub fn changed_keys(old: &str, new: &str) -> Vec<String> {
     keys
 }
 
+/// What a configuration reload did with the settings that changed.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Reloaded {
+    /// Changed and now in effect.
+    pub applied: Vec<String>,
+    /// Changed, but in effect only after a restart.
+    pub need_restart: Vec<String>,
+}
+
+impl Reloaded {
+    /// Sorts the keys that differ between two renderings into the
+    /// `reloadable` ones and the rest.
+    pub fn between(old: &str, new: &str, reloadable: &[&str]) -> Reloaded {
+        let (applied, need_restart) = changed_keys(old, new)
+            .into_iter()
+            .partition(|k| reloadable.contains(&k.as_str()));
+        Reloaded {
+            applied,
+            need_restart,
+        }
+    }
+
+    /// Whether `key` changed and is now in effect.
+    pub fn applied(&self, key: &str) -> bool {
+        self.applied.iter().any(|k| k == key)
+    }
+}
+
 /// (key, value text) per top-level entry.
 fn entries(yaml: &str) -> Vec<(String, String)> {
     let mut out: Vec<(String, String)> = Vec::new();
@@ -49,5 +77,10 @@ mod tests {
         assert_eq!(changed_keys(old, new), ["log", "labels"]);
         assert!(changed_keys(old, old).is_empty());
         assert_eq!(changed_keys("a: 1\nb: 2\n", "a: 1\n"), ["b"]);
+        let r = Reloaded::between(old, new, &["log"]);
+        assert_eq!(
+            (r.applied, r.need_restart),
+            (vec!["log".into()], vec!["labels".into()])
+        );
     }
 }
