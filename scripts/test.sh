@@ -8,6 +8,8 @@
 #                    the sandbox suite's unprivileged agent
 #   python3          (Debian's, in /usr/bin: what sandboxed actions can see)
 #                    for the sandbox suite's ptrace attempts
+#   python3-grpcio   gRPC's C core client, for TLS and mutual TLS against
+#                    another TLS/HTTP2 stack (Debian's Bazel cannot do TLS)
 #   chromium         headless, to look at the status page
 #   systemd, dpkg    systemd-analyze verify for the rendered units; dpkg-deb and
 #                    dpkg -i for the Debian package (systemd need not be running)
@@ -30,6 +32,7 @@ command -v bazel >/dev/null 2>&1 || missing+=(bazel-bootstrap)
 command -v unshare >/dev/null 2>&1 || missing+=(util-linux)
 command -v setpriv >/dev/null 2>&1 || missing+=(util-linux)
 [ -x /usr/bin/python3 ] || missing+=(python3)
+/usr/bin/python3 -c 'import grpc' >/dev/null 2>&1 || missing+=(python3-grpcio)
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
 command -v dpkg-deb >/dev/null 2>&1 || missing+=(dpkg)
@@ -53,6 +56,7 @@ say "cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
 
 say "tests"
-# The end-to-end Bazel, browser and service tests must run, not skip, here.
+# The end-to-end Bazel, browser, gRPC core and service tests must run, not skip, here.
 OUTPOST_REQUIRE_BAZEL=1 OUTPOST_REQUIRE_CHROMIUM=1 OUTPOST_REQUIRE_SERVICE_TOOLS=1 \
+  OUTPOST_REQUIRE_GRPCIO=1 \
   "${runner[@]}" "$@"

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 
 mod admin;
 mod bench;
+mod credentials;
 mod install;
 mod logging;
 mod reload;
@@ -147,6 +148,15 @@ struct AgentArgs {
     /// File holding this agent's token for the coordinator [default: none].
     #[arg(long, env = "OUTPOST_TOKEN_FILE")]
     token_file: Option<PathBuf>,
+    /// PEM CA certificates that vouch for a grpcs:// coordinator [default: the system's roots].
+    #[arg(long, visible_alias = "ca", env = "OUTPOST_TLS_CA")]
+    tls_ca: Option<PathBuf>,
+    /// PEM certificate to present to a coordinator that requires one (mutual TLS).
+    #[arg(long, env = "OUTPOST_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "OUTPOST_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     /// Print the effective configuration as YAML and exit.
     #[arg(long)]
     print_config: bool,
@@ -192,6 +202,9 @@ impl AgentArgs {
         if self.token_file.is_some() {
             config.token_file = self.token_file.clone();
         }
+        overlay(&mut config.tls_ca, self.tls_ca.clone().map(Some));
+        overlay(&mut config.tls_cert, self.tls_cert.clone().map(Some));
+        overlay(&mut config.tls_key, self.tls_key.clone().map(Some));
         config.validate()?;
         Ok(config)
     }
@@ -244,6 +257,9 @@ struct CoordinatorArgs {
     /// Longest timeout an action may ask for [default: 6h].
     #[arg(long, env = "OUTPOST_MAX_ACTION_TIMEOUT")]
     max_action_timeout: Option<Span>,
+    /// Accept input symlinks whose relative target climbs above the input root [default: false].
+    #[arg(long, env = "OUTPOST_ALLOW_ESCAPING_SYMLINKS")]
+    allow_escaping_symlinks: Option<bool>,
     /// Log filter, e.g. info or outpost_coordinator=debug [default: info].
     #[arg(long, env = "OUTPOST_LOG")]
     log: Option<String>,
@@ -253,6 +269,15 @@ struct CoordinatorArgs {
     /// Agent tokens: one per line [default: none, open].
     #[arg(long, env = "OUTPOST_AGENT_TOKENS")]
     agent_tokens: Option<PathBuf>,
+    /// PEM certificate chain to serve TLS with; clients then dial grpcs:// [default: plain TCP].
+    #[arg(long, env = "OUTPOST_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "OUTPOST_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// PEM CA certificates: clients and agents must present a certificate they signed (mutual TLS).
+    #[arg(long, env = "OUTPOST_TLS_CLIENT_CA")]
+    tls_client_ca: Option<PathBuf>,
     /// Print the effective configuration as YAML and exit.
     #[arg(long)]
     print_config: bool,
@@ -295,6 +320,12 @@ impl CoordinatorArgs {
         if self.agent_tokens.is_some() {
             config.agent_tokens = self.agent_tokens.clone();
         }
+        overlay(&mut config.tls_cert, self.tls_cert.clone().map(Some));
+        overlay(&mut config.tls_key, self.tls_key.clone().map(Some));
+        overlay(
+            &mut config.tls_client_ca,
+            self.tls_client_ca.clone().map(Some),
+        );
         overlay(&mut config.heartbeat_interval, self.heartbeat_interval);
         overlay(
             &mut config.agent_reconnect_grace,
@@ -308,6 +339,10 @@ impl CoordinatorArgs {
             self.default_action_timeout,
         );
         overlay(&mut config.max_action_timeout, self.max_action_timeout);
+        overlay(
+            &mut config.allow_escaping_symlinks,
+            self.allow_escaping_symlinks,
+        );
         config.validate()?;
         Ok(config)
     }
@@ -374,6 +409,13 @@ fn main() -> ExitCode {
     if args.print_config {
         print!("{}", config.to_yaml());
         return ExitCode::SUCCESS;
+    }
+    if up && config.tls_cert.is_some() {
+        eprintln!(
+            "outpost: `outpost up` serves plain gRPC for a local agent; run `outpost coordinator` \
+             with --tls-cert/--tls-key and agents with --coordinator grpcs://HOST:PORT for TLS"
+        );
+        return ExitCode::from(2);
     }
     launch(
         &config.log.clone(),
@@ -528,14 +570,17 @@ async fn run_coordinator(args: CoordinatorArgs, config: Config, up: bool) -> any
     let log = config.log.clone();
     let running = std::sync::Arc::new(std::sync::Mutex::new(config.clone()));
     let coordinator = Coordinator::bind(config).await?;
-    let auth = coordinator.auth();
+    let live = Live {
+        auth: coordinator.auth(),
+        tls: coordinator.tls(),
+    };
     let addr = coordinator.local_addr()?;
     let shutdown = CancellationToken::new();
     tokio::spawn(stop_on_signal(shutdown.clone()));
     let watch = args.watch_config.then(|| args.config.clone()).flatten();
     reload::start(watch, move || {
-        let (args, running, auth) = (args.clone(), std::sync::Arc::clone(&running), auth.clone());
-        async move { reload_coordinator(&args, &running, &auth, up) }
+        let (args, running, live) = (args.clone(), std::sync::Arc::clone(&running), live.clone());
+        async move { reload_coordinator(&args, &running, &live, up) }
     })?;
     supervisor::ready(&format!("serving on {addr}"));
     supervisor::watchdog();
@@ -569,34 +614,61 @@ async fn run_coordinator(args: CoordinatorArgs, config: Config, up: bool) -> any
 }
 
 /// Settings the coordinator takes from a reloaded configuration; the
-/// others need a restart.
+/// others need a restart. The TLS files are among them only while TLS is
+/// on: turning it on or off needs a restart.
 const COORDINATOR_RELOADABLE: &[&str] = &["log", "client_tokens", "agent_tokens"];
+const TLS_KEYS: &[&str] = &["tls_cert", "tls_key", "tls_client_ca"];
 
+/// What a reload can change in a running coordinator.
+#[derive(Clone)]
+struct Live {
+    auth: outpost_coordinator::auth::Auth,
+    tls: Option<outpost_coordinator::tls::Tls>,
+}
+
+/// Everything that can fail is read before anything is put in force, so a
+/// bad file changes nothing.
 fn reload_coordinator(
     args: &CoordinatorArgs,
     running: &std::sync::Mutex<Config>,
-    auth: &outpost_coordinator::auth::Auth,
+    live: &Live,
     up: bool,
 ) -> anyhow::Result<Reloaded> {
     let new = args.resolve(base_config(up))?;
     logging::check(&new.log)?;
-    // Token files are read again even when their paths did not change.
+    // Token and certificate files are read again even when their paths
+    // did not change.
     let tokens = outpost_coordinator::auth::Tokens::load(
         new.client_tokens.as_deref(),
         new.agent_tokens.as_deref(),
     )?;
+    let tls = match (&live.tls, new.tls_files()?) {
+        (Some(tls), Some(files)) => Some((tls, tls.prepare(&files)?)),
+        _ => None,
+    };
+    let mut reloadable = COORDINATOR_RELOADABLE.to_vec();
+    if tls.is_some() {
+        reloadable.extend_from_slice(TLS_KEYS);
+    }
     let mut running = running.lock().unwrap_or_else(|e| e.into_inner());
-    let reloaded = Reloaded::between(&running.to_yaml(), &new.to_yaml(), COORDINATOR_RELOADABLE);
+    let reloaded = Reloaded::between(&running.to_yaml(), &new.to_yaml(), &reloadable);
     if reloaded.applied("log") {
         logging::set_filter(&new.log)?;
         running.log = new.log;
+    }
+    if let Some((tls, prepared)) = tls {
+        tls.put_in_force(prepared);
+        tracing::info!("TLS certificates in force for new connections");
+        running.tls_cert = new.tls_cert;
+        running.tls_key = new.tls_key;
+        running.tls_client_ca = new.tls_client_ca;
     }
     tracing::info!(
         tokens = tokens.as_ref().map_or(0, |t| t.len()),
         open = tokens.is_none(),
         "tokens in force"
     );
-    auth.replace(tokens);
+    live.auth.replace(tokens);
     running.client_tokens = new.client_tokens;
     running.agent_tokens = new.agent_tokens;
     Ok(reloaded)

@@ -10,6 +10,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{ActionSpec, Agent, Coordinator, free_port, tempdir};
+use outpost_proto::reapi;
+use prost::Message as _;
 use tonic::Code;
 
 /// A coordinator (with `args`) and one agent with `slots`, connected.
@@ -556,7 +558,7 @@ async fn an_input_tree_naming_one_path_twice_is_refused() {
     let err = client.execute(&action, true).await.expect_err("refused");
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(
-        err.message().contains("\"same\" more than once"),
+        err.message().contains("\"same\" appears more than once"),
         "{}",
         err.message()
     );
@@ -600,4 +602,173 @@ async fn outputs_are_not_collected_through_a_symlinked_directory() {
     assert_eq!(status.code, Code::InvalidArgument as i32, "{status:?}");
     assert!(status.message.contains("symlink"), "{}", status.message);
     assert!(response.result.is_none());
+}
+
+/// Uploads `messages` (Command, Directories) and an Action over `command`
+/// and `root`; returns the Action's digest.
+async fn raw_action(
+    client: &mut common::Client,
+    command: &reapi::Command,
+    root: &reapi::Directory,
+    more: &[reapi::Directory],
+) -> outpost_proto::digest::Digest {
+    let mut uploads = Vec::new();
+    let command = common::put_message(command, &mut uploads);
+    let root = common::put_message(root, &mut uploads);
+    for d in more {
+        common::put_message(d, &mut uploads);
+    }
+    let action = common::put_message(
+        &reapi::Action {
+            command_digest: Some(command.to_proto()),
+            input_root_digest: Some(root.to_proto()),
+            ..Default::default()
+        },
+        &mut uploads,
+    );
+    for (d, data) in uploads {
+        client.upload(&d, data).await;
+    }
+    action
+}
+
+#[tokio::test]
+async fn hostile_trees_and_commands_are_refused_before_anything_is_queued() {
+    let dir = tempdir();
+    let server = Coordinator::start(&dir.path().join("data"), &[]);
+    let mut client = server.client().await;
+    let command = |args: &[&str], workdir: &str, outputs: &[&str]| reapi::Command {
+        arguments: args.iter().map(|a| (*a).to_owned()).collect(),
+        working_directory: workdir.to_owned(),
+        output_paths: outputs.iter().map(|o| (*o).to_owned()).collect(),
+        ..Default::default()
+    };
+    let ok = command(&["true"], "", &[]);
+    let file = |name: &str| reapi::FileNode {
+        name: name.to_owned(),
+        digest: Some(
+            outpost_proto::digest::Function::Sha256
+                .digest_of(b"")
+                .to_proto(),
+        ),
+        ..Default::default()
+    };
+    let link = |name: &str, target: &str| reapi::SymlinkNode {
+        name: name.to_owned(),
+        target: target.to_owned(),
+        ..Default::default()
+    };
+    client
+        .upload(
+            &outpost_proto::digest::Function::Sha256.digest_of(b""),
+            bytes::Bytes::new(),
+        )
+        .await;
+    // 600 directories, each inside the next.
+    let mut chain = vec![reapi::Directory::default()];
+    for _ in 0..600 {
+        let inner = chain.last().expect("one");
+        let digest = outpost_proto::digest::Function::Sha256.digest_of(&inner.encode_to_vec());
+        chain.push(reapi::Directory {
+            directories: vec![reapi::DirectoryNode {
+                name: "d".into(),
+                digest: Some(digest.to_proto()),
+            }],
+            ..Default::default()
+        });
+    }
+    let deep_root = chain.pop().expect("root");
+    let cases: Vec<(
+        &str,
+        reapi::Command,
+        reapi::Directory,
+        Vec<reapi::Directory>,
+        &str,
+    )> = vec![
+        (
+            "unsorted",
+            ok.clone(),
+            reapi::Directory {
+                files: vec![file("b"), file("a")],
+                ..Default::default()
+            },
+            vec![],
+            "not sorted by name",
+        ),
+        (
+            "escaping symlink",
+            ok.clone(),
+            reapi::Directory {
+                symlinks: vec![link("up", "x/../../etc")],
+                ..Default::default()
+            },
+            vec![],
+            "points outside the input root",
+        ),
+        (
+            "deep",
+            ok.clone(),
+            deep_root,
+            chain,
+            "more than 512 directories deep",
+        ),
+        (
+            "output outside",
+            command(&["true"], "pkg", &["../../x"]),
+            reapi::Directory::default(),
+            vec![],
+            "leaves the input root",
+        ),
+        (
+            "absolute output",
+            command(&["true"], "", &["/etc/passwd"]),
+            reapi::Directory::default(),
+            vec![],
+            "is absolute",
+        ),
+        (
+            "working directory outside",
+            command(&["true"], "../..", &[]),
+            reapi::Directory::default(),
+            vec![],
+            "leaves the input root",
+        ),
+        (
+            "no program",
+            command(&[], "", &[]),
+            reapi::Directory::default(),
+            vec![],
+            "no program",
+        ),
+    ];
+    for (what, command, root, more, expected) in cases {
+        let action = raw_action(&mut client, &command, &root, &more).await;
+        let err = client.execute(&action, true).await.expect_err(what);
+        assert_eq!(err.code(), Code::InvalidArgument, "{what}: {err:?}");
+        assert!(
+            err.message().contains(expected),
+            "{what}: {}",
+            err.message()
+        );
+    }
+    // Absolute symlink targets and climbing output paths that stay inside
+    // are fine: such an action is accepted (and waits for an agent).
+    let fine = raw_action(
+        &mut client,
+        &command(&["true"], "pkg", &["../out/x"]),
+        &reapi::Directory {
+            symlinks: vec![link("cc", "/usr/bin/cc"), link("self", "a/..")],
+            ..Default::default()
+        },
+        &[],
+    )
+    .await;
+    let (_stream, first) = client.start_execute(&fine).await;
+    assert!(!first.done, "{first:?}");
+    let out = std::process::Command::new(common::OUTPOST)
+        .args(["queue", "--coordinator", &server.endpoint()])
+        .output()
+        .expect("outpost queue");
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("1 queued, 0 executing"), "{said}");
 }

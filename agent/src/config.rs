@@ -10,7 +10,8 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
-    /// The coordinator to dial, `grpc://HOST:PORT`.
+    /// The coordinator to dial, `grpc://HOST:PORT`, or `grpcs://HOST:PORT`
+    /// for TLS.
     pub coordinator: String,
     /// Where the agent keeps its id, its input cache and action directories.
     pub work_dir: PathBuf,
@@ -45,6 +46,13 @@ pub struct Config {
     pub log: String,
     /// File whose first line is this agent's token for the coordinator.
     pub token_file: Option<PathBuf>,
+    /// PEM certificates that vouch for the coordinator (`grpcs://`); the
+    /// system's roots when unset.
+    pub tls_ca: Option<PathBuf>,
+    /// PEM certificate and key this agent presents, for coordinators that
+    /// require client certificates.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
 }
 
 /// The isolation backends this build knows.
@@ -68,6 +76,9 @@ impl Default for Config {
             action_cpu_limit: None,
             log: "info".to_owned(),
             token_file: None,
+            tls_ca: None,
+            tls_cert: None,
+            tls_key: None,
         }
     }
 }
@@ -93,12 +104,9 @@ impl Config {
     }
 
     pub fn validate(&self) -> anyhow::Result<()> {
-        if !(self.coordinator.starts_with("grpc://") || self.coordinator.starts_with("http://")) {
-            anyhow::bail!(
-                "coordinator {:?} must look like grpc://HOST:PORT",
-                self.coordinator
-            );
-        }
+        self.dial()
+            .validate()
+            .map_err(|e| anyhow::anyhow!("coordinator: {e}"))?;
         if self.isolation.is_empty() {
             anyhow::bail!(
                 "isolation is empty; list at least one of {}",
@@ -142,9 +150,15 @@ impl Config {
         serde_saphyr::to_string(self).expect("the config serializes: plain fields only")
     }
 
-    /// The endpoint URI tonic dials.
-    pub fn endpoint(&self) -> String {
-        self.coordinator.replacen("grpc://", "http://", 1)
+    /// How to reach the coordinator.
+    pub fn dial(&self) -> outpost_proto::client::Dial {
+        outpost_proto::client::Dial {
+            address: self.coordinator.clone(),
+            ca: self.tls_ca.clone(),
+            cert: self.tls_cert.clone(),
+            key: self.tls_key.clone(),
+            token_file: self.token_file.clone(),
+        }
     }
 }
 

@@ -499,12 +499,8 @@ fn remove_tree(dir: &Path) {
 }
 
 fn check_name(name: &str) -> Result<(), Error> {
-    if name.is_empty() || name == "." || name == ".." || name.contains('/') || name.contains('\0') {
-        return Err(Error::BadInput(format!(
-            "input tree entry {name:?} is not a plain name (no '/', '.' or '..')"
-        )));
-    }
-    Ok(())
+    outpost_proto::validate::name(name)
+        .map_err(|e| Error::BadInput(format!("in the input tree, {e}")))
 }
 
 /// GetTree returns directories, not their digests; the agent keys them by

@@ -26,56 +26,10 @@ use anyhow::Context as _;
 use outpost_proto::fleet;
 use outpost_proto::settings::Reloaded;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Endpoint;
 
 pub use config::Config;
 
-/// Adds the agent's token, if it has one, to every call to the coordinator.
-#[derive(Clone)]
-pub struct Bearer(Option<tonic::metadata::AsciiMetadataValue>);
-
-impl Bearer {
-    /// Sends `authorization: Bearer TOKEN`, or nothing without a token.
-    pub fn new(token: Option<&str>) -> anyhow::Result<Bearer> {
-        let Some(token) = token else {
-            return Ok(Bearer(None));
-        };
-        let value = format!("Bearer {token}")
-            .parse()
-            .map_err(|_| anyhow::anyhow!("a token must be printable ASCII"))?;
-        Ok(Bearer(Some(value)))
-    }
-}
-
-impl tonic::service::Interceptor for Bearer {
-    fn call(
-        &mut self,
-        mut request: tonic::Request<()>,
-    ) -> Result<tonic::Request<()>, tonic::Status> {
-        if let Some(v) = &self.0 {
-            request.metadata_mut().insert("authorization", v.clone());
-        }
-        Ok(request)
-    }
-}
-
-/// The connection to the coordinator every client of the agent shares.
-pub type Transport =
-    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Bearer>;
-
-/// Reads the agent's token (the file's first line); the value is never logged.
-fn bearer(config: &Config) -> anyhow::Result<Bearer> {
-    let Some(path) = &config.token_file else {
-        return Ok(Bearer(None));
-    };
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read the token file {}", path.display()))?;
-    let token = text.lines().next().unwrap_or_default().trim();
-    if token.is_empty() {
-        anyhow::bail!("the token file {} is empty", path.display());
-    }
-    Bearer::new(Some(token)).with_context(|| format!("the token in {}", path.display()))
-}
+pub use outpost_proto::client::{Bearer, Transport};
 
 /// The agent's stable id: kept in the work directory, made once from the
 /// host name and a random suffix.
@@ -189,17 +143,17 @@ impl Agent {
             coordinator = %config.coordinator,
             "agent starting"
         );
-        let channel = Endpoint::from_shared(config.endpoint())
-            .with_context(|| format!("coordinator address {:?}", config.coordinator))?
+        let dial = config.dial();
+        let endpoint = dial
+            .endpoint()?
             .connect_timeout(Duration::from_secs(10))
             .tcp_nodelay(true)
             .initial_stream_window_size(Some(8 << 20))
             .initial_connection_window_size(Some(16 << 20))
             .max_frame_size(Some(1 << 20))
             .http2_keep_alive_interval(Duration::from_secs(30))
-            .keep_alive_while_idle(true)
-            .connect_lazy();
-        let channel = Transport::new(channel, bearer(&config)?);
+            .keep_alive_while_idle(true);
+        let channel = dial.transport(endpoint)?;
         let executor = Arc::new(exec::Executor {
             agent_id: id.clone(),
             remote: remote::Remote::new(channel.clone(), ""),

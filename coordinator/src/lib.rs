@@ -7,7 +7,8 @@
 //! [`Coordinator::bind`] opens storage and the listening socket,
 //! [`Coordinator::serve`] runs until the shutdown token fires, then flushes
 //! storage. [`service`] holds the cache's gRPC services, [`storage`] the CAS and
-//! Action Cache behind traits, [`config`] the configuration.
+//! Action Cache behind traits, [`config`] the configuration, [`auth`] tokens and
+//! roles, [`tls`] the server's certificates.
 
 pub mod auth;
 pub mod config;
@@ -19,6 +20,7 @@ mod server;
 pub mod service;
 mod status;
 pub mod storage;
+pub mod tls;
 
 pub use config::Config;
 pub use server::Coordinator;

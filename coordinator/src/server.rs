@@ -31,6 +31,7 @@ use crate::service::bytestream::ByteStreamService;
 use crate::service::capabilities::CapabilitiesService;
 use crate::service::cas::CasService;
 use crate::storage::embedded::EmbeddedStore;
+use crate::tls::Tls;
 use outpost_proto::fleet::fleet_server::FleetServer;
 use outpost_proto::longrunning::operations_server::OperationsServer;
 use outpost_proto::reapi::execution_server::ExecutionServer;
@@ -45,6 +46,7 @@ const MESSAGE_OVERHEAD: usize = 4 << 20;
 pub struct Coordinator {
     config: Config,
     auth: Auth,
+    tls: Option<Tls>,
     listener: TcpListener,
     store: EmbeddedStore,
     committer: JoinHandle<()>,
@@ -69,12 +71,17 @@ impl Coordinator {
         if let Some(t) = &tokens {
             tracing::info!(tokens = t.len(), "requests need a token");
         }
+        let tls = match config.tls_files()? {
+            Some(files) => Some(Tls::load(&files)?),
+            None => None,
+        };
         let listener = TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("cannot listen on {}", config.listen))?;
         Ok(Coordinator {
             config,
             auth: Auth::new(tokens),
+            tls,
             listener,
             store,
             committer,
@@ -84,6 +91,12 @@ impl Coordinator {
     /// The gatekeeper, to put new tokens in force (on reload).
     pub fn auth(&self) -> Auth {
         self.auth.clone()
+    }
+
+    /// The TLS settings in force, to read new certificates (on reload);
+    /// none when the coordinator serves plain TCP.
+    pub fn tls(&self) -> Option<Tls> {
+        self.tls.clone()
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
@@ -172,6 +185,9 @@ impl Coordinator {
                 ctx.clone(),
                 scheduler.clone(),
                 timeouts,
+                crate::execution::inputs::Policy {
+                    allow_escaping_symlinks: self.config.allow_escaping_symlinks,
+                },
             )))
             .add_service(OperationsServer::new(OperationsService::new(
                 scheduler.clone(),
@@ -227,9 +243,13 @@ impl Coordinator {
                     authorize,
                 )),
         );
-        let incoming = TcpIncoming::from(self.listener).with_nodelay(Some(true));
-        tracing::info!("coordinator listening on {addr}");
-        let server = tonic::transport::Server::builder()
+        let incoming = TcpIncoming::from(self.listener)
+            .with_nodelay(Some(true))
+            .with_keepalive(Some(Duration::from_secs(60)));
+        let tls = self.tls.is_some();
+        let client_certificates = self.config.tls_client_ca.is_some();
+        tracing::info!(tls, client_certificates, "coordinator listening on {addr}");
+        let router = tonic::transport::Server::builder()
             .accept_http1(true)
             // Large windows keep big ByteStream transfers from stalling on
             // flow control; bounded streams per connection keep one client
@@ -244,9 +264,16 @@ impl Coordinator {
             // uploads and agent streams do not hang on forever.
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(20)))
-            .tcp_keepalive(Some(Duration::from_secs(60)))
-            .add_routes(routes)
-            .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned());
+            .add_routes(routes);
+        let stopped = shutdown.clone().cancelled_owned();
+        let server: std::pin::Pin<Box<dyn Future<Output = _> + Send>> =
+            match &self.tls {
+                None => Box::pin(router.serve_with_incoming_shutdown(incoming, stopped)),
+                Some(tls) => Box::pin(router.serve_with_incoming_shutdown(
+                    tls.incoming(incoming, shutdown.clone()),
+                    stopped,
+                )),
+            };
         let grace = self.config.shutdown_grace.0;
         tokio::select! {
             served = server => served.context("the gRPC server failed")?,

@@ -7,13 +7,16 @@
 //! specification.
 //!
 //! Beside the schemas: [`digest`] (validated digests, digest functions,
-//! hashing) and [`resource`] (ByteStream resource names). This crate knows
+//! hashing), [`resource`] (ByteStream resource names) and [`client`]
+//! (dialing a server: addresses, TLS, tokens). This crate knows
 //! nothing of storage or scheduling; start at [`digest::Digest`].
 
+pub mod client;
 pub mod digest;
 pub mod resource;
 pub mod settings;
 pub mod units;
+pub mod validate;
 
 #[allow(clippy::all, missing_docs)]
 pub mod build {

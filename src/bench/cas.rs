@@ -5,13 +5,13 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use bytes::Bytes;
 use outpost_proto::bytestream::{self, byte_stream_client::ByteStreamClient};
+use outpost_proto::client::Transport as Channel;
 use outpost_proto::digest::{Digest, Function};
 use outpost_proto::reapi::{
     self, content_addressable_storage_client::ContentAddressableStorageClient,
 };
 use outpost_proto::resource::{self, Compressor};
 use tokio_stream::StreamExt;
-use tonic::transport::Channel;
 
 use super::exec::{put_all, run_id};
 use super::report::{Report, mb_per_s};
@@ -121,7 +121,7 @@ where
 }
 
 pub async fn run(args: &BenchArgs) -> anyhow::Result<Report> {
-    let chans = channels(&args.endpoint, 4).await?;
+    let chans = channels(args, 4).await?;
     let instance = args.instance_name.clone();
     let run = run_id();
     let mut report = Report::new("cas");

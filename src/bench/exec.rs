@@ -5,6 +5,7 @@ use std::time::Instant;
 
 use anyhow::Context as _;
 use bytes::Bytes;
+use outpost_proto::client::Transport as Channel;
 use outpost_proto::digest::{Digest, Function};
 use outpost_proto::longrunning;
 use outpost_proto::reapi::{
@@ -13,7 +14,6 @@ use outpost_proto::reapi::{
     execution_client::ExecutionClient,
 };
 use prost::Message;
-use tonic::transport::Channel;
 
 use super::report::Report;
 use super::{BenchArgs, channels};
@@ -148,7 +148,7 @@ pub async fn execute(
 }
 
 pub async fn latency(args: &BenchArgs) -> anyhow::Result<Report> {
-    let channel = channels(&args.endpoint, 1).await?.remove(0);
+    let channel = channels(args, 1).await?.remove(0);
     let warmup = 10.min(args.count);
     let actions = trivial_actions(args, &channel, args.count + warmup, args.properties()?).await?;
     let mut client = ExecutionClient::new(channel);
@@ -166,7 +166,7 @@ pub async fn latency(args: &BenchArgs) -> anyhow::Result<Report> {
 }
 
 pub async fn throughput(args: &BenchArgs) -> anyhow::Result<Report> {
-    let channels = channels(&args.endpoint, 4).await?;
+    let channels = channels(args, 4).await?;
     let actions = trivial_actions(args, &channels[0], args.count, args.properties()?).await?;
     let queue = Arc::new(tokio::sync::Mutex::new(actions));
     let started = Instant::now();
@@ -201,7 +201,7 @@ pub async fn throughput(args: &BenchArgs) -> anyhow::Result<Report> {
 }
 
 pub async fn ac_hit(args: &BenchArgs) -> anyhow::Result<Report> {
-    let channels = channels(&args.endpoint, 4).await?;
+    let channels = channels(args, 4).await?;
     let run = run_id();
     let output = Bytes::from(format!("bench output {run}"));
     let output_digest = Function::Sha256.digest_of(&output);

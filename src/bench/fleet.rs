@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
+use outpost_proto::client::Transport as Channel;
 use outpost_proto::fleet::fleet_client::FleetClient;
 use outpost_proto::fleet::{
     self, agent_message::Kind as ToCoordinator, coordinator_message::Kind as FromCoordinator,
@@ -17,7 +18,6 @@ use outpost_proto::fleet::{
 use outpost_proto::reapi::{self, execution_client::ExecutionClient};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
 
 use super::exec::{execute, run_id, trivial_actions};
 use super::report::Report;
@@ -180,7 +180,7 @@ async fn measure(
 
 pub async fn run(args: &BenchArgs) -> anyhow::Result<Report> {
     let run = run_id().to_string();
-    let chans = channels(&args.endpoint, 16).await?;
+    let chans = channels(args, 16).await?;
     let stop = CancellationToken::new();
     let (registered, mut ready) = mpsc::channel(args.agents + 1);
     let mut agents = tokio::task::JoinSet::new();

@@ -11,8 +11,10 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Args, ValueEnum};
+use outpost_proto::client::Transport as Channel;
 use outpost_proto::reapi::platform::Property;
-use tonic::transport::{Channel, Endpoint};
+
+use crate::credentials::Credentials;
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum Scenario {
@@ -35,9 +37,11 @@ pub struct BenchArgs {
     /// What to measure.
     #[arg(value_enum)]
     pub scenario: Scenario,
-    /// The server, grpc://HOST:PORT.
+    /// The server, grpc://HOST:PORT or grpcs://HOST:PORT (TLS).
     #[arg(long, default_value = "grpc://127.0.0.1:8980")]
     pub endpoint: String,
+    #[command(flatten)]
+    pub credentials: Credentials,
     /// REAPI instance name.
     #[arg(long, default_value = "")]
     pub instance_name: String,
@@ -89,12 +93,13 @@ impl BenchArgs {
 
 /// Channels to the endpoint: several, so concurrency is not capped by one
 /// HTTP/2 connection.
-pub async fn channels(endpoint: &str, n: usize) -> anyhow::Result<Vec<Channel>> {
-    let uri = endpoint.replacen("grpc://", "http://", 1);
+pub async fn channels(args: &BenchArgs, n: usize) -> anyhow::Result<Vec<Channel>> {
+    let dial = args.credentials.dial(&args.endpoint);
+    let bearer = dial.bearer()?;
     let mut out = Vec::new();
     for _ in 0..n.max(1) {
-        let channel = Endpoint::from_shared(uri.clone())
-            .with_context(|| format!("endpoint {endpoint:?}"))?
+        let channel = dial
+            .endpoint()?
             .tcp_nodelay(true)
             .connect_timeout(Duration::from_secs(10))
             .initial_connection_window_size(Some(16 << 20))
@@ -102,8 +107,8 @@ pub async fn channels(endpoint: &str, n: usize) -> anyhow::Result<Vec<Channel>> 
             .max_frame_size(Some(1 << 20))
             .connect()
             .await
-            .with_context(|| format!("cannot connect to {endpoint}"))?;
-        out.push(channel);
+            .with_context(|| format!("cannot connect to {}", args.endpoint))?;
+        out.push(Channel::new(channel, bearer.clone()));
     }
     Ok(out)
 }

@@ -19,7 +19,7 @@ use outpost_proto::reapi::{
 };
 use outpost_proto::resource::{self, Compressor};
 /// A channel that sends a bearer token when it has one (the agent's own).
-pub type Channel = outpost_agent::Transport;
+pub type Channel = outpost_proto::client::Transport;
 
 pub const OUTPOST: &str = env!("CARGO_BIN_EXE_outpost");
 
@@ -277,10 +277,27 @@ impl Client {
             .connect()
             .await
             .expect("connect to the coordinator");
-        let channel = Channel::new(
+        Client::over(Channel::new(
             channel,
-            outpost_agent::Bearer::new(token).expect("an ASCII token"),
-        );
+            outpost_proto::client::Bearer::new(token).expect("an ASCII token"),
+        ))
+    }
+
+    /// Connects as `dial` says (TLS, client certificate, token file);
+    /// the error, with its causes, when the connection cannot be made.
+    pub async fn dial(dial: &outpost_proto::client::Dial) -> Result<Client, String> {
+        let endpoint = dial.endpoint().map_err(|e| e.to_string())?;
+        let channel = endpoint
+            .connect()
+            .await
+            .map_err(|e| outpost_proto::client::error_chain(&e))?;
+        Ok(Client::over(Channel::new(
+            channel,
+            dial.bearer().map_err(|e| e.to_string())?,
+        )))
+    }
+
+    pub fn over(channel: Channel) -> Client {
         let max = 64 << 20;
         Client {
             cas: ContentAddressableStorageClient::new(channel.clone())
@@ -389,7 +406,7 @@ impl ActionSpec {
     }
 }
 
-fn put_message<M: prost::Message>(m: &M, uploads: &mut Vec<(Digest, Bytes)>) -> Digest {
+pub fn put_message<M: prost::Message>(m: &M, uploads: &mut Vec<(Digest, Bytes)>) -> Digest {
     let bytes = Bytes::from(m.encode_to_vec());
     let d = Function::Sha256.digest_of(&bytes);
     uploads.push((d, bytes));
@@ -651,3 +668,4 @@ pub fn files_under(dir: &Path) -> Vec<PathBuf> {
     }
     out
 }
+pub mod pki;

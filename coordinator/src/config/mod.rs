@@ -50,6 +50,10 @@ pub struct Config {
     pub default_action_timeout: Span,
     /// Actions asking for a longer timeout are refused.
     pub max_action_timeout: Span,
+    /// Accept input trees with relative symlinks that point above the
+    /// input root (refused by default; absolute targets are always
+    /// accepted: they name paths in the action's view of its host).
+    pub allow_escaping_symlinks: bool,
     /// Log filter, e.g. `info` or `outpost_coordinator=debug,info`.
     pub log: String,
     /// Client tokens, `TOKEN ROLE[,ROLE...]` per line; with neither token
@@ -57,6 +61,14 @@ pub struct Config {
     pub client_tokens: Option<PathBuf>,
     /// Agent tokens, one per line.
     pub agent_tokens: Option<PathBuf>,
+    /// PEM certificate chain to serve TLS with (then clients dial
+    /// `grpcs://`); plain TCP when unset.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `tls_cert`.
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA certificates; when set, every client and agent must present
+    /// a certificate one of them signed (mutual TLS).
+    pub tls_client_ca: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -76,9 +88,13 @@ impl Default for Config {
             abandon_after: Span(Duration::from_secs(60)),
             default_action_timeout: Span(Duration::from_secs(3600)),
             max_action_timeout: Span(Duration::from_secs(6 * 3600)),
+            allow_escaping_symlinks: false,
             log: "info".to_owned(),
             client_tokens: None,
             agent_tokens: None,
+            tls_cert: None,
+            tls_key: None,
+            tls_client_ca: None,
         }
     }
 }
@@ -152,7 +168,26 @@ impl Config {
                 self.max_cas_size
             )));
         }
+        self.tls_files()?;
         Ok(())
+    }
+
+    /// The TLS files, when TLS is configured.
+    pub fn tls_files(&self) -> Result<Option<crate::tls::TlsFiles>, Error> {
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Ok(Some(crate::tls::TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: self.tls_client_ca.clone(),
+            })),
+            (None, None) if self.tls_client_ca.is_some() => Err(Error::Invalid(
+                "tls_client_ca needs TLS: set tls_cert and tls_key too".to_owned(),
+            )),
+            (None, None) => Ok(None),
+            _ => Err(Error::Invalid(
+                "tls_cert and tls_key go together: set both, or neither".to_owned(),
+            )),
+        }
     }
 
     /// The effective configuration as YAML, for `--print-config`.

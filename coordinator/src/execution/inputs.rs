@@ -3,11 +3,11 @@
 //! upload and retry), the input tree is well formed, and all of it is pinned
 //! so it stays until the action ran.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 
 use bytes::Bytes;
 use outpost_proto::digest::{Digest, Function};
-use outpost_proto::reapi;
+use outpost_proto::{reapi, validate};
 use prost::Message;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
@@ -19,6 +19,19 @@ use crate::storage::Pin;
 const MAX_MESSAGE: u64 = 16 << 20;
 /// Directories in one input tree at most.
 const MAX_DIRECTORIES: usize = 1_000_000;
+/// Files in one input tree at most (counted per directory, so a
+/// directory used twice counts once).
+const MAX_FILES: usize = 10_000_000;
+/// Levels of directories below the root at most (paths stay well under
+/// PATH_MAX on the agents).
+pub const MAX_DEPTH: usize = 512;
+
+/// What an input tree may contain beyond the REAPI's rules.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Policy {
+    /// Relative symlinks whose target climbs above the input root.
+    pub allow_escaping_symlinks: bool,
+}
 
 pub struct Checked {
     pub action: reapi::Action,
@@ -66,36 +79,6 @@ fn decode<M: Message + Default>(bytes: Bytes, digest: Digest, what: &str) -> Res
         .map_err(|e| Status::invalid_argument(format!("blob {digest} is not a valid {what}: {e}")))
 }
 
-fn check_name(name: &str, parent: Digest) -> Result<(), Status> {
-    if name.is_empty() || name == "." || name == ".." || name.contains('/') || name.contains('\0') {
-        return Err(Status::invalid_argument(format!(
-            "directory {parent} has an entry named {name:?}; names must be plain (no '/', '.' or '..')"
-        )));
-    }
-    Ok(())
-}
-
-/// A name may appear once per directory, across files, directories and
-/// symlinks (two entries for one path would let a symlink stand in for a
-/// directory the agent writes into).
-fn check_unique_names(dir: &reapi::Directory, digest: Digest) -> Result<(), Status> {
-    let mut names: Vec<&str> = dir
-        .files
-        .iter()
-        .map(|f| f.name.as_str())
-        .chain(dir.directories.iter().map(|d| d.name.as_str()))
-        .chain(dir.symlinks.iter().map(|s| s.name.as_str()))
-        .collect();
-    names.sort_unstable();
-    if let Some(pair) = names.windows(2).find(|w| w[0] == w[1]) {
-        return Err(Status::invalid_argument(format!(
-            "directory {digest} has the name {:?} more than once",
-            pair[0]
-        )));
-    }
-    Ok(())
-}
-
 fn missing_error(missing: &[Digest]) -> Status {
     let mut details = ErrorDetails::new();
     for d in missing {
@@ -118,7 +101,40 @@ fn missing_error(missing: &[Digest]) -> Status {
     )
 }
 
-pub async fn check(ctx: &Context, action_digest: Digest) -> Result<Checked, Status> {
+/// Levels below `root` on the longest path (a directory reached along
+/// several paths counts at its deepest), without recursion.
+fn height(root: Digest, graph: &HashMap<Digest, Vec<Digest>>) -> usize {
+    let mut heights: HashMap<Digest, usize> = HashMap::with_capacity(graph.len());
+    let mut stack = vec![(root, false)];
+    while let Some((d, children_done)) = stack.pop() {
+        if heights.contains_key(&d) {
+            continue;
+        }
+        let children = graph.get(&d).map_or(&[][..], Vec::as_slice);
+        if children_done {
+            let h = children
+                .iter()
+                .map(|c| heights.get(c).map_or(0, |h| h + 1))
+                .max()
+                .unwrap_or(0);
+            heights.insert(d, h);
+        } else {
+            stack.push((d, true));
+            stack.extend(children.iter().map(|c| (*c, false)));
+        }
+    }
+    heights.get(&root).copied().unwrap_or(0)
+}
+
+fn invalid_directory(digest: Digest, e: validate::Invalid) -> Status {
+    Status::invalid_argument(format!("directory {digest} in the input tree: {e}"))
+}
+
+pub async fn check(
+    ctx: &Context,
+    action_digest: Digest,
+    policy: Policy,
+) -> Result<Checked, Status> {
     let function: Function = action_digest.function;
     let mut prefetched = Prefetched::default();
     let action: reapi::Action = match fetch(ctx, action_digest, "Action").await? {
@@ -145,6 +161,8 @@ pub async fn check(ctx: &Context, action_digest: Digest) -> Result<Checked, Stat
     let mut missing = Vec::new();
     let command = match fetch::<reapi::Command>(ctx, command_digest, "Command").await? {
         Fetched::Found(c, bytes) => {
+            validate::command(&c)
+                .map_err(|e| Status::invalid_argument(format!("Command {command_digest}: {e}")))?;
             prefetched.command = bytes;
             Some(c)
         }
@@ -153,11 +171,15 @@ pub async fn check(ctx: &Context, action_digest: Digest) -> Result<Checked, Stat
             None
         }
     };
-    let mut queue = VecDeque::from([root]);
+    // Breadth first: a directory met again is deeper than where it was
+    // checked first, and a symlink that stays inside the root at the
+    // shallowest place stays inside deeper too.
+    let mut queue = VecDeque::from([(root, 0usize)]);
     let mut seen = HashSet::from([root]);
     let mut files = Vec::new();
     let mut tree_bytes = 0usize;
-    while let Some(dir_digest) = queue.pop_front() {
+    let mut graph: HashMap<Digest, Vec<Digest>> = HashMap::new();
+    while let Some((dir_digest, depth)) = queue.pop_front() {
         let dir: reapi::Directory = match fetch(ctx, dir_digest, "Directory").await? {
             Fetched::Found(d, bytes) => {
                 tree_bytes += bytes.len();
@@ -169,22 +191,39 @@ pub async fn check(ctx: &Context, action_digest: Digest) -> Result<Checked, Stat
                 continue;
             }
         };
-        check_unique_names(&dir, dir_digest)?;
+        validate::directory(&dir).map_err(|e| invalid_directory(dir_digest, e))?;
+        if !policy.allow_escaping_symlinks
+            && let Some(s) = dir
+                .symlinks
+                .iter()
+                .find(|s| validate::symlink_escapes(depth, &s.target))
+        {
+            return Err(invalid_directory(
+                dir_digest,
+                validate::Invalid(format!(
+                    "the symlink {:?} -> {:?} points outside the input root \
+                     (the coordinator's allow_escaping_symlinks is off)",
+                    s.name, s.target
+                )),
+            ));
+        }
         for f in &dir.files {
-            check_name(&f.name, dir_digest)?;
             files.push(required_digest(
                 f.digest.as_ref(),
                 function,
                 "FileNode.digest",
             )?);
         }
-        for s in &dir.symlinks {
-            check_name(&s.name, dir_digest)?;
+        if files.len() > MAX_FILES {
+            return Err(Status::invalid_argument(format!(
+                "input tree {root} has more than {MAX_FILES} files"
+            )));
         }
         let mut children = Vec::new();
+        let mut edges = Vec::with_capacity(dir.directories.len());
         for d in &dir.directories {
-            check_name(&d.name, dir_digest)?;
             let child = required_digest(d.digest.as_ref(), function, "DirectoryNode.digest")?;
+            edges.push(child);
             if seen.insert(child) {
                 if seen.len() > MAX_DIRECTORIES {
                     return Err(Status::invalid_argument(format!(
@@ -192,11 +231,17 @@ pub async fn check(ctx: &Context, action_digest: Digest) -> Result<Checked, Stat
                     )));
                 }
                 children.push(child);
-                queue.push_back(child);
+                queue.push_back((child, depth + 1));
             }
         }
         pins.push(ctx.cas.pin(&children));
         all.extend(children);
+        graph.insert(dir_digest, edges);
+    }
+    if height(root, &graph) > MAX_DEPTH {
+        return Err(Status::invalid_argument(format!(
+            "input tree {root} is more than {MAX_DEPTH} directories deep"
+        )));
     }
     pins.push(ctx.cas.pin(&files));
     missing.extend(ctx.cas.find_missing(files).await.map_err(storage_status)?);

@@ -2,7 +2,7 @@
 //! answers from the Action Cache when it can, and otherwise hands it to the
 //! scheduler and streams the operation until it completes.
 
-mod inputs;
+pub mod inputs;
 
 pub use inputs::Prefetched;
 
@@ -33,14 +33,21 @@ pub struct ExecutionService {
     ctx: Context,
     scheduler: Scheduler,
     timeouts: Timeouts,
+    policy: inputs::Policy,
 }
 
 impl ExecutionService {
-    pub fn new(ctx: Context, scheduler: Scheduler, timeouts: Timeouts) -> Self {
+    pub fn new(
+        ctx: Context,
+        scheduler: Scheduler,
+        timeouts: Timeouts,
+        policy: inputs::Policy,
+    ) -> Self {
         ExecutionService {
             ctx,
             scheduler,
             timeouts,
+            policy,
         }
     }
 }
@@ -156,7 +163,7 @@ impl Execution for ExecutionService {
         let req = request.into_inner();
         let function = function_of(req.digest_function)?;
         let action_digest = required_digest(req.action_digest.as_ref(), function, "action_digest")?;
-        let checked = inputs::check(&self.ctx, action_digest).await?;
+        let checked = inputs::check(&self.ctx, action_digest, self.policy).await?;
         let action = &checked.action;
         let platform = action
             .platform

@@ -1,0 +1,250 @@
+//! Checks on the untrusted messages that describe an action: Directory
+//! nodes, symlink targets, and a Command's paths. Pure functions of the
+//! message, so the coordinator (before it queues anything), the agent
+//! (before it lays anything out) and the fuzz targets share them.
+//!
+//! The rules follow the REAPI's canonical Directory form: every name is
+//! one plain path segment, each list is sorted by name and no name appears
+//! twice across files, directories and symlinks. Paths in a Command are
+//! relative, may use `..`, but must stay inside the input root.
+
+use crate::reapi;
+
+/// Why a message was refused; the text names the offending entry.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Invalid(pub String);
+
+fn invalid(message: String) -> Invalid {
+    Invalid(message)
+}
+
+/// A path segment: not empty, not `.` or `..`, no `/` or NUL.
+pub fn name(name: &str) -> Result<(), Invalid> {
+    if name.is_empty() || name == "." || name == ".." || name.contains(['/', '\0']) {
+        return Err(invalid(format!(
+            "the entry {name:?} is not a plain name (no '/', '.' or '..')"
+        )));
+    }
+    Ok(())
+}
+
+/// One Directory on its own: names plain, each list sorted, no name twice.
+pub fn directory(dir: &reapi::Directory) -> Result<(), Invalid> {
+    sorted(dir.files.iter().map(|f| f.name.as_str()), "files")?;
+    sorted(
+        dir.directories.iter().map(|d| d.name.as_str()),
+        "directories",
+    )?;
+    sorted(dir.symlinks.iter().map(|s| s.name.as_str()), "symlinks")?;
+    let mut names: Vec<&str> = dir
+        .files
+        .iter()
+        .map(|f| f.name.as_str())
+        .chain(dir.directories.iter().map(|d| d.name.as_str()))
+        .chain(dir.symlinks.iter().map(|s| s.name.as_str()))
+        .collect();
+    names.sort_unstable();
+    if let Some(pair) = names.windows(2).find(|w| w[0] == w[1]) {
+        // Two entries for one path would let a symlink stand in for a
+        // directory the agent writes into.
+        return Err(invalid(format!(
+            "the name {:?} appears more than once",
+            pair[0]
+        )));
+    }
+    for s in &dir.symlinks {
+        if s.target.is_empty() || s.target.contains('\0') {
+            return Err(invalid(format!(
+                "the symlink {:?} has an empty target or one with NUL",
+                s.name
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn sorted<'a>(names: impl Iterator<Item = &'a str>, list: &str) -> Result<(), Invalid> {
+    let mut previous: Option<&str> = None;
+    for n in names {
+        name(n)?;
+        if let Some(p) = previous
+            && p > n
+        {
+            return Err(invalid(format!(
+                "the {list} are not sorted by name ({p:?} before {n:?})"
+            )));
+        }
+        previous = Some(n);
+    }
+    Ok(())
+}
+
+/// Whether a relative symlink target, placed in a directory `depth` levels
+/// below the input root, leaves the root when resolved. Absolute targets
+/// are the caller's policy (they point into the action's view of the
+/// host, not into the tree).
+pub fn symlink_escapes(depth: usize, target: &str) -> bool {
+    if target.starts_with('/') {
+        return false;
+    }
+    let mut level = depth as i64;
+    for segment in target.split('/') {
+        match segment {
+            "" | "." => {}
+            ".." => {
+                level -= 1;
+                if level < 0 {
+                    return true;
+                }
+            }
+            _ => level += 1,
+        }
+    }
+    false
+}
+
+/// Resolves a relative path against `base` (itself already resolved, as
+/// segments), refusing absolute paths, NUL and any `..` that climbs above
+/// the input root.
+pub fn resolve(base: &[String], path: &str, what: &str) -> Result<Vec<String>, Invalid> {
+    if path.starts_with('/') {
+        return Err(invalid(format!(
+            "{what} {path:?} is absolute; paths are relative to the input root"
+        )));
+    }
+    if path.contains('\0') {
+        return Err(invalid(format!("{what} {path:?} contains NUL")));
+    }
+    let mut out = base.to_vec();
+    for segment in path.split('/') {
+        match segment {
+            "" | "." => {}
+            ".." => {
+                if out.pop().is_none() {
+                    return Err(invalid(format!("{what} {path:?} leaves the input root")));
+                }
+            }
+            s => out.push(s.to_owned()),
+        }
+    }
+    Ok(out)
+}
+
+/// A Command: arguments present, environment names plain, the working
+/// directory and every output path inside the input root (outputs not the
+/// root itself).
+pub fn command(cmd: &reapi::Command) -> Result<(), Invalid> {
+    if cmd.arguments.is_empty() || cmd.arguments[0].is_empty() {
+        return Err(invalid(
+            "the Command has no program to run (arguments is empty)".to_owned(),
+        ));
+    }
+    if let Some(a) = cmd.arguments.iter().find(|a| a.contains('\0')) {
+        return Err(invalid(format!("the argument {a:?} contains NUL")));
+    }
+    for v in &cmd.environment_variables {
+        if v.name.is_empty() || v.name.contains(['=', '\0']) || v.value.contains('\0') {
+            return Err(invalid(format!(
+                "the environment variable {:?} has an empty name, or '=' or NUL in it",
+                v.name
+            )));
+        }
+    }
+    let workdir = resolve(&[], &cmd.working_directory, "the working directory")?;
+    for (list, what) in [
+        (&cmd.output_paths, "the output path"),
+        (&cmd.output_files, "the output file"),
+        (&cmd.output_directories, "the output directory"),
+    ] {
+        for path in list {
+            if resolve(&workdir, path, what)?.is_empty() {
+                return Err(invalid(format!("{what} {path:?} is the input root itself")));
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(name: &str) -> reapi::FileNode {
+        reapi::FileNode {
+            name: name.to_owned(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn directories_must_be_canonical() {
+        let ok = reapi::Directory {
+            files: vec![file("a"), file("b")],
+            ..Default::default()
+        };
+        assert_eq!(directory(&ok), Ok(()));
+        let unsorted = reapi::Directory {
+            files: vec![file("b"), file("a")],
+            ..Default::default()
+        };
+        assert!(
+            directory(&unsorted)
+                .expect_err("refused")
+                .0
+                .contains("not sorted")
+        );
+        let twice = reapi::Directory {
+            files: vec![file("a")],
+            directories: vec![reapi::DirectoryNode {
+                name: "a".into(),
+                digest: None,
+            }],
+            ..Default::default()
+        };
+        assert!(
+            directory(&twice)
+                .expect_err("refused")
+                .0
+                .contains("more than once")
+        );
+        for bad in ["", ".", "..", "a/b", "nul\0"] {
+            let d = reapi::Directory {
+                files: vec![file(bad)],
+                ..Default::default()
+            };
+            assert!(directory(&d).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn symlinks_may_climb_only_as_far_as_the_root() {
+        assert!(!symlink_escapes(0, "a/b"));
+        assert!(symlink_escapes(0, "../x"));
+        assert!(!symlink_escapes(1, "../x"));
+        assert!(symlink_escapes(1, "a/../../../x"));
+        assert!(!symlink_escapes(2, "./../../x"));
+        assert!(!symlink_escapes(0, "/usr/bin/cc"));
+    }
+
+    #[test]
+    fn command_paths_stay_inside_the_root() {
+        let cmd = |workdir: &str, out: &str| reapi::Command {
+            arguments: vec!["true".into()],
+            working_directory: workdir.into(),
+            output_paths: vec![out.into()],
+            ..Default::default()
+        };
+        assert_eq!(command(&cmd("pkg", "../out/x")), Ok(()));
+        assert!(command(&cmd("pkg", "../../x")).is_err());
+        assert!(command(&cmd("", "/etc/passwd")).is_err());
+        assert!(command(&cmd("..", "x")).is_err());
+        assert!(command(&cmd("pkg", "..")).is_err());
+        assert!(
+            command(&reapi::Command::default())
+                .expect_err("refused")
+                .0
+                .contains("no program")
+        );
+    }
+}
