@@ -14,6 +14,7 @@ pub mod auth;
 pub mod config;
 pub mod execution;
 mod fleet;
+pub mod fuzzing;
 pub mod metrics;
 pub mod scheduler;
 mod server;
