@@ -322,6 +322,7 @@ t config 'cat {config}'
 t agent-environ 'cat /proc/{agent_pid}/environ'
 t agent-proc 'ls /proc/{agent_pid}/root/'
 t shadow 'cat /etc/shadow'
+t ssl-private 'ls /etc/ssl/private'
 t home 'ls /root/.cargo'
 t env 'env | grep -q OUTPOST'
 t coordinator-in-env 'env | grep -q 127.0.0.1'",
@@ -338,6 +339,7 @@ t coordinator-in-env 'env | grep -q 127.0.0.1'",
             "agent-environ",
             "agent-proc",
             "shadow",
+            "ssl-private",
             "home",
             "env",
             "coordinator-in-env",

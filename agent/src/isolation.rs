@@ -39,7 +39,9 @@ pub const DEFAULT_SANDBOX_MOUNTS: &[&str] = &[
     "/etc/hosts",
     "/etc/resolv.conf",
     "/etc/localtime",
-    "/etc/ssl",
+    // Certificates only: /etc/ssl/private holds the host's TLS keys.
+    "/etc/ssl/certs",
+    "/etc/ssl/openssl.cnf",
     "/etc/ca-certificates",
     "/etc/os-release",
 ];
