@@ -92,7 +92,8 @@ pub fn directory(data: &[u8]) {
     }
     for s in &dir.symlinks {
         let escapes = validate::symlink_escapes(depth, &s.target);
-        if !s.target.starts_with('/') {
+        // NUL is refused by `validate::directory`, not by this verdict.
+        if !s.target.starts_with('/') && !s.target.contains('\0') {
             let base: Vec<String> = (0..depth).map(|i| format!("d{i}")).collect();
             let inside = validate::resolve(&base, &s.target, "target").is_ok();
             assert_eq!(escapes, !inside, "{:?} at depth {depth}", s.target);
@@ -135,7 +136,12 @@ pub fn fleet_message(data: &[u8]) {
     };
     let again = fleet::AgentMessage::decode(message.encode_to_vec().as_slice())
         .expect("what was decoded encodes and decodes");
-    assert_eq!(again, message);
+    // A NaN resource is the one value not equal to itself.
+    #[allow(clippy::eq_op)]
+    let comparable = message == message;
+    if comparable {
+        assert_eq!(again, message);
+    }
     let Some(fleet::agent_message::Kind::Register(register)) = message.kind else {
         return;
     };
