@@ -813,7 +813,7 @@ impl State {
         let name = op_name.to_owned();
         let tx = self.self_tx.clone();
         tokio::spawn(async move {
-            if let Err(e) = ac.update_action_result(&instance, digest, bytes).await {
+            if let Err(e) = ac.record_action_result(&instance, digest, bytes).await {
                 tracing::warn!(action_digest = %digest, error = %e, "cannot write the action cache");
             }
             let _ = tx

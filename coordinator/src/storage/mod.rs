@@ -151,10 +151,25 @@ pub trait ActionCache: Send + Sync + 'static {
         instance_name: &str,
         action: Digest,
     ) -> Result<Option<Bytes>, Error>;
+    /// Stores a result a client sent; durable before it returns (the
+    /// client was told it is stored).
     async fn update_action_result(
         &self,
         instance_name: &str,
         action: Digest,
         result: Bytes,
     ) -> Result<(), Error>;
+
+    /// Stores a result of an action this coordinator ran. Readers see it
+    /// once this returns, but it need not survive a crash (a lost entry
+    /// only means the action runs again), so it does not wait for the disk.
+    async fn record_action_result(
+        &self,
+        instance_name: &str,
+        action: Digest,
+        result: Bytes,
+    ) -> Result<(), Error> {
+        self.update_action_result(instance_name, action, result)
+            .await
+    }
 }

@@ -51,6 +51,8 @@ pub enum Request {
         instance_name: String,
         action: Digest,
         result: Bytes,
+        /// The commit must reach the disk before the reply.
+        durable: bool,
         reply: oneshot::Sender<Result<(), Error>>,
     },
     /// The index lists a blob whose file is gone: drop the entry.
@@ -73,6 +75,10 @@ pub struct Core {
     pub max_bytes: u64,
     /// Blobs evicted since start-up.
     pub evicted: AtomicU64,
+    /// A commit since the last one that reached the disk did not wait for
+    /// it; the next maintenance tick syncs, so at most about a second of
+    /// such entries can be lost in a crash (and redb reclaims pages).
+    pub unsynced: std::sync::atomic::AtomicBool,
 }
 
 pub fn db_err(context: &str) -> impl Fn(&dyn std::fmt::Display) -> Error + '_ {
@@ -192,12 +198,13 @@ pub async fn run_committer(core: Arc<Core>, mut requests: mpsc::Receiver<Request
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let mut batch = Vec::new();
+        let mut ticked = false;
         tokio::select! {
             received = requests.recv() => match received {
                 Some(r) => batch.push(r),
                 None => break,
             },
-            _ = tick.tick() => {}
+            _ = tick.tick() => ticked = true,
         }
         while batch.len() < MAX_BATCH {
             match requests.try_recv() {
@@ -212,6 +219,13 @@ pub async fn run_committer(core: Arc<Core>, mut requests: mpsc::Receiver<Request
             }
             if let Err(e) = maintain(&core) {
                 tracing::error!(error = %e, "storage maintenance failed");
+            }
+            if ticked
+                && core.unsynced.swap(false, Ordering::Relaxed)
+                && let Err(e) = sync_commits(&core)
+            {
+                core.unsynced.store(true, Ordering::Relaxed);
+                tracing::error!(error = %e, "storage sync failed");
             }
         })
         .await;
@@ -267,9 +281,10 @@ fn commit_batch(core: &Core, batch: Vec<Request>) {
                         instance_name,
                         action,
                         result,
+                        durable: must_sync,
                         reply,
                     } => {
-                        durable = true;
+                        durable |= must_sync;
                         db!(
                             "writing the action cache",
                             ac.insert(
@@ -314,11 +329,13 @@ fn commit_batch(core: &Core, batch: Vec<Request>) {
             core.total_bytes.store(total, Ordering::Relaxed);
         }
         if !durable {
-            // Only agent sightings or forgotten blobs: a crash may lose the
-            // last of these, so the commit does not wait for the disk.
-            // Blob and Action Cache entries always do: a client was told
-            // they are stored.
+            // Only agent sightings, forgotten blobs or results of actions
+            // this coordinator ran: a crash may lose the last of these, so
+            // the commit does not wait for the disk. New blobs and Action
+            // Cache entries from clients always do: a client was told they
+            // are stored.
             db!("committing", txn.set_durability(redb::Durability::None))?;
+            core.unsynced.store(true, Ordering::Relaxed);
         }
         db!("committing", txn.commit())
     })();
@@ -438,7 +455,15 @@ fn flush_touches(core: &Core) -> Result<(), Error> {
         "writing access times",
         txn.set_durability(redb::Durability::None)
     )?;
+    core.unsynced.store(true, Ordering::Relaxed);
     db!("writing access times", txn.commit())
+}
+
+/// An empty commit that waits for the disk, making every earlier one
+/// durable.
+fn sync_commits(core: &Core) -> Result<(), Error> {
+    let txn = db!("syncing the index", core.db.begin_write())?;
+    db!("syncing the index", txn.commit())
 }
 
 /// Evicts one round of least recently used blobs; returns how many.

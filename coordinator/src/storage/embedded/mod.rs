@@ -65,6 +65,7 @@ impl EmbeddedStore {
                 total_bytes: AtomicU64::new(total),
                 max_bytes,
                 evicted: AtomicU64::new(0),
+                unsynced: std::sync::atomic::AtomicBool::new(false),
             })
         })
         .await
@@ -281,6 +282,29 @@ impl ActionCache for EmbeddedStore {
         action: Digest,
         result: Bytes,
     ) -> Result<(), Error> {
+        self.write_action_result(instance_name, action, result, true)
+            .await
+    }
+
+    async fn record_action_result(
+        &self,
+        instance_name: &str,
+        action: Digest,
+        result: Bytes,
+    ) -> Result<(), Error> {
+        self.write_action_result(instance_name, action, result, false)
+            .await
+    }
+}
+
+impl EmbeddedStore {
+    async fn write_action_result(
+        &self,
+        instance_name: &str,
+        action: Digest,
+        result: Bytes,
+        durable: bool,
+    ) -> Result<(), Error> {
         let (reply, done) = oneshot::channel();
         self.shared
             .commits
@@ -288,6 +312,7 @@ impl ActionCache for EmbeddedStore {
                 instance_name: instance_name.to_owned(),
                 action,
                 result,
+                durable,
                 reply,
             })
             .await
