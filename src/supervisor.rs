@@ -3,9 +3,15 @@
 //! `WATCHDOG=1`, `STATUS=`). Without `NOTIFY_SOCKET` (launchd, a terminal)
 //! every call is a no-op.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use sd_notify::NotifyState;
+
+/// Set once shutdown began: READY and RELOADING are not sent after
+/// STOPPING (a reload during a drain must not tell the manager the service
+/// is back).
+static STOPPING: AtomicBool = AtomicBool::new(false);
 
 fn send(states: &[NotifyState]) {
     if std::env::var_os("NOTIFY_SOCKET").is_none() {
@@ -18,11 +24,20 @@ fn send(states: &[NotifyState]) {
 
 /// Start-up is done: the service is ready to serve.
 pub fn ready(status: &str) {
+    if STOPPING.load(Ordering::Relaxed) {
+        send(&[NotifyState::Status(
+            "shutting down: finishing work in flight",
+        )]);
+        return;
+    }
     send(&[NotifyState::Ready, NotifyState::Status(status)]);
 }
 
 /// A reload begins; [`ready`] ends it.
 pub fn reloading() {
+    if STOPPING.load(Ordering::Relaxed) {
+        return;
+    }
     send(&[
         NotifyState::Reloading,
         NotifyState::monotonic_usec_now().unwrap_or(NotifyState::MonotonicUsec(0)),
@@ -32,6 +47,7 @@ pub fn reloading() {
 
 /// Shutdown begins (a drain may follow).
 pub fn stopping(status: &str) {
+    STOPPING.store(true, Ordering::Relaxed);
     send(&[NotifyState::Stopping, NotifyState::Status(status)]);
 }
 

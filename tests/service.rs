@@ -278,15 +278,27 @@ async fn the_service_manager_hears_ready_watchdog_reload_and_stopping() {
     );
     let ready = agent_socket.wait_for("READY=1", 0).await;
     agent_socket.wait_for("WATCHDOG=1", ready).await;
+    agent
+        .wait_for("registered with the coordinator", Duration::from_secs(30))
+        .await;
+    // A reload during the drain (an action still running) must not tell
+    // the manager the agent is ready again.
+    let mut client = coordinator.client().await;
+    let action = client.upload_action(&ActionSpec::shell("sleep 2")).await;
+    let (_stream, _) = client.start_execute(&action).await;
+    agent
+        .wait_for("running an action", Duration::from_secs(30))
+        .await;
     let pid = agent.pid();
     let stop = tokio::spawn(agent.stop());
     let stopping = agent_socket.wait_for("STOPPING=1", ready).await;
+    signal(pid, Signal::SIGHUP);
     assert!(stop.await.expect("join").success());
-    // Nothing claims readiness again once stopping.
+    // Nothing claims readiness, or a reload, again once stopping.
     assert!(
         !agent_socket.messages()[stopping..]
             .iter()
-            .any(|m| m.contains("READY=1")),
+            .any(|m| m.contains("READY=1") || m.contains("RELOADING=1")),
         "agent {pid}: {:?}",
         agent_socket.messages()
     );
