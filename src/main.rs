@@ -520,8 +520,9 @@ fn launch(log: &str, work: impl std::future::Future<Output = anyhow::Result<()>>
     };
     match runtime.block_on(work) {
         Ok(()) => ExitCode::SUCCESS,
+        // Once, on stderr (the journal, for a service), not also as a log
+        // line.
         Err(e) => {
-            tracing::error!("{e:#}");
             eprintln!("outpost: {e:#}");
             ExitCode::FAILURE
         }

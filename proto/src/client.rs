@@ -14,11 +14,13 @@ use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 pub enum DialError {
     #[error("{0}")]
     Invalid(String),
-    #[error("cannot read {what} {}: {source}", path.display())]
+    /// (`error` is part of the message, not a separate cause, so a chain
+    /// of causes does not print it twice.)
+    #[error("cannot read {what} {}: {error}", path.display())]
     Read {
         what: &'static str,
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
 }
 
@@ -119,10 +121,10 @@ impl Dial {
         let Some(path) = &self.token_file else {
             return Ok(Bearer(None));
         };
-        let text = std::fs::read_to_string(path).map_err(|source| DialError::Read {
+        let text = std::fs::read_to_string(path).map_err(|error| DialError::Read {
             what: "the token file",
             path: path.clone(),
-            source,
+            error,
         })?;
         let token = text.lines().next().unwrap_or_default().trim();
         if token.is_empty() {
@@ -220,10 +222,10 @@ pub fn read_private_key(path: &Path) -> Result<Vec<u8>, DialError> {
 }
 
 fn read(path: &Path, what: &'static str) -> Result<Vec<u8>, DialError> {
-    std::fs::read(path).map_err(|source| DialError::Read {
+    std::fs::read(path).map_err(|error| DialError::Read {
         what,
         path: path.to_owned(),
-        source,
+        error,
     })
 }
 
@@ -233,8 +235,12 @@ pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut out = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
+        // Layers often repeat their cause's text; say it once.
+        let text = s.to_string();
+        if !out.ends_with(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
         source = s.source();
     }
     out
