@@ -142,6 +142,18 @@ async fn batch_calls_roundtrip_with_both_digest_functions_and_zstd() {
             assert_eq!(r.status.as_ref().expect("status").code, 0, "{r:?}");
         }
         assert!(client.find_missing(&digests).await.is_empty());
+        // The missing come back in the order asked, duplicates included,
+        // with 10,000 digests too (the store splits such requests).
+        let absent: Vec<Digest> = (100..5100).map(|i| blob_with(function, i, 10).0).collect();
+        let mut asked = Vec::new();
+        for (i, d) in absent.iter().enumerate() {
+            asked.push(*d);
+            asked.push(digests[i % digests.len()]);
+        }
+        asked.push(absent[7]);
+        let mut expected: Vec<reapi::Digest> = absent.iter().map(Digest::to_proto).collect();
+        expected.push(absent[7].to_proto());
+        assert_eq!(client.find_missing(&asked).await, expected);
 
         let read = client
             .cas

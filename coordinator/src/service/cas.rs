@@ -158,6 +158,7 @@ impl ContentAddressableStorage for CasService {
             .map(|d| required_digest(Some(d), function, "blob_digests"))
             .collect::<Result<Vec<_>, _>>()?;
         let asked = digests.len() as u64;
+        let parsed = digests.clone();
         let missing = self
             .ctx
             .cas
@@ -167,8 +168,23 @@ impl ContentAddressableStorage for CasService {
         self.ctx
             .metrics
             .cas(asked - missing.len() as u64, missing.len() as u64);
+        // `missing` keeps the request's order, so the request's own wire
+        // digests are handed back instead of encoding each hash again.
+        let mut wanted = missing.iter().peekable();
+        let mut missing_blob_digests = Vec::with_capacity(missing.len());
+        for (wire, digest) in req.blob_digests.into_iter().zip(&parsed) {
+            if wanted.peek() == Some(&digest) {
+                wanted.next();
+                missing_blob_digests.push(wire);
+            }
+        }
+        if wanted.peek().is_some() {
+            // Not in request order after all (another storage backend):
+            // encode what is missing.
+            missing_blob_digests = missing.iter().map(Digest::to_proto).collect();
+        }
         Ok(Response::new(reapi::FindMissingBlobsResponse {
-            missing_blob_digests: missing.iter().map(Digest::to_proto).collect(),
+            missing_blob_digests,
         }))
     }
 

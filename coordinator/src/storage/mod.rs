@@ -92,8 +92,8 @@ pub trait BlobWriter: Send {
 /// The content-addressable storage.
 #[async_trait]
 pub trait Cas: Send + Sync + 'static {
-    /// Returns the digests that are not present; refreshes the others in the
-    /// eviction order.
+    /// Returns the digests that are not present, in the order they were
+    /// asked; refreshes the others in the eviction order.
     async fn find_missing(&self, digests: Vec<Digest>) -> Result<Vec<Digest>, Error>;
     /// Streams `limit` bytes (all if `None`) from `offset`; `None` when the
     /// blob is absent. The caller checked `offset <= size`.
