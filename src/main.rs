@@ -417,6 +417,7 @@ fn main() -> ExitCode {
         );
         return ExitCode::from(2);
     }
+    ignore_sighup_until_reload_is_ready();
     launch(
         &config.log.clone(),
         run_coordinator(args.clone(), config, up),
@@ -542,6 +543,7 @@ fn agent_main(args: &AgentArgs) -> ExitCode {
         return ExitCode::SUCCESS;
     }
     let args = args.clone();
+    ignore_sighup_until_reload_is_ready();
     launch(&config.log.clone(), async move {
         let shutdown = CancellationToken::new();
         tokio::spawn(stop_on_signal(shutdown.clone()));
@@ -673,6 +675,20 @@ fn reload_coordinator(
     running.client_tokens = new.client_tokens;
     running.agent_tokens = new.agent_tokens;
     Ok(reloaded)
+}
+
+/// A SIGHUP (a reload) that arrives while a daemon still starts (opening
+/// storage, probing the sandbox) must not end it: it is ignored until
+/// `reload::start` installs the real handler.
+fn ignore_sighup_until_reload_is_ready() {
+    use nix::sys::signal::{SigHandler, Signal, signal};
+    // SAFETY: SIG_IGN is no handler function, so nothing runs in signal
+    // context; no other thread exists yet.
+    #[allow(unsafe_code)]
+    let set = unsafe { signal(Signal::SIGHUP, SigHandler::SigIgn) };
+    if let Err(e) = set {
+        eprintln!("outpost: cannot ignore SIGHUP during start-up: {e}");
+    }
 }
 
 /// First SIGINT/SIGTERM: graceful shutdown. Second: exit at once.

@@ -251,6 +251,24 @@ fn signal(pid: u32, sig: nix::sys::signal::Signal) {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig).expect("signal");
 }
 
+/// A reload that arrives while the agent still starts (its sandbox probe
+/// done, the host not yet described) is ignored, not fatal.
+#[tokio::test]
+async fn a_sighup_during_start_up_does_not_end_the_agent() {
+    use nix::sys::signal::Signal;
+    let dir = tempdir();
+    let coordinator = Coordinator::start(&dir.path().join("data"), &[]);
+    let mut agent = Agent::start(&coordinator.endpoint(), &dir.path().join("agent"), &[]);
+    agent
+        .wait_for("linux-sandbox ready", Duration::from_secs(30))
+        .await;
+    signal(agent.pid(), Signal::SIGHUP);
+    agent
+        .wait_for("registered with the coordinator", Duration::from_secs(30))
+        .await;
+    assert!(agent.is_running());
+}
+
 #[tokio::test]
 async fn the_service_manager_hears_ready_watchdog_reload_and_stopping() {
     use nix::sys::signal::Signal;
