@@ -183,6 +183,15 @@ fn run(argv: &[&str]) -> Step {
     }
 }
 
+/// A command whose failure is expected and ignored (stopping what may not
+/// be running).
+fn run_may_fail(argv: &[&str]) -> Step {
+    Step::Run {
+        argv: argv.iter().map(|s| (*s).to_owned()).collect(),
+        may_fail: true,
+    }
+}
+
 fn display(p: &Path) -> String {
     p.display().to_string()
 }
@@ -351,14 +360,11 @@ pub fn install(
         }
         Manager::Launchd => {
             // A loaded job must be booted out before it can be bootstrapped again.
-            plan.steps.push(Step::Run {
-                argv: vec![
-                    "launchctl".into(),
-                    "bootout".into(),
-                    format!("{}/{}", paths.domain, paths.name),
-                ],
-                may_fail: true,
-            });
+            plan.steps.push(run_may_fail(&[
+                "launchctl",
+                "bootout",
+                &format!("{}/{}", paths.domain, paths.name),
+            ]));
             plan.steps
                 .push(run(&["launchctl", "bootstrap", &paths.domain, &service]));
             plan.notes.push(format!(
@@ -378,27 +384,21 @@ pub fn uninstall(paths: &Paths) -> Plan {
     let mut plan = Plan::default();
     match paths.manager {
         Manager::Systemd => {
-            plan.steps.push(Step::Run {
-                argv: vec![
-                    "systemctl".into(),
-                    "disable".into(),
-                    "--now".into(),
-                    paths.name.clone(),
-                ],
-                may_fail: true,
-            });
+            plan.steps.push(run_may_fail(&[
+                "systemctl",
+                "disable",
+                "--now",
+                &paths.name,
+            ]));
             plan.steps.push(Step::Remove(paths.service.clone()));
             plan.steps.push(run(&["systemctl", "daemon-reload"]));
         }
         Manager::Launchd => {
-            plan.steps.push(Step::Run {
-                argv: vec![
-                    "launchctl".into(),
-                    "bootout".into(),
-                    format!("{}/{}", paths.domain, paths.name),
-                ],
-                may_fail: true,
-            });
+            plan.steps.push(run_may_fail(&[
+                "launchctl",
+                "bootout",
+                &format!("{}/{}", paths.domain, paths.name),
+            ]));
             plan.steps.push(Step::Remove(paths.service.clone()));
         }
     }

@@ -8,9 +8,28 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::pki::Ca;
+use common::pki::{Ca, Issued};
 use common::{ActionSpec, Agent, Client, Coordinator, OUTPOST, tempdir};
 use outpost_proto::client::Dial;
+
+fn path(p: &Path) -> String {
+    p.display().to_string()
+}
+
+/// A coordinator serving TLS with `server`'s certificate.
+fn start_tls(dir: &Path, server: &Issued, extra: &[&str]) -> Coordinator {
+    let (cert, key) = (path(&server.cert), path(&server.key));
+    let mut args = vec!["--tls-cert", &cert, "--tls-key", &key];
+    args.extend_from_slice(extra);
+    Coordinator::start(&dir.join("data"), &args)
+}
+
+/// An agent (no sandbox) dialing `address` with these TLS flags.
+fn tls_agent(address: &str, dir: &Path, tls: &[&str]) -> Agent {
+    let mut args = vec!["--isolation", "none"];
+    args.extend_from_slice(tls);
+    Agent::start(address, &dir.join("agent"), &args)
+}
 
 fn tls_address(coordinator: &Coordinator) -> String {
     format!("grpcs://127.0.0.1:{}", coordinator.addr.port())
@@ -82,26 +101,9 @@ async fn agents_and_clients_verify_the_coordinator_and_certificates_rotate_on_re
     let d = dir.path();
     let first = Ca::new(d, "first");
     let server = first.server(d, "server");
-    let coordinator = Coordinator::start(
-        &d.join("data"),
-        &[
-            "--tls-cert",
-            &server.cert.display().to_string(),
-            "--tls-key",
-            &server.key.display().to_string(),
-        ],
-    );
+    let coordinator = start_tls(d, &server, &[]);
     let address = tls_address(&coordinator);
-    let agent = Agent::start(
-        &address,
-        &d.join("agent"),
-        &[
-            "--isolation",
-            "none",
-            "--tls-ca",
-            &first.pem.display().to_string(),
-        ],
-    );
+    let agent = tls_agent(&address, d, &["--tls-ca", &path(&first.pem)]);
     agent
         .wait_for("registered with the coordinator", Duration::from_secs(30))
         .await;
@@ -127,7 +129,7 @@ async fn agents_and_clients_verify_the_coordinator_and_certificates_rotate_on_re
         "--coordinator",
         &address,
         "--ca",
-        &first.pem.display().to_string(),
+        &path(&first.pem),
     ]);
     assert!(ok && said.contains(&agent.id()), "{said}");
     let (ok, said) = admin(&["fleet", "--coordinator", &address]);
@@ -137,7 +139,7 @@ async fn agents_and_clients_verify_the_coordinator_and_certificates_rotate_on_re
         "--coordinator",
         &format!("grpc://{}", coordinator.addr),
         "--ca",
-        &first.pem.display().to_string(),
+        &path(&first.pem),
     ]);
     assert!(!ok && said.contains("use grpcs://"), "{said}");
 
@@ -187,17 +189,7 @@ async fn mutual_tls_admits_only_certificates_from_the_client_ca() {
     let servers = Ca::new(d, "servers");
     let server = servers.server(d, "server");
     let clients = Ca::new(d, "clients");
-    let coordinator = Coordinator::start(
-        &d.join("data"),
-        &[
-            "--tls-cert",
-            &server.cert.display().to_string(),
-            "--tls-key",
-            &server.key.display().to_string(),
-            "--tls-client-ca",
-            &clients.pem.display().to_string(),
-        ],
-    );
+    let coordinator = start_tls(d, &server, &["--tls-client-ca", &path(&clients.pem)]);
     let address = tls_address(&coordinator);
 
     // No certificate, or one from another CA: refused.
@@ -213,18 +205,16 @@ async fn mutual_tls_admits_only_certificates_from_the_client_ca() {
     eprintln!("with a certificate from another CA: {said}");
 
     let agent_cert = clients.client(d, "agent");
-    let agent = Agent::start(
+    let agent = tls_agent(
         &address,
-        &d.join("agent"),
+        d,
         &[
-            "--isolation",
-            "none",
             "--tls-ca",
-            &servers.pem.display().to_string(),
+            &path(&servers.pem),
             "--tls-cert",
-            &agent_cert.cert.display().to_string(),
+            &path(&agent_cert.cert),
             "--tls-key",
-            &agent_cert.key.display().to_string(),
+            &path(&agent_cert.key),
         ],
     );
     agent
@@ -258,20 +248,14 @@ fn bad_tls_settings_are_refused_at_start() {
         assert!(!out.status.success(), "{args:?} started");
         String::from_utf8_lossy(&out.stderr).into_owned()
     };
-    let cert = server.cert.display().to_string();
-    let key = server.key.display().to_string();
+    let (cert, key) = (path(&server.cert), path(&server.key));
     let said = start(&["--tls-cert", &cert]);
     assert!(said.contains("--tls-key"), "{said}");
-    let said = start(&[
-        "--tls-cert",
-        &cert,
-        "--tls-key",
-        &other.key.display().to_string(),
-    ]);
+    let said = start(&["--tls-cert", &cert, "--tls-key", &path(&other.key)]);
     assert!(said.contains("does not go with"), "{said}");
     let said = start(&["--tls-cert", &key, "--tls-key", &key]);
     assert!(said.contains("holds no PEM certificate"), "{said}");
-    let said = start(&["--tls-client-ca", &ca.pem.display().to_string()]);
+    let said = start(&["--tls-client-ca", &path(&ca.pem)]);
     assert!(said.contains("tls_client_ca needs TLS"), "{said}");
 
     let out = Command::new(OUTPOST)
@@ -342,14 +326,10 @@ fn grpc_core_clients_speak_tls_and_mutual_tls_with_tokens() {
     let client = clients.client(d, "python");
     let token = "python-client-token-01";
     std::fs::write(d.join("client-tokens"), format!("{token}\n")).expect("write");
-    let path = |p: &Path| p.display().to_string();
-    let coordinator = Coordinator::start(
-        &d.join("data"),
+    let coordinator = start_tls(
+        d,
+        &server,
         &[
-            "--tls-cert",
-            &path(&server.cert),
-            "--tls-key",
-            &path(&server.key),
             "--tls-client-ca",
             &path(&clients.pem),
             "--client-tokens",

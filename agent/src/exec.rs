@@ -498,11 +498,6 @@ fn remove_tree(dir: &Path) {
     }
 }
 
-fn check_name(name: &str) -> Result<(), Error> {
-    outpost_proto::validate::name(name)
-        .map_err(|e| Error::BadInput(format!("in the input tree, {e}")))
-}
-
 /// GetTree returns directories, not their digests; the agent keys them by
 /// re-encoding, which gives another digest when a client encoded a
 /// Directory differently. Whatever the tree refers to and the map lacks is
@@ -574,19 +569,18 @@ fn lay_out_directories(
             }
             _ => Error::local(format!("creating {}", path.display()), e),
         })?;
+        outpost_proto::validate::directory(dir)
+            .map_err(|e| Error::BadInput(format!("in the input tree, {e}")))?;
         for f in &dir.files {
-            check_name(&f.name)?;
             let d = Digest::from_proto_opt(f.digest.as_ref(), function)
                 .map_err(|e| Error::BadInput(format!("file {}: {e}", f.name)))?;
             files.push((d, path.join(&f.name), f.is_executable));
         }
         for s in &dir.symlinks {
-            check_name(&s.name)?;
             std::os::unix::fs::symlink(&s.target, path.join(&s.name))
                 .map_err(|e| Error::local(format!("creating symlink {}", s.name), e))?;
         }
         for d in &dir.directories {
-            check_name(&d.name)?;
             let child = Digest::from_proto_opt(d.digest.as_ref(), function)
                 .map_err(|e| Error::BadInput(format!("directory {}: {e}", d.name)))?;
             stack.push((child, path.join(&d.name)));
@@ -596,35 +590,19 @@ fn lay_out_directories(
 }
 
 /// Joins `rel` onto `base` lexically; `..` may climb but never above the
-/// input root.
+/// input root (the rules of `validate::resolve`, which the coordinator
+/// applied to the Command already).
 fn normalize(base: &Path, rel: &str) -> Result<PathBuf, Error> {
-    if rel.starts_with('/') {
-        return Err(Error::BadInput(format!("path {rel:?} must be relative")));
-    }
-    let mut out: Vec<std::ffi::OsString> = base
+    let base: Vec<String> = base
         .components()
         .filter_map(|c| match c {
-            Component::Normal(n) => Some(n.to_owned()),
+            Component::Normal(n) => Some(n.to_string_lossy().into_owned()),
             _ => None,
         })
         .collect();
-    for c in Path::new(rel).components() {
-        match c {
-            Component::Normal(n) => out.push(n.to_owned()),
-            Component::CurDir => {}
-            Component::ParentDir => {
-                if out.pop().is_none() {
-                    return Err(Error::BadInput(format!(
-                        "path {rel:?} climbs out of the input root"
-                    )));
-                }
-            }
-            Component::RootDir | Component::Prefix(_) => {
-                return Err(Error::BadInput(format!("path {rel:?} must be relative")));
-            }
-        }
-    }
-    Ok(out.iter().collect())
+    outpost_proto::validate::resolve(&base, rel, "the path")
+        .map(|segments| segments.iter().collect())
+        .map_err(|e| Error::BadInput(e.to_string()))
 }
 
 /// Which outputs to collect, each as (name the client used, path under

@@ -75,13 +75,7 @@ pub fn directory(data: &[u8]) {
         return;
     };
     if validate::directory(&dir).is_ok() {
-        let mut names: Vec<&str> = dir
-            .files
-            .iter()
-            .map(|f| f.name.as_str())
-            .chain(dir.directories.iter().map(|d| d.name.as_str()))
-            .chain(dir.symlinks.iter().map(|s| s.name.as_str()))
-            .collect();
+        let mut names: Vec<&str> = validate::entry_names(&dir).collect();
         for n in &names {
             assert!(!n.is_empty() && !n.contains('/') && *n != "." && *n != "..");
         }

@@ -6,13 +6,12 @@
 //! Handshakes run in their own tasks, bounded by [`HANDSHAKE_TIMEOUT`], so
 //! a slow or silent peer never holds up the accept loop.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use rustls_pki_types::pem::PemObject as _;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use outpost_proto::client::{read_certificates, read_private_key};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls::server::WebPkiClientVerifier;
@@ -117,9 +116,8 @@ impl Tls {
 
 fn server_config(files: &TlsFiles) -> anyhow::Result<ServerConfig> {
     let provider = Arc::new(crypto::ring::default_provider());
-    let chain = certificates(&files.cert)?;
-    let key = PrivateKeyDer::from_pem_file(&files.key)
-        .map_err(|e| pem_error(&files.key, "private key", e))?;
+    let chain = read_certificates(&files.cert)?.certificates;
+    let (_, key) = read_private_key(&files.key)?;
     let builder = ServerConfig::builder_with_provider(Arc::clone(&provider))
         .with_safe_default_protocol_versions()
         .context("TLS protocol versions")?;
@@ -127,7 +125,7 @@ fn server_config(files: &TlsFiles) -> anyhow::Result<ServerConfig> {
         None => builder.with_no_client_auth(),
         Some(ca) => {
             let mut roots = RootCertStore::empty();
-            for cert in certificates(ca)? {
+            for cert in read_certificates(ca)?.certificates {
                 roots
                     .add(cert)
                     .with_context(|| format!("a CA certificate in {}", ca.display()))?;
@@ -148,35 +146,4 @@ fn server_config(files: &TlsFiles) -> anyhow::Result<ServerConfig> {
     // gRPC needs HTTP/2; HTTP/1.1 serves /healthz and the status page.
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(config)
-}
-
-fn certificates(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
-    let certs = CertificateDer::pem_file_iter(path)
-        .map_err(|e| pem_error(path, "certificate", e))?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| pem_error(path, "certificate", e))?;
-    if certs.is_empty() {
-        anyhow::bail!(
-            "{} holds no PEM certificate (-----BEGIN CERTIFICATE-----)",
-            path.display()
-        );
-    }
-    Ok(certs)
-}
-
-fn pem_error(path: &Path, what: &str, e: rustls_pki_types::pem::Error) -> anyhow::Error {
-    match e {
-        rustls_pki_types::pem::Error::Io(e) => {
-            anyhow::anyhow!("cannot read the {what} file {}: {e}", path.display())
-        }
-        rustls_pki_types::pem::Error::NoItemsFound => {
-            anyhow::anyhow!("{} holds no PEM {what}", path.display())
-        }
-        rustls_pki_types::pem::Error::MissingSectionEnd { end_marker } => anyhow::anyhow!(
-            "{} is not a valid PEM {what}: the line -----END {}----- is missing",
-            path.display(),
-            String::from_utf8_lossy(&end_marker)
-        ),
-        e => anyhow::anyhow!("{} is not a valid PEM {what}: {e}", path.display()),
-    }
 }

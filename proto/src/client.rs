@@ -99,7 +99,7 @@ impl Dial {
     /// Checks the address, that TLS files are given only with a TLS
     /// address, and that each file holds what it should.
     pub fn validate(&self) -> Result<(), DialError> {
-        self.tls().map(drop)
+        self.tls(&Address::parse(&self.address)?).map(drop)
     }
 
     /// An endpoint with TLS set up when the address asks for it; callers
@@ -108,7 +108,7 @@ impl Dial {
         let address = Address::parse(&self.address)?;
         let endpoint = Endpoint::from_shared(address.uri())
             .map_err(|e| DialError::Invalid(format!("address {:?}: {e}", self.address)))?;
-        match self.tls()? {
+        match self.tls(&address)? {
             None => Ok(endpoint),
             Some(tls) => endpoint
                 .tls_config(tls)
@@ -146,8 +146,7 @@ impl Dial {
         Ok(Transport::new(endpoint.connect_lazy(), self.bearer()?))
     }
 
-    fn tls(&self) -> Result<Option<ClientTlsConfig>, DialError> {
-        let address = Address::parse(&self.address)?;
+    fn tls(&self, address: &Address) -> Result<Option<ClientTlsConfig>, DialError> {
         if !address.tls {
             for (key, set) in [
                 ("a CA file", self.ca.is_some()),
@@ -165,15 +164,15 @@ impl Dial {
         }
         let mut tls = ClientTlsConfig::new().assume_http2(true);
         tls = match &self.ca {
-            Some(ca) => tls.ca_certificate(Certificate::from_pem(read_certificates(ca)?)),
+            Some(ca) => tls.ca_certificate(Certificate::from_pem(read_certificates(ca)?.pem)),
             None => tls.with_native_roots(),
         };
         match (&self.cert, &self.key) {
             (None, None) => {}
             (Some(cert), Some(key)) => {
                 tls = tls.identity(Identity::from_pem(
-                    read_certificates(cert)?,
-                    read_private_key(key)?,
+                    read_certificates(cert)?.pem,
+                    read_private_key(key)?.0,
                 ));
             }
             _ => {
@@ -186,39 +185,51 @@ impl Dial {
     }
 }
 
-/// A file's bytes, once checked to hold at least one PEM certificate.
-pub fn read_certificates(path: &Path) -> Result<Vec<u8>, DialError> {
-    let pem = read(path, "the certificate file")?;
-    let count = CertificateDer::pem_slice_iter(&pem)
-        .map(|c| {
-            c.map_err(|e| {
-                DialError::Invalid(format!(
-                    "the certificate file {} is not valid PEM: {e}",
-                    path.display()
-                ))
-            })
-        })
-        .collect::<Result<Vec<_>, _>>()?
-        .len();
-    if count == 0 {
-        return Err(DialError::Invalid(format!(
-            "the certificate file {} holds no PEM certificate (-----BEGIN CERTIFICATE-----)",
-            path.display()
-        )));
-    }
-    Ok(pem)
+/// PEM certificates as read from a file: the text (what tonic takes) and
+/// the certificates in it (what rustls takes); at least one.
+pub struct PemCertificates {
+    pub pem: Vec<u8>,
+    pub certificates: Vec<CertificateDer<'static>>,
 }
 
-/// A file's bytes, once checked to hold a PEM private key.
-pub fn read_private_key(path: &Path) -> Result<Vec<u8>, DialError> {
+/// Reads a PEM file that must hold at least one certificate.
+pub fn read_certificates(path: &Path) -> Result<PemCertificates, DialError> {
+    let pem = read(path, "the certificate file")?;
+    let certificates = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| pem_error(path, "certificate", e))?;
+    if certificates.is_empty() {
+        return Err(pem_error(
+            path,
+            "certificate",
+            rustls_pki_types::pem::Error::NoItemsFound,
+        ));
+    }
+    Ok(PemCertificates { pem, certificates })
+}
+
+/// Reads a PEM file that must hold a private key (PKCS#8, PKCS#1 or
+/// SEC1); returns the text and the key.
+pub fn read_private_key(path: &Path) -> Result<(Vec<u8>, PrivateKeyDer<'static>), DialError> {
     let pem = read(path, "the key file")?;
-    PrivateKeyDer::from_pem_slice(&pem).map_err(|e| {
-        DialError::Invalid(format!(
-            "the key file {} holds no PEM private key: {e}",
-            path.display()
-        ))
-    })?;
-    Ok(pem)
+    let key = PrivateKeyDer::from_pem_slice(&pem).map_err(|e| pem_error(path, "private key", e))?;
+    Ok((pem, key))
+}
+
+fn pem_error(path: &Path, what: &str, e: rustls_pki_types::pem::Error) -> DialError {
+    use rustls_pki_types::pem::Error;
+    let path = path.display();
+    DialError::Invalid(match e {
+        Error::NoItemsFound if what == "certificate" => {
+            format!("{path} holds no PEM certificate (-----BEGIN CERTIFICATE-----)")
+        }
+        Error::NoItemsFound => format!("{path} holds no PEM {what}"),
+        Error::MissingSectionEnd { end_marker } => format!(
+            "{path} is not a valid PEM {what}: the line -----END {}----- is missing",
+            String::from_utf8_lossy(&end_marker)
+        ),
+        e => format!("{path} is not a valid PEM {what}: {e}"),
+    })
 }
 
 fn read(path: &Path, what: &'static str) -> Result<Vec<u8>, DialError> {

@@ -37,13 +37,7 @@ pub fn directory(dir: &reapi::Directory) -> Result<(), Invalid> {
         "directories",
     )?;
     sorted(dir.symlinks.iter().map(|s| s.name.as_str()), "symlinks")?;
-    let mut names: Vec<&str> = dir
-        .files
-        .iter()
-        .map(|f| f.name.as_str())
-        .chain(dir.directories.iter().map(|d| d.name.as_str()))
-        .chain(dir.symlinks.iter().map(|s| s.name.as_str()))
-        .collect();
+    let mut names: Vec<&str> = entry_names(dir).collect();
     names.sort_unstable();
     if let Some(pair) = names.windows(2).find(|w| w[0] == w[1]) {
         // Two entries for one path would let a symlink stand in for a
@@ -62,6 +56,15 @@ pub fn directory(dir: &reapi::Directory) -> Result<(), Invalid> {
         }
     }
     Ok(())
+}
+
+/// Every entry's name: files, then directories, then symlinks.
+pub fn entry_names(dir: &reapi::Directory) -> impl Iterator<Item = &str> {
+    dir.files
+        .iter()
+        .map(|f| f.name.as_str())
+        .chain(dir.directories.iter().map(|d| d.name.as_str()))
+        .chain(dir.symlinks.iter().map(|s| s.name.as_str()))
 }
 
 fn sorted<'a>(names: impl Iterator<Item = &'a str>, list: &str) -> Result<(), Invalid> {

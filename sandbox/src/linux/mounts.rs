@@ -117,17 +117,20 @@ fn host_path(new_root: &Path, p: &Path) -> Result<Option<PathBuf>, String> {
     Ok(Some(target))
 }
 
+/// Mounts a fresh tmpfs on `target`.
+fn tmpfs(target: &Path, flags: MsFlags, options: &str) -> Result<(), String> {
+    mount(Some("tmpfs"), target, Some("tmpfs"), flags, Some(options))
+        .map_err(|e| fail("mounting tmpfs on", target, e))
+}
+
 fn dev(new_root: &Path) -> Result<(), String> {
     let dev = new_root.join("dev");
     std::fs::create_dir_all(&dev).map_err(|e| fail("creating", &dev, e))?;
-    mount(
-        Some("tmpfs"),
+    tmpfs(
         &dev,
-        Some("tmpfs"),
         MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
-        Some("mode=0755,size=64k"),
-    )
-    .map_err(|e| fail("mounting tmpfs on", &dev, e))?;
+        "mode=0755,size=64k",
+    )?;
     for name in ["null", "zero", "full", "random", "urandom", "tty"] {
         let host = Path::new("/dev").join(name);
         if !host.exists() {
@@ -139,14 +142,7 @@ fn dev(new_root: &Path) -> Result<(), String> {
     }
     let shm = dev.join("shm");
     std::fs::create_dir(&shm).map_err(|e| fail("creating", &shm, e))?;
-    mount(
-        Some("tmpfs"),
-        &shm,
-        Some("tmpfs"),
-        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-        Some("mode=1777"),
-    )
-    .map_err(|e| fail("mounting tmpfs on", &shm, e))?;
+    tmpfs(&shm, MsFlags::MS_NOSUID | MsFlags::MS_NODEV, "mode=1777")?;
     for (name, to) in [
         ("fd", "/proc/self/fd"),
         ("stdin", "/proc/self/fd/0"),
@@ -170,14 +166,11 @@ pub fn build_root(spec: &Spec) -> Result<(), String> {
     )
     .map_err(|e| format!("making mounts private: {e}"))?;
     let new_root = spec.scratch.as_path();
-    mount(
-        Some("tmpfs"),
+    tmpfs(
         new_root,
-        Some("tmpfs"),
         MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-        Some("mode=0755,size=1m"),
-    )
-    .map_err(|e| fail("mounting tmpfs on", new_root, e))?;
+        "mode=0755,size=1m",
+    )?;
 
     let mut bound = Vec::new();
     for p in &spec.host_paths {
