@@ -365,6 +365,10 @@ fn main() -> ExitCode {
         return ExitCode::from(u8::try_from(code).unwrap_or(1));
     }
     #[cfg(target_os = "linux")]
+    if argv.get(1).map(String::as_str) == Some("__spawner") {
+        return ExitCode::from(u8::try_from(outpost_sandbox::linux::spawner::main()).unwrap_or(1));
+    }
+    #[cfg(target_os = "linux")]
     if argv.get(1).map(String::as_str) == Some("__sandbox") {
         let code = outpost_sandbox::linux::stub::main(argv.get(2..).unwrap_or_default());
         return ExitCode::from(u8::try_from(code).unwrap_or(1));

@@ -772,3 +772,80 @@ async fn hostile_trees_and_commands_are_refused_before_anything_is_queued() {
     let said = String::from_utf8_lossy(&out.stdout);
     assert!(said.contains("1 queued, 0 executing"), "{said}");
 }
+
+/// The agent's spawner (`outpost __spawner`, its child), if running.
+fn spawner_of(agent: u32) -> Option<i32> {
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let ppid: u32 = stat
+            .rsplit_once(')')?
+            .1
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()?;
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+        (ppid == agent && cmdline.split(|b| *b == 0).any(|a| a == b"__spawner")).then_some(pid)
+    })
+}
+
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn a_dead_spawner_takes_its_actions_along_and_is_replaced() {
+    let (dir, _server, agent, mut client) = fleet(&[], "2").await;
+    let first = spawner_of(agent.pid()).expect("the agent runs a spawner");
+    let pid_file = dir.path().join("first.pid");
+    let action = client
+        .upload_action(&ActionSpec::shell(&format!(
+            "if [ -e {p} ]; then echo again; else echo $$ > {p}; exec sleep 300; fi",
+            p = pid_file.display()
+        )))
+        .await;
+    let running = {
+        let mut client = client.clone();
+        tokio::spawn(async move { client.execute(&action, true).await })
+    };
+    let sleeper = read_pid(&pid_file).await;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(first),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill the spawner");
+    let (_, response) = running.await.expect("join").expect("execute");
+    let result = response.result.expect("the retry's result");
+    assert_eq!(result.exit_code, 0);
+    let stdout = outpost_proto::digest::Digest::from_proto_opt(
+        result.stdout_digest.as_ref(),
+        outpost_proto::digest::Function::Sha256,
+    )
+    .expect("stdout");
+    assert_eq!(client.download(&stdout).await.expect("stdout"), b"again\n");
+    assert!(!pid_alive(sleeper), "the first run died with its spawner");
+    agent
+        .wait_for("the spawner process ended", Duration::from_secs(10))
+        .await;
+    let second = spawner_of(agent.pid()).expect("a new spawner");
+    assert_ne!(first, second);
+    // A killed agent takes its spawner along.
+    let agent_pid = agent.pid();
+    agent.kill();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    // Dead, or a zombie until whoever inherited it reaps it.
+    let running = |pid: i32| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| {
+                s.rsplit_once(')')
+                    .map(|(_, r)| !r.trim_start().starts_with('Z'))
+            })
+            .unwrap_or(false)
+    };
+    while running(second) {
+        assert!(
+            Instant::now() < deadline,
+            "the spawner outlived agent {agent_pid}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -7,7 +7,6 @@ use std::collections::HashMap;
 use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Component, Path, PathBuf};
-use std::process::Stdio;
 use std::time::{Duration, SystemTime};
 
 use outpost_proto::digest::{Digest, Function};
@@ -225,16 +224,21 @@ impl Executor {
             writable,
             read_only,
         };
+        let env = command
+            .environment_variables
+            .iter()
+            .map(|v| format!("{}={}", v.name, v.value))
+            .collect();
         let prepared = self
             .isolation
-            .prepare(choice, &command.arguments, &layout)?;
+            .prepare(choice, &command.arguments, env, &layout)?;
         let Finished {
             exit_code,
             timed_out,
             message,
         } = spawn_and_wait(
+            &self.isolation,
             prepared,
-            &command,
             &stdout_path,
             &stderr_path,
             timeout,
@@ -333,11 +337,11 @@ struct Finished {
     message: String,
 }
 
-/// Starts a prepared command with the action's environment and output
-/// files, and waits for it, its timeout or its cancellation.
+/// Starts a prepared action with its output files, and waits for it, its
+/// timeout or its cancellation.
 async fn spawn_and_wait(
+    isolation: &Isolation,
     prepared: Prepared,
-    command: &reapi::Command,
     stdout: &Path,
     stderr: &Path,
     timeout: Duration,
@@ -347,90 +351,22 @@ async fn spawn_and_wait(
         std::fs::File::create(stdout).map_err(|e| Error::local("creating the stdout file", e))?;
     let err =
         std::fs::File::create(stderr).map_err(|e| Error::local("creating the stderr file", e))?;
-    #[cfg(target_os = "linux")]
-    let Prepared {
-        command: mut std_command,
-        status,
-        group,
-    } = prepared;
-    #[cfg(not(target_os = "linux"))]
-    let Prepared {
-        command: mut std_command,
-    } = prepared;
-    std_command
-        .env_clear()
-        .envs(
-            command
-                .environment_variables
-                .iter()
-                .map(|v| (&v.name, &v.value)),
-        )
-        .stdin(Stdio::null())
-        .stdout(Stdio::from(out))
-        .stderr(Stdio::from(err));
-    let mut child = tokio::process::Command::from(std_command)
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(|e| Error::local("starting the action", e))?;
-    // The stub's report arrives once the action is running (or could not
-    // start); read it while waiting.
-    #[cfg(target_os = "linux")]
-    let report = status.map(|mut s| {
-        s.started();
-        tokio::task::spawn_blocking(move || s.read())
-    });
-    let stop = |child: &tokio::process::Child| {
-        if let Some(pid) = child.id() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap_or(0)),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-        }
-    };
-    let (status, timed_out) = tokio::select! {
-        status = child.wait() => (status, false),
+    let mut started = isolation.start(prepared, out, err)?;
+    let (exit_code, timed_out) = tokio::select! {
+        code = started.wait() => (code?, false),
         () = tokio::time::sleep(timeout) => {
-            stop(&child);
-            (child.wait().await, true)
+            started.stop();
+            (started.wait().await?, true)
         }
         () = cancel.cancelled() => {
-            stop(&child);
-            let _ = child.wait().await;
+            started.stop();
+            let _ = started.wait().await;
             return Err(Error::Cancelled);
         }
     };
-    let status = status.map_err(|e| Error::local("waiting for the action", e))?;
-    use std::os::unix::process::ExitStatusExt;
-    let exit_code = status
-        .code()
-        .or_else(|| status.signal().map(|s| 128 + s))
-        .unwrap_or(-1);
-    let mut message = String::new();
-    #[cfg(target_os = "linux")]
-    {
-        if let Some(report) = report {
-            let report = report.await.map_err(|_| blocking_err())?;
-            if let Some(e) = report.error {
-                return Err(Error::Retryable(format!(
-                    "the sandbox could not be set up on this agent: {e}"
-                )));
-            }
-        }
-        if let Some(group) = &group
-            && group.oom_killed()
-        {
-            message = format!(
-                "the action was killed for running out of memory (its limit is {} MiB; \
-                 set action_memory_limit on the agent to change it)",
-                group.memory_limit().unwrap_or(0) >> 20
-            );
-            append_note(stderr, &message);
-        }
-        // Removing the cgroups may wait for the kernel: not on the way of
-        // the result.
-        if let Some(group) = group {
-            tokio::task::spawn_blocking(move || drop(group));
-        }
+    let message = started.finish().await?.unwrap_or_default();
+    if !message.is_empty() {
+        append_note(stderr, &message);
     }
     Ok(Finished {
         exit_code,

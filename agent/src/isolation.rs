@@ -1,7 +1,8 @@
 //! How the agent isolates actions: the backends it offers, the one each
 //! action gets (from its `workload-isolation-type` and `dockerNetwork`
 //! properties), and the command that starts it — the reaper stub for
-//! `none`, the sandbox stub for `linux-sandbox`.
+//! `none`, the sandbox stub for `linux-sandbox`. On Linux both are forked
+//! by the agent's spawner ([`crate::spawn`]) rather than executed afresh.
 //!
 //! An agent configured for `linux-sandbox` proves it works at start-up by
 //! running a probe action in it, and refuses to start otherwise: it never
@@ -13,8 +14,10 @@ use std::path::{Path, PathBuf};
 use anyhow::Context as _;
 use outpost_proto::reapi::platform::Property;
 #[cfg(target_os = "linux")]
-use outpost_sandbox::linux::{cgroup, launch};
-use outpost_sandbox::spec::{Limits, Spec};
+use outpost_sandbox::linux::{cgroup, launch, spawner::Mode};
+use outpost_sandbox::spec::Limits;
+#[cfg(target_os = "linux")]
+use outpost_sandbox::spec::Spec;
 
 use crate::config::Config;
 use crate::error::Error;
@@ -81,7 +84,11 @@ pub struct Isolation {
     kinds: Vec<Kind>,
     allow_network: bool,
     /// This binary: the stubs are its `__reap` and `__sandbox` modes.
+    #[cfg_attr(target_os = "linux", allow(dead_code))]
     exe: PathBuf,
+    /// Forks the stubs (Linux); `None` only in unit tests.
+    #[cfg(target_os = "linux")]
+    spawner: Option<crate::spawn::Spawner>,
     #[cfg(target_os = "linux")]
     sandbox: Option<Sandbox>,
 }
@@ -96,13 +103,100 @@ struct Sandbox {
     landlock: String,
 }
 
-/// A command ready to start, and what must live until the action ends.
+/// An action ready to start, and what must live until it ends.
 pub struct Prepared {
-    pub command: std::process::Command,
     #[cfg(target_os = "linux")]
-    pub status: Option<launch::StatusPipe>,
+    mode: Mode,
+    /// The spec the stub reads: program, environment, layout, limits.
     #[cfg(target_os = "linux")]
-    pub group: Option<cgroup::Group>,
+    spec_file: PathBuf,
+    #[cfg(not(target_os = "linux"))]
+    command: std::process::Command,
+    #[cfg(target_os = "linux")]
+    status: Option<launch::StatusPipe>,
+    #[cfg(target_os = "linux")]
+    group: Option<cgroup::Group>,
+}
+
+/// A started action.
+pub struct Started {
+    #[cfg(target_os = "linux")]
+    process: crate::spawn::Running,
+    #[cfg(not(target_os = "linux"))]
+    process: tokio::process::Child,
+    /// The sandbox stub's report, read while the action runs.
+    #[cfg(target_os = "linux")]
+    report: Option<tokio::task::JoinHandle<launch::Report>>,
+    #[cfg(target_os = "linux")]
+    group: Option<cgroup::Group>,
+}
+
+impl Started {
+    /// The stub's exit code: the action's, or 128+N when it died of signal
+    /// N; see `outpost_sandbox` for the stubs' own codes.
+    pub async fn wait(&mut self) -> Result<i32, Error> {
+        #[cfg(target_os = "linux")]
+        return self.process.wait().await;
+        #[cfg(not(target_os = "linux"))]
+        {
+            use std::os::unix::process::ExitStatusExt;
+            let status = self
+                .process
+                .wait()
+                .await
+                .map_err(|e| Error::local("waiting for the action", e))?;
+            Ok(status
+                .code()
+                .or_else(|| status.signal().map(|s| 128 + s))
+                .unwrap_or(-1))
+        }
+    }
+
+    /// Stops the action and everything it started.
+    pub fn stop(&self) {
+        #[cfg(target_os = "linux")]
+        self.process.stop();
+        #[cfg(not(target_os = "linux"))]
+        if let Some(pid) = self.process.id() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap_or(0)),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+    }
+
+    /// After `wait`: why the sandbox could not be built, if it could not;
+    /// otherwise a note for the action's result (an OOM kill), if any.
+    pub async fn finish(mut self) -> Result<Option<String>, Error> {
+        #[cfg(target_os = "linux")]
+        {
+            if let Some(report) = self.report.take() {
+                let report = report
+                    .await
+                    .map_err(|_| Error::Retryable("reading the sandbox's report failed".into()))?;
+                if let Some(e) = report.error {
+                    return Err(Error::Retryable(format!(
+                        "the sandbox could not be set up on this agent: {e}"
+                    )));
+                }
+            }
+            let note = self.group.as_ref().filter(|g| g.oom_killed()).map(|g| {
+                format!(
+                    "the action was killed for running out of memory (its limit is {} MiB; \
+                     set action_memory_limit on the agent to change it)",
+                    g.memory_limit().unwrap_or(0) >> 20
+                )
+            });
+            // Removing the cgroups may wait for the kernel: not on the way
+            // of the result.
+            if let Some(group) = self.group.take() {
+                tokio::task::spawn_blocking(move || drop(group));
+            }
+            Ok(note)
+        }
+        #[cfg(not(target_os = "linux"))]
+        Ok(None)
+    }
 }
 
 /// Where one action's sandbox lives on the host.
@@ -129,21 +223,32 @@ impl Isolation {
             .iter()
             .filter_map(|k| Kind::parse(k))
             .collect();
-        #[cfg(target_os = "linux")]
-        let sandbox = if kinds.contains(&Kind::LinuxSandbox) {
-            Some(Sandbox::start(config, work_dir, agent_id, &exe).await?)
-        } else {
-            None
-        };
-        #[cfg(not(target_os = "linux"))]
-        let _ = (work_dir, agent_id);
-        Ok(Isolation {
+        let mut isolation = Isolation {
             kinds,
             allow_network: config.allow_network,
             exe,
             #[cfg(target_os = "linux")]
-            sandbox,
-        })
+            spawner: None,
+            #[cfg(target_os = "linux")]
+            sandbox: None,
+        };
+        #[cfg(target_os = "linux")]
+        {
+            let exe = isolation.exe.clone();
+            isolation.spawner = Some(
+                tokio::task::spawn_blocking(move || crate::spawn::Spawner::start(&exe))
+                    .await
+                    .context("starting the spawner process")?
+                    .context("starting the spawner process")?,
+            );
+            if isolation.kinds.contains(&Kind::LinuxSandbox) {
+                isolation.sandbox = Some(Sandbox::start(config, agent_id).await?);
+                isolation.probe(work_dir).await?;
+            }
+        }
+        #[cfg(not(target_os = "linux"))]
+        let _ = (work_dir, agent_id);
+        Ok(isolation)
     }
 
     /// Backend names, the default first: advertised as
@@ -227,38 +332,196 @@ impl Isolation {
         Ok(Choice { kind, network })
     }
 
-    /// The reaper stub in front of `argv`, for `none`.
-    fn reaper(&self, argv: &[String], workdir: &Path) -> std::process::Command {
-        let mut c = std::process::Command::new(&self.exe);
-        c.arg("__reap").arg("--").args(argv).current_dir(workdir);
-        c
-    }
-
-    /// The command for one action (environment and stdio are the caller's).
+    /// Everything one action needs to start: its spec written, its
+    /// cgroups made. `env` is the whole environment, as `NAME=VALUE`.
     pub fn prepare(
         &self,
         choice: Choice,
         argv: &[String],
+        env: Vec<String>,
         layout: &Layout<'_>,
     ) -> Result<Prepared, Error> {
+        #[cfg(target_os = "linux")]
+        {
+            let (spec, status, group) = match choice.kind {
+                Kind::None => (
+                    Spec {
+                        argv: argv.iter().map(Into::into).collect(),
+                        env: env.into_iter().map(Into::into).collect(),
+                        root: layout.root.to_owned(),
+                        workdir: layout.workdir.to_owned(),
+                        ..Spec::default()
+                    },
+                    None,
+                    None,
+                ),
+                Kind::LinuxSandbox => {
+                    let sandbox = self.sandbox.as_ref().ok_or_else(|| {
+                        Error::Retryable("linux-sandbox is not set up on this agent".into())
+                    })?;
+                    let (spec, group) = sandbox.spec(choice.network, argv, env, layout)?;
+                    let status = launch::StatusPipe::new()
+                        .map_err(|e| Error::local("making the status pipe", e))?;
+                    (spec, Some(status), Some(group))
+                }
+            };
+            let spec_file = layout.dir.join("run.spec");
+            std::fs::write(&spec_file, spec.encode())
+                .map_err(|e| Error::local("writing the action's spec", e))?;
+            Ok(Prepared {
+                mode: match choice.kind {
+                    Kind::None => Mode::Reap,
+                    Kind::LinuxSandbox => Mode::Sandbox,
+                },
+                spec_file,
+                status,
+                group,
+            })
+        }
+        #[cfg(not(target_os = "linux"))]
         match choice.kind {
-            Kind::None => Ok(Prepared {
-                command: self.reaper(argv, &layout.root.join(layout.workdir)),
-                #[cfg(target_os = "linux")]
-                status: None,
-                #[cfg(target_os = "linux")]
-                group: None,
-            }),
-            #[cfg(target_os = "linux")]
-            Kind::LinuxSandbox => {
-                let sandbox = self.sandbox.as_ref().ok_or_else(|| {
-                    Error::Retryable("linux-sandbox is not set up on this agent".into())
-                })?;
-                sandbox.prepare(&self.exe, choice.network, argv, layout)
+            Kind::None => {
+                let mut command = std::process::Command::new(&self.exe);
+                command
+                    .arg("__reap")
+                    .arg("--")
+                    .args(argv)
+                    .current_dir(layout.root.join(layout.workdir))
+                    .env_clear()
+                    .envs(env.iter().map(|e| e.split_once('=').unwrap_or((e, ""))));
+                Ok(Prepared { command })
             }
-            #[cfg(not(target_os = "linux"))]
             Kind::LinuxSandbox => Err(Error::BadInput("linux-sandbox needs Linux".into())),
         }
+    }
+
+    /// Starts a prepared action with its output going to `stdout` and
+    /// `stderr` (stdin is empty).
+    pub fn start(
+        &self,
+        prepared: Prepared,
+        stdout: std::fs::File,
+        stderr: std::fs::File,
+    ) -> Result<Started, Error> {
+        #[cfg(target_os = "linux")]
+        {
+            use std::os::fd::AsFd;
+            let Prepared {
+                mode,
+                spec_file,
+                status,
+                group,
+            } = prepared;
+            let spawner = self
+                .spawner
+                .as_ref()
+                .ok_or_else(|| Error::Retryable("this agent has no spawner".into()))?;
+            let stdin = std::fs::File::open("/dev/null")
+                .map_err(|e| Error::local("opening /dev/null", e))?;
+            let mut fds = vec![stdin.as_fd(), stdout.as_fd(), stderr.as_fd()];
+            if let Some(s) = &status {
+                fds.push(s.writer());
+            }
+            let process = spawner.run(mode, &spec_file, &fds)?;
+            drop(fds);
+            // The stub's report arrives once the action is running (or
+            // could not start); read it while it runs.
+            let report = status.map(|s| tokio::task::spawn_blocking(move || s.read()));
+            Ok(Started {
+                process,
+                report,
+                group,
+            })
+        }
+        #[cfg(not(target_os = "linux"))]
+        {
+            let mut command = prepared.command;
+            command
+                .stdin(std::process::Stdio::null())
+                .stdout(stdout)
+                .stderr(stderr);
+            let process = tokio::process::Command::from(command)
+                .kill_on_drop(true)
+                .spawn()
+                .map_err(|e| Error::local("starting the action", e))?;
+            Ok(Started { process })
+        }
+    }
+
+    /// Runs `true` in the sandbox; fails unless it works, and records what
+    /// Landlock enforced.
+    #[cfg(target_os = "linux")]
+    async fn probe(&mut self, work_dir: &Path) -> anyhow::Result<()> {
+        let landlock = self.probe_sandbox(work_dir).await.map_err(|e| {
+            anyhow::anyhow!(
+                "isolation linux-sandbox does not work on this host: {e}. \
+                 See docs/isolation.md for what it needs; to run actions without \
+                 isolation instead, say so explicitly with --isolation none"
+            )
+        })?;
+        let sandbox = self
+            .sandbox
+            .as_mut()
+            .expect("probed after the sandbox was set up");
+        tracing::info!(
+            landlock = %landlock,
+            limits = %sandbox.limiter.describe(),
+            "linux-sandbox ready"
+        );
+        sandbox.landlock = landlock;
+        Ok(())
+    }
+
+    #[cfg(target_os = "linux")]
+    async fn probe_sandbox(&self, work_dir: &Path) -> Result<String, String> {
+        let dir = work_dir.join(format!("sandbox-probe-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let root = dir.join("root");
+        std::fs::create_dir_all(&root).map_err(|e| format!("creating {}: {e}", root.display()))?;
+        let layout = Layout {
+            dir: &dir,
+            root: &root,
+            workdir: Path::new(""),
+            writable: vec![PathBuf::new()],
+            read_only: Vec::new(),
+        };
+        let choice = Choice {
+            kind: Kind::LinuxSandbox,
+            network: false,
+        };
+        let result = async {
+            let stderr_path = dir.join("stderr");
+            let stderr = std::fs::File::create(&stderr_path).map_err(|e| e.to_string())?;
+            let stdout = std::fs::File::create(dir.join("stdout")).map_err(|e| e.to_string())?;
+            let prepared = self
+                .prepare(
+                    choice,
+                    &["true".to_owned()],
+                    vec!["PATH=/usr/bin:/bin".to_owned()],
+                    &layout,
+                )
+                .map_err(|e| e.to_string())?;
+            let mut started = self
+                .start(prepared, stdout, stderr)
+                .map_err(|e| e.to_string())?;
+            let code = started.wait().await.map_err(|e| e.to_string())?;
+            let report = started.report.take().ok_or("no status pipe")?;
+            let report = report.await.map_err(|e| e.to_string())?;
+            if let Some(e) = report.error {
+                return Err(e);
+            }
+            if code != 0 {
+                let said = std::fs::read_to_string(&stderr_path).unwrap_or_default();
+                return Err(format!(
+                    "the probe action `true` exited with {code}: {}",
+                    said.trim()
+                ));
+            }
+            Ok(report.landlock.unwrap_or_else(|| "unknown".to_owned()))
+        }
+        .await;
+        let _ = std::fs::remove_dir_all(&dir);
+        result
     }
 }
 
@@ -278,12 +541,7 @@ fn limits_of(config: &Config) -> Limits {
 
 #[cfg(target_os = "linux")]
 impl Sandbox {
-    async fn start(
-        config: &Config,
-        work_dir: &Path,
-        agent_id: &str,
-        exe: &Path,
-    ) -> anyhow::Result<Sandbox> {
+    async fn start(config: &Config, agent_id: &str) -> anyhow::Result<Sandbox> {
         let mut host_paths: Vec<PathBuf> =
             DEFAULT_SANDBOX_MOUNTS.iter().map(PathBuf::from).collect();
         host_paths.extend(config.sandbox_mounts.iter().cloned());
@@ -303,25 +561,12 @@ impl Sandbox {
         })
         .await
         .context("detecting cgroups")?;
-        let mut sandbox = Sandbox {
+        Ok(Sandbox {
             host_paths,
             limits,
             limiter,
             landlock: String::new(),
-        };
-        sandbox.landlock = sandbox.probe(exe, work_dir).await.map_err(|e| {
-            anyhow::anyhow!(
-                "isolation linux-sandbox does not work on this host: {e}. \
-                     See docs/isolation.md for what it needs; to run actions without \
-                     isolation instead, say so explicitly with --isolation none"
-            )
-        })?;
-        tracing::info!(
-            landlock = %sandbox.landlock,
-            limits = %sandbox.limiter.describe(),
-            "linux-sandbox ready"
-        );
-        Ok(sandbox)
+        })
     }
 
     fn limits(&self) -> Limits {
@@ -331,59 +576,14 @@ impl Sandbox {
             .clone()
     }
 
-    /// Runs `true` in a sandbox; returns what Landlock enforced.
-    async fn probe(&self, exe: &Path, work_dir: &Path) -> Result<String, String> {
-        let dir = work_dir.join(format!("sandbox-probe-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let root = dir.join("root");
-        std::fs::create_dir_all(&root).map_err(|e| format!("creating {}: {e}", root.display()))?;
-        let layout = Layout {
-            dir: &dir,
-            root: &root,
-            workdir: Path::new(""),
-            writable: vec![PathBuf::new()],
-            read_only: Vec::new(),
-        };
-        let result = async {
-            let mut prepared = self
-                .prepare(exe, false, &["true".to_owned()], &layout)
-                .map_err(|e| e.to_string())?;
-            prepared
-                .command
-                .env_clear()
-                .env("PATH", "/usr/bin:/bin")
-                .stdin(std::process::Stdio::null())
-                .stdout(std::process::Stdio::null());
-            let mut status = prepared.status.take().ok_or("no status pipe")?;
-            let mut child = prepared
-                .command
-                .spawn()
-                .map_err(|e| format!("starting {}: {e}", exe.display()))?;
-            status.started();
-            let (report, exit) = tokio::task::spawn_blocking(move || (status.read(), child.wait()))
-                .await
-                .map_err(|e| e.to_string())?;
-            if let Some(e) = report.error {
-                return Err(e);
-            }
-            let exit = exit.map_err(|e| e.to_string())?;
-            if !exit.success() {
-                return Err(format!("the probe action `true` failed: {exit}"));
-            }
-            Ok(report.landlock.unwrap_or_else(|| "unknown".to_owned()))
-        }
-        .await;
-        let _ = std::fs::remove_dir_all(&dir);
-        result
-    }
-
-    fn prepare(
+    /// One action's sandbox spec, and the cgroups it joins.
+    fn spec(
         &self,
-        exe: &Path,
         network: bool,
         argv: &[String],
+        env: Vec<String>,
         layout: &Layout<'_>,
-    ) -> Result<Prepared, Error> {
+    ) -> Result<(Spec, cgroup::Group), Error> {
         let local = |what: &str, e: std::io::Error| Error::local(what.to_owned(), e);
         let tmp = layout.dir.join("tmp");
         let scratch = layout.dir.join("sysroot");
@@ -401,6 +601,7 @@ impl Sandbox {
             .map_err(|e| Error::Retryable(format!("creating the action's cgroup: {e}")))?;
         let spec = Spec {
             argv: argv.iter().map(Into::into).collect(),
+            env: env.into_iter().map(Into::into).collect(),
             root: layout.root.to_owned(),
             workdir: layout.workdir.to_owned(),
             writable: layout.writable.clone(),
@@ -412,16 +613,7 @@ impl Sandbox {
             cgroup_procs: group.procs_files(),
             rlimits: group.rlimits.clone(),
         };
-        let spec_file = layout.dir.join("sandbox.spec");
-        std::fs::write(&spec_file, spec.encode())
-            .map_err(|e| local("writing the sandbox spec", e))?;
-        let (command, status) =
-            launch::command(exe, &spec_file).map_err(|e| local("making the status pipe", e))?;
-        Ok(Prepared {
-            command,
-            status: Some(status),
-            group: Some(group),
-        })
+        Ok((spec, group))
     }
 }
 
@@ -458,6 +650,8 @@ mod tests {
             kinds: kinds.to_vec(),
             allow_network,
             exe: PathBuf::from("/bin/false"),
+            #[cfg(target_os = "linux")]
+            spawner: None,
             #[cfg(target_os = "linux")]
             sandbox: None,
         }

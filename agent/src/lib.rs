@@ -17,6 +17,8 @@ pub mod isolation;
 pub mod link;
 pub mod metrics;
 pub mod remote;
+#[cfg(target_os = "linux")]
+mod spawn;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -29,6 +29,30 @@ pub fn main(argv: &[String]) -> i32 {
         eprintln!("outpost __reap: no program given");
         return EXIT_CANNOT_RUN;
     };
+    let mut command = Command::new(program);
+    command.args(args);
+    supervise(command)
+}
+
+/// The stub for a spec (the spawner's `reap` mode): its program,
+/// arguments, environment, and working directory (`root/workdir`).
+pub fn run_spec(spec: &crate::spec::Spec) -> i32 {
+    let Some((program, args)) = spec.argv.split_first() else {
+        eprintln!("outpost: the action has no program");
+        return EXIT_CANNOT_RUN;
+    };
+    let mut command = Command::new(program);
+    command
+        .args(args)
+        .env_clear()
+        .envs(spec.env_pairs())
+        .current_dir(spec.root.join(&spec.workdir));
+    supervise(command)
+}
+
+/// Starts `command` in a process group of its own, waits for it, then
+/// kills whatever it left behind; returns its exit code.
+fn supervise(mut command: Command) -> i32 {
     #[cfg(target_os = "linux")]
     {
         if let Err(e) = nix::sys::prctl::set_child_subreaper(true) {
@@ -49,10 +73,10 @@ pub fn main(argv: &[String]) -> i32 {
             return EXIT_CANNOT_RUN;
         }
     };
-    let child = match Command::new(program).args(args).process_group(0).spawn() {
+    let child = match command.process_group(0).spawn() {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("outpost: cannot run {program:?}: {e}");
+            eprintln!("outpost: cannot run {:?}: {e}", command.get_program());
             return EXIT_CANNOT_RUN;
         }
     };

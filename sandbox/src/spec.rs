@@ -25,6 +25,9 @@ pub struct Limits {
 pub struct Spec {
     /// The program and its arguments.
     pub argv: Vec<OsString>,
+    /// The program's whole environment, as `NAME=VALUE`; `PATH` in it is
+    /// where a program name without a slash is looked up.
+    pub env: Vec<OsString>,
     /// The action's input root on the host; it appears at [`EXEC_ROOT`].
     pub root: PathBuf,
     /// The working directory, relative to the input root.
@@ -60,6 +63,9 @@ impl Spec {
         };
         for a in &self.argv {
             put("arg", a);
+        }
+        for e in &self.env {
+            put("env", e);
         }
         put("root", self.root.as_os_str());
         put("workdir", self.workdir.as_os_str());
@@ -110,6 +116,7 @@ impl Spec {
             };
             match key {
                 "arg" => spec.argv.push(value),
+                "env" => spec.env.push(value),
                 "root" => spec.root = value.into(),
                 "workdir" => spec.workdir = value.into(),
                 "writable" => spec.writable.push(value.into()),
@@ -128,12 +135,20 @@ impl Spec {
         if spec.argv.is_empty() {
             return Err("the sandbox spec has no program".into());
         }
+        if spec
+            .env
+            .iter()
+            .any(|e| e.as_bytes().iter().position(|b| *b == b'=').unwrap_or(0) == 0)
+        {
+            return Err("a sandbox spec environment entry has no name or no '='".into());
+        }
+        // Only the sandbox uses tmp and scratch (it checks they are set).
         for (what, p) in [
             ("root", &spec.root),
             ("tmp", &spec.tmp),
             ("scratch", &spec.scratch),
         ] {
-            if !p.is_absolute() {
+            if (what == "root" || !p.as_os_str().is_empty()) && !p.is_absolute() {
                 return Err(format!("sandbox spec {what} {p:?} is not absolute"));
             }
         }
@@ -153,6 +168,20 @@ impl Spec {
     }
 }
 
+impl Spec {
+    /// The environment as (name, value) pairs.
+    pub fn env_pairs(&self) -> impl Iterator<Item = (&OsStr, &OsStr)> {
+        self.env.iter().map(|e| {
+            let bytes = e.as_bytes();
+            let eq = bytes.iter().position(|b| *b == b'=').unwrap_or(bytes.len());
+            (
+                OsStr::from_bytes(&bytes[..eq]),
+                OsStr::from_bytes(bytes.get(eq + 1..).unwrap_or_default()),
+            )
+        })
+    }
+}
+
 /// A relative path without `..`, `.` or a root: it cannot leave its base.
 pub fn is_plain_relative(p: &Path) -> bool {
     p.components()
@@ -167,6 +196,11 @@ mod tests {
     fn a_spec_survives_encoding_with_odd_paths() {
         let spec = Spec {
             argv: vec!["sh".into(), "-c".into(), "echo 'a=b'\n".into()],
+            env: vec![
+                "PATH=/usr/bin:/bin".into(),
+                "EMPTY=".into(),
+                "EQ=a=b".into(),
+            ],
             root: "/w/actions/1/root".into(),
             workdir: "".into(),
             writable: vec!["".into(), "out/dir with\nnewline".into()],

@@ -1,7 +1,7 @@
 //! exec-latency, exec-throughput and ac-hit.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use bytes::Bytes;
@@ -111,12 +111,13 @@ pub async fn trivial_actions(
     Ok(actions)
 }
 
-/// Runs one action to completion; fails unless it exited 0.
+/// Runs one action to completion; fails unless it exited 0. Returns what
+/// the server said about where the time went, if it said.
 pub async fn execute(
     client: &mut ExecutionClient<Channel>,
     instance: &str,
     action: Digest,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Option<reapi::ExecutedActionMetadata>> {
     let mut stream = client
         .execute(reapi::ExecuteRequest {
             instance_name: instance.to_owned(),
@@ -140,9 +141,9 @@ pub async fn execute(
         {
             anyhow::bail!("action failed: {}", s.message);
         }
-        let exit = response.result.map_or(-1, |r| r.exit_code);
+        let exit = response.result.as_ref().map_or(-1, |r| r.exit_code);
         anyhow::ensure!(exit == 0, "action exited with {exit}");
-        return Ok(());
+        return Ok(response.result.and_then(|r| r.execution_metadata));
     }
     anyhow::bail!("the Execute stream ended early")
 }
@@ -153,16 +154,91 @@ pub async fn latency(args: &BenchArgs) -> anyhow::Result<Report> {
     let actions = trivial_actions(args, &channel, args.count + warmup, args.properties()?).await?;
     let mut client = ExecutionClient::new(channel);
     let mut samples = Vec::with_capacity(args.count);
+    let mut phases = Phases::default();
     for (i, action) in actions.into_iter().enumerate() {
         let started = Instant::now();
-        execute(&mut client, &args.instance_name, action).await?;
+        let meta = execute(&mut client, &args.instance_name, action).await?;
         if i >= warmup {
-            samples.push(started.elapsed());
+            let took = started.elapsed();
+            samples.push(took);
+            if let Some(m) = meta {
+                phases.add(&m, took);
+            }
         }
     }
     let mut report = Report::new("exec-latency");
     report.add("n", args.count).percentiles("", &mut samples);
+    phases.report(&mut report);
     Ok(report)
+}
+
+/// Where each action's time went, from the timestamps the server puts in
+/// `ExecutedActionMetadata` (servers that leave them out get no figures).
+#[derive(Default)]
+struct Phases {
+    /// Queued until a worker took it.
+    queued: Vec<Duration>,
+    /// Worker start until the command started: inputs, layout, sandbox.
+    prepare: Vec<Duration>,
+    /// The command itself.
+    run: Vec<Duration>,
+    /// The command's end until the worker was done: outputs uploaded.
+    upload: Vec<Duration>,
+    /// Everything outside: the client, the network, the server's handling
+    /// of Execute before queueing and of the result after the worker.
+    rest: Vec<Duration>,
+}
+
+impl Phases {
+    fn add(&mut self, m: &reapi::ExecutedActionMetadata, total: Duration) {
+        fn at<T: Clone>(t: &Option<T>) -> Option<std::time::SystemTime>
+        where
+            std::time::SystemTime: TryFrom<T>,
+        {
+            t.clone()
+                .and_then(|t| std::time::SystemTime::try_from(t).ok())
+        }
+        let (Some(queued), Some(start), Some(exec), Some(done), Some(end)) = (
+            at(&m.queued_timestamp),
+            at(&m.worker_start_timestamp),
+            at(&m.execution_start_timestamp),
+            at(&m.execution_completed_timestamp),
+            at(&m.worker_completed_timestamp),
+        ) else {
+            return;
+        };
+        let between = |a: std::time::SystemTime, b: std::time::SystemTime| {
+            b.duration_since(a).unwrap_or_default()
+        };
+        self.queued.push(between(queued, start));
+        self.prepare.push(between(start, exec));
+        self.run.push(between(exec, done));
+        self.upload.push(between(done, end));
+        self.rest.push(total.saturating_sub(between(queued, end)));
+    }
+
+    /// Adds the median of each phase: `queued_p50_ms=...`.
+    fn report(mut self, report: &mut Report) {
+        for (name, samples) in [
+            ("queued", &mut self.queued),
+            ("prepare", &mut self.prepare),
+            ("run", &mut self.run),
+            ("upload", &mut self.upload),
+            ("rest", &mut self.rest),
+        ] {
+            if samples.is_empty() {
+                continue;
+            }
+            samples.sort_unstable();
+            report.add(
+                &format!("{name}_p50_ms"),
+                format!(
+                    "{:.2}",
+                    super::report::ms(super::report::percentile(samples, 50))
+                ),
+            );
+        }
+    }
 }
 
 pub async fn throughput(args: &BenchArgs) -> anyhow::Result<Report> {

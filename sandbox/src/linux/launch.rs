@@ -1,46 +1,14 @@
-//! The agent's side of starting the stub: the command line, and a status
-//! pipe the stub reports through until the action's `exec` closes it.
+//! The status pipe the sandbox stub reports through until the action's
+//! `exec` closes it; the stub finds its write end on [`STATUS_FD`].
 //!
 //! Status lines are `error: MESSAGE` (the sandbox could not be built: an
 //! agent problem, not the action's) and `landlock: STATUS`.
 
 use std::io::{PipeReader, PipeWriter, Read};
-use std::os::fd::AsRawFd;
-use std::os::unix::process::CommandExt;
-use std::path::Path;
-use std::process::Command;
+use std::os::fd::{AsFd, BorrowedFd};
 
 /// The descriptor the stub finds its status pipe on.
 pub const STATUS_FD: i32 = 3;
-
-/// The stub's command for a spec file, and the pipe it reports through.
-pub fn command(exe: &Path, spec_file: &Path) -> std::io::Result<(Command, StatusPipe)> {
-    let (reader, writer) = std::io::pipe()?;
-    let mut command = Command::new(exe);
-    command.arg("__sandbox").arg(spec_file);
-    let fd = writer.as_raw_fd();
-    // SAFETY: the closure runs in the forked child before exec and calls
-    // only async-signal-safe functions (dup2, fcntl) on descriptors it owns.
-    unsafe {
-        command.pre_exec(move || {
-            if fd == STATUS_FD {
-                if libc::fcntl(fd, libc::F_SETFD, 0) == -1 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            } else if libc::dup2(fd, STATUS_FD) == -1 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    Ok((
-        command,
-        StatusPipe {
-            reader,
-            writer: Some(writer),
-        },
-    ))
-}
 
 pub struct StatusPipe {
     reader: PipeReader,
@@ -57,11 +25,20 @@ pub struct Report {
 }
 
 impl StatusPipe {
-    /// Call once the stub is started: closes this side's write end, so
-    /// reading ends when the action's `exec` (or the stub's exit) closes
-    /// the last one.
-    pub fn started(&mut self) {
-        self.writer = None;
+    pub fn new() -> std::io::Result<StatusPipe> {
+        let (reader, writer) = std::io::pipe()?;
+        Ok(StatusPipe {
+            reader,
+            writer: Some(writer),
+        })
+    }
+
+    /// The end the stub writes to (handed to it as [`STATUS_FD`]).
+    pub fn writer(&self) -> BorrowedFd<'_> {
+        self.writer
+            .as_ref()
+            .expect("the write end is open until read")
+            .as_fd()
     }
 
     /// Reads the report (blocks until the action is running or the stub

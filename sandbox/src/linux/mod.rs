@@ -10,4 +10,5 @@ pub mod cgroup;
 pub mod launch;
 mod mounts;
 mod restrict;
+pub mod spawner;
 pub mod stub;

@@ -63,8 +63,17 @@ fn status_pipe() -> Status {
 
 /// Runs the stub; returns the exit code for the process.
 pub fn main(args: &[String]) -> i32 {
+    let [spec_file] = args else {
+        eprintln!("usage: outpost __sandbox SPEC_FILE");
+        return EXIT_SETUP_FAILED;
+    };
+    main_file(std::path::Path::new(spec_file))
+}
+
+/// The stub for a spec file, with the status pipe on fd 3 (when open).
+pub fn main_file(spec_file: &std::path::Path) -> i32 {
     let mut status = status_pipe();
-    match run(args, &mut status) {
+    match run(spec_file, &mut status) {
         Ok(code) => code,
         Err(e) => {
             status.line(&format!("error: {e}"));
@@ -73,14 +82,18 @@ pub fn main(args: &[String]) -> i32 {
     }
 }
 
-fn run(args: &[String], status: &mut Status) -> Result<i32, String> {
-    let [spec_file] = args else {
-        return Err("usage: outpost __sandbox SPEC_FILE".into());
-    };
-    let bytes =
-        std::fs::read(spec_file).map_err(|e| format!("reading the spec {spec_file}: {e}"))?;
+fn run(spec_file: &std::path::Path, status: &mut Status) -> Result<i32, String> {
+    let bytes = std::fs::read(spec_file)
+        .map_err(|e| format!("reading the spec {}: {e}", spec_file.display()))?;
     let spec = Spec::decode(&bytes)?;
+    run_spec(&spec, status)
+}
 
+/// The stub for a decoded spec.
+fn run_spec(spec: &Spec, status: &mut Status) -> Result<i32, String> {
+    if spec.tmp.as_os_str().is_empty() || spec.scratch.as_os_str().is_empty() {
+        return Err("the sandbox spec names no tmp or scratch directory".into());
+    }
     let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
     if nix::unistd::getppid() == Pid::from_raw(1) {
         return Ok(EXIT_KILLED);
@@ -119,7 +132,7 @@ fn run(args: &[String], status: &mut Status) -> Result<i32, String> {
     // SAFETY: the stub is single-threaded (it runs before any runtime).
     match unsafe { nix::unistd::fork() }.map_err(|e| format!("fork: {e}"))? {
         ForkResult::Child => {
-            let code = init(&spec, status);
+            let code = init(spec, status);
             std::process::exit(code)
         }
         ForkResult::Parent { child } => {
@@ -249,6 +262,16 @@ fn action(spec: &Spec, status: &mut Status) -> i32 {
             return EXIT_CANNOT_RUN;
         }
     };
+    // The action's environment replaces the stub's, so that execvp looks
+    // the program up on the action's PATH.
+    // SAFETY: this process is single-threaded (forked from init, which is),
+    // so nothing reads the environment while it changes.
+    unsafe {
+        libc::clearenv();
+        for (name, value) in spec.env_pairs() {
+            std::env::set_var(name, value);
+        }
+    }
     let e = nix::unistd::execvp(&argv[0], &argv).unwrap_err();
     eprintln!("outpost: cannot run {:?}: {e}", spec.argv[0]);
     EXIT_CANNOT_RUN

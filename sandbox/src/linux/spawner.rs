@@ -1,0 +1,475 @@
+//! The spawner: `outpost __spawner`, started once per agent, forks the
+//! stub of every action instead of the agent executing the `outpost`
+//! binary again for each one.
+//!
+//! Executing a large binary costs a millisecond or more (mapping it,
+//! relocating it, its first page faults); forking this small,
+//! single-threaded process costs a tenth of that. The stub that the fork
+//! runs is the same code as `outpost __reap` and `outpost __sandbox`, so
+//! an action is contained in exactly the same way either path.
+//!
+//! The agent talks to the spawner over a `SOCK_SEQPACKET` socket on fd 3,
+//! one message per datagram, in plain text:
+//!
+//! ```text
+//! agent → spawner  start ID MODE SPEC_FILE   with stdin, stdout, stderr
+//!                                            (and, for `sandbox`, the
+//!                                            status pipe) as SCM_RIGHTS
+//!                  signal ID SIGNO           to the stub, if still running
+//! spawner → agent  exited ID CODE            the stub's exit code (128+N
+//!                                            when killed by signal N)
+//!                  failed ID MESSAGE         the stub could not be started
+//! ```
+//!
+//! The chain dies together: the spawner dies with the agent's thread that
+//! started it (`PR_SET_PDEATHSIG`), each stub with the spawner, and each
+//! action with its stub; the spawner also exits when the agent closes its
+//! end of the socket. It runs in a process group of its own, so a terminal's
+//! Ctrl-C reaches the agent, which decides what happens to running actions.
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::io::{IoSlice, IoSliceMut};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+
+use nix::errno::Errno;
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::signal::{self, SigSet, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use nix::sys::socket::{
+    AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag, SockType, recvmsg,
+    sendmsg, socketpair,
+};
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::unistd::{ForkResult, Pid};
+
+use crate::spec::Spec;
+
+/// The descriptor the spawner finds its socket on.
+const SOCKET_FD: RawFd = 3;
+/// The largest message: a spec file's path and a few numbers.
+const MAX_MESSAGE: usize = 8192;
+
+/// How a started action is contained.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// `outpost __reap`: the action in its own process group, everything it
+    /// leaves behind killed. Descriptors: stdin, stdout, stderr.
+    Reap,
+    /// `outpost __sandbox`. Descriptors: stdin, stdout, stderr, status pipe.
+    Sandbox,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Reap => "reap",
+            Mode::Sandbox => "sandbox",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Mode> {
+        match s {
+            "reap" => Some(Mode::Reap),
+            "sandbox" => Some(Mode::Sandbox),
+            _ => None,
+        }
+    }
+
+    fn descriptors(self) -> usize {
+        match self {
+            Mode::Reap => 3,
+            Mode::Sandbox => 4,
+        }
+    }
+}
+
+/// What the spawner reports about a started action.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Event {
+    Exited { id: u64, code: i32 },
+    Failed { id: u64, message: String },
+}
+
+/// The agent's end of the socket.
+#[derive(Debug)]
+pub struct Client {
+    socket: OwnedFd,
+}
+
+impl Client {
+    /// Starts `exe __spawner`. The spawner dies when the calling thread
+    /// ends, so call this from a thread that lives as long as it should.
+    pub fn start(exe: &Path) -> std::io::Result<(Client, std::process::Child)> {
+        let (ours, theirs) = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )?;
+        let fd = theirs.as_raw_fd();
+        let mut command = std::process::Command::new(exe);
+        command.arg("__spawner").stdin(std::process::Stdio::null());
+        // SAFETY: the closure runs in the forked child before exec and calls
+        // only async-signal-safe functions (dup2, fcntl) on descriptors it
+        // owns.
+        unsafe {
+            command.pre_exec(move || {
+                if fd == SOCKET_FD {
+                    if libc::fcntl(fd, libc::F_SETFD, 0) == -1 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                } else if libc::dup2(fd, SOCKET_FD) == -1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = command.spawn()?;
+        drop(theirs);
+        Ok((Client { socket: ours }, child))
+    }
+
+    /// Asks for `spec_file` to be run in `mode`, with `fds` as its stdin,
+    /// stdout, stderr (and status pipe). Its end arrives as an [`Event`].
+    pub fn start_run(
+        &self,
+        id: u64,
+        mode: Mode,
+        spec_file: &Path,
+        fds: &[BorrowedFd<'_>],
+    ) -> std::io::Result<()> {
+        if fds.len() != mode.descriptors() {
+            return Err(std::io::Error::other(format!(
+                "{} needs {} descriptors, not {}",
+                mode.name(),
+                mode.descriptors(),
+                fds.len()
+            )));
+        }
+        let mut message = format!("start {id} {} ", mode.name()).into_bytes();
+        message.extend_from_slice(spec_file.as_os_str().as_bytes());
+        let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
+        self.send(&message, &[ControlMessage::ScmRights(&raw)])
+    }
+
+    /// Sends `signal` to a started action's stub (SIGTERM stops it and
+    /// everything it started); nothing if it already ended.
+    pub fn signal(&self, id: u64, signal: Signal) -> std::io::Result<()> {
+        self.send(format!("signal {id} {}", signal as i32).as_bytes(), &[])
+    }
+
+    fn send(&self, message: &[u8], cmsgs: &[ControlMessage<'_>]) -> std::io::Result<()> {
+        let iov = [IoSlice::new(message)];
+        loop {
+            match sendmsg::<()>(
+                self.socket.as_raw_fd(),
+                &iov,
+                cmsgs,
+                MsgFlags::MSG_NOSIGNAL,
+                None,
+            ) {
+                Ok(_) => return Ok(()),
+                Err(Errno::EINTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// The next event; `None` once the spawner is gone. Call from one
+    /// thread only.
+    pub fn next_event(&self) -> std::io::Result<Option<Event>> {
+        let mut buf = [0u8; MAX_MESSAGE];
+        let n = loop {
+            let mut iov = [IoSliceMut::new(&mut buf)];
+            match recvmsg::<()>(self.socket.as_raw_fd(), &mut iov, None, MsgFlags::empty()) {
+                Ok(m) => break m.bytes,
+                Err(Errno::EINTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+        };
+        if n == 0 {
+            return Ok(None);
+        }
+        let text = String::from_utf8_lossy(&buf[..n]);
+        parse_event(&text)
+            .map(Some)
+            .ok_or_else(|| std::io::Error::other(format!("unexpected spawner message {text:?}")))
+    }
+}
+
+fn parse_event(text: &str) -> Option<Event> {
+    let mut parts = text.splitn(3, ' ');
+    let kind = parts.next()?;
+    let id = parts.next()?.parse().ok()?;
+    let rest = parts.next()?;
+    match kind {
+        "exited" => Some(Event::Exited {
+            id,
+            code: rest.parse().ok()?,
+        }),
+        "failed" => Some(Event::Failed {
+            id,
+            message: rest.to_owned(),
+        }),
+        _ => None,
+    }
+}
+
+/// Runs the spawner; returns the exit code for the process.
+pub fn main() -> i32 {
+    match serve() {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("outpost __spawner: {e}");
+            1
+        }
+    }
+}
+
+fn serve() -> Result<(), String> {
+    // The socket moves off fd 3, which stubs use for their status pipe.
+    // SAFETY: fcntl on an integer descriptor; no memory is involved.
+    let moved = unsafe { libc::fcntl(SOCKET_FD, libc::F_DUPFD_CLOEXEC, 10) };
+    if moved == -1 {
+        return Err(format!(
+            "no socket on fd {SOCKET_FD}: run by the agent only"
+        ));
+    }
+    // SAFETY: `moved` was just made by F_DUPFD and nothing else owns it;
+    // SOCKET_FD is ours (the agent put it there) and is closed once.
+    let socket = unsafe {
+        libc::close(SOCKET_FD);
+        OwnedFd::from_raw_fd(moved)
+    };
+    let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
+    if nix::unistd::getppid() == Pid::from_raw(1) {
+        return Ok(());
+    }
+    let _ = nix::unistd::setpgid(Pid::from_raw(0), Pid::from_raw(0));
+    let mut chld = SigSet::empty();
+    chld.add(Signal::SIGCHLD);
+    chld.thread_block()
+        .map_err(|e| format!("blocking SIGCHLD: {e}"))?;
+    let exits = SignalFd::with_flags(&chld, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
+        .map_err(|e| format!("signalfd: {e}"))?;
+
+    let mut running: HashMap<u64, Pid> = HashMap::new();
+    loop {
+        let mut fds = [
+            PollFd::new(socket.as_fd(), PollFlags::POLLIN),
+            PollFd::new(exits.as_fd(), PollFlags::POLLIN),
+        ];
+        match poll(&mut fds, PollTimeout::NONE) {
+            Ok(_) | Err(Errno::EINTR) => {}
+            Err(e) => return Err(format!("poll: {e}")),
+        }
+        let socket_ready = fds[0].any().unwrap_or(false);
+        let exits_ready = fds[1].any().unwrap_or(false);
+        if exits_ready {
+            while let Ok(Some(_)) = exits.read_signal() {}
+            reap(&socket, &mut running);
+        }
+        if socket_ready && !serve_one(&socket, &exits, &mut running)? {
+            // The agent is gone: the stubs die with this process.
+            return Ok(());
+        }
+    }
+}
+
+/// Reports every stub that exited.
+fn reap(socket: &OwnedFd, running: &mut HashMap<u64, Pid>) {
+    loop {
+        let (pid, code) = match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::Exited(pid, code)) => (pid, code),
+            Ok(WaitStatus::Signaled(pid, sig, _)) => (pid, 128 + sig as i32),
+            Ok(WaitStatus::StillAlive) | Err(_) => return,
+            Ok(_) => continue,
+        };
+        let Some(id) = running
+            .iter()
+            .find_map(|(id, p)| (*p == pid).then_some(*id))
+        else {
+            continue;
+        };
+        running.remove(&id);
+        reply(socket, &format!("exited {id} {code}"));
+    }
+}
+
+fn reply(socket: &OwnedFd, text: &str) {
+    let iov = [IoSlice::new(text.as_bytes())];
+    while let Err(Errno::EINTR) =
+        sendmsg::<()>(socket.as_raw_fd(), &iov, &[], MsgFlags::MSG_NOSIGNAL, None)
+    {}
+}
+
+/// Handles one request; `false` when the agent closed the socket.
+fn serve_one(
+    socket: &OwnedFd,
+    exits: &SignalFd,
+    running: &mut HashMap<u64, Pid>,
+) -> Result<bool, String> {
+    let mut buf = [0u8; MAX_MESSAGE];
+    let mut space = nix::cmsg_space!([RawFd; 4]);
+    let (n, received) = {
+        let mut iov = [IoSliceMut::new(&mut buf)];
+        let message = match recvmsg::<()>(
+            socket.as_raw_fd(),
+            &mut iov,
+            Some(&mut space),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        ) {
+            Ok(m) => m,
+            Err(Errno::EINTR | Errno::EAGAIN) => return Ok(true),
+            Err(e) => return Err(format!("reading a request: {e}")),
+        };
+        let mut received: Vec<OwnedFd> = Vec::new();
+        for cmsg in message
+            .cmsgs()
+            .map_err(|e| format!("reading descriptors: {e}"))?
+        {
+            if let ControlMessageOwned::ScmRights(fds) = cmsg {
+                // SAFETY: the kernel just installed these descriptors in
+                // this process for this message; nothing else owns them.
+                received.extend(
+                    fds.into_iter()
+                        .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+                );
+            }
+        }
+        (message.bytes, received)
+    };
+    if n == 0 {
+        return Ok(false);
+    }
+    let text = &buf[..n];
+    let mut parts = text.splitn(4, |b| *b == b' ');
+    let (kind, id) = (parts.next(), parts.next());
+    let id: Option<u64> = id
+        .and_then(|i| std::str::from_utf8(i).ok())
+        .and_then(|i| i.parse().ok());
+    match (kind, id) {
+        (Some(b"signal"), Some(id)) => {
+            let signo = parts
+                .next()
+                .and_then(|s| std::str::from_utf8(s).ok())
+                .and_then(|s| s.parse::<i32>().ok())
+                .and_then(|s| Signal::try_from(s).ok());
+            if let (Some(pid), Some(signo)) = (running.get(&id), signo) {
+                let _ = signal::kill(*pid, signo);
+            }
+        }
+        (Some(b"start"), Some(id)) => {
+            let mode = parts
+                .next()
+                .and_then(|m| std::str::from_utf8(m).ok())
+                .and_then(Mode::parse);
+            let spec_file = parts.next().map(|p| Path::new(OsStr::from_bytes(p)));
+            match (mode, spec_file) {
+                (Some(mode), Some(spec_file)) if received.len() == mode.descriptors() => {
+                    match fork_stub(mode, spec_file, &received, socket, exits) {
+                        Ok(pid) => {
+                            running.insert(id, pid);
+                        }
+                        Err(e) => reply(socket, &format!("failed {id} fork: {e}")),
+                    }
+                }
+                _ => reply(
+                    socket,
+                    &format!(
+                        "failed {id} malformed request ({} descriptors)",
+                        received.len()
+                    ),
+                ),
+            }
+        }
+        _ => {
+            let shown = String::from_utf8_lossy(text);
+            eprintln!("outpost __spawner: ignoring the malformed request {shown:?}");
+        }
+    }
+    Ok(true)
+}
+
+/// Forks the stub for one action.
+fn fork_stub(
+    mode: Mode,
+    spec_file: &Path,
+    fds: &[OwnedFd],
+    socket: &OwnedFd,
+    exits: &SignalFd,
+) -> nix::Result<Pid> {
+    // SAFETY: the spawner is single-threaded, so the child may do anything.
+    match unsafe { nix::unistd::fork() }? {
+        ForkResult::Parent { child } => Ok(child),
+        ForkResult::Child => {
+            // SAFETY: the child owns its copies of every descriptor. Each
+            // received one is first copied above 63, so that moving the
+            // copies onto 0..4 cannot clobber one not yet moved.
+            unsafe {
+                libc::close(socket.as_raw_fd());
+                libc::close(exits.as_raw_fd());
+                let mut high = Vec::with_capacity(fds.len());
+                for fd in fds {
+                    let h = libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD, 64);
+                    if h == -1 {
+                        libc::_exit(crate::reaper::EXIT_CANNOT_RUN);
+                    }
+                    libc::close(fd.as_raw_fd());
+                    high.push(h);
+                }
+                for (target, h) in high.into_iter().enumerate() {
+                    if libc::dup2(h, target as RawFd) == -1 {
+                        libc::_exit(crate::reaper::EXIT_CANNOT_RUN);
+                    }
+                    libc::close(h);
+                }
+            }
+            let _ = SigSet::all().thread_unblock();
+            let code = match mode {
+                Mode::Reap => reap_stub(spec_file),
+                Mode::Sandbox => super::stub::main_file(spec_file),
+            };
+            std::process::exit(code)
+        }
+    }
+}
+
+fn reap_stub(spec_file: &Path) -> i32 {
+    let spec = std::fs::read(spec_file)
+        .map_err(|e| e.to_string())
+        .and_then(|bytes| Spec::decode(&bytes));
+    match spec {
+        Ok(spec) => crate::reaper::run_spec(&spec),
+        Err(e) => {
+            eprintln!("outpost: reading the spec {}: {e}", spec_file.display());
+            crate::reaper::EXIT_CANNOT_RUN
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_are_parsed() {
+        assert_eq!(
+            parse_event("exited 7 143"),
+            Some(Event::Exited { id: 7, code: 143 })
+        );
+        assert_eq!(
+            parse_event("failed 8 fork: EAGAIN: try again"),
+            Some(Event::Failed {
+                id: 8,
+                message: "fork: EAGAIN: try again".into()
+            })
+        );
+        assert_eq!(parse_event("exited x 1"), None);
+        assert_eq!(parse_event("other 1 2"), None);
+    }
+}
