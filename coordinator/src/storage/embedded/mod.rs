@@ -29,6 +29,8 @@ use super::{ActionCache, BlobStream, BlobWriter, Cas, Error, FleetMemory, Pin};
 
 /// Chunk size of streamed reads.
 const READ_CHUNK: usize = 1 << 20;
+/// Blobs up to this size are read on the calling task (see `read_all`).
+const INLINE_READ: usize = 64 << 10;
 
 /// The embedded store; cheap to clone.
 #[derive(Clone)]
@@ -106,35 +108,44 @@ impl EmbeddedStore {
         let Some(guard) = core.in_use.try_use(digest) else {
             return Ok(None);
         };
-        let opened =
-            tokio::task::spawn_blocking(move || -> Result<Option<std::fs::File>, Error> {
-                if !core.is_present(&digest)? {
-                    return Ok(None);
-                }
-                let path = core.layout.blob(&digest);
-                let mut file = match std::fs::File::open(&path) {
-                    Ok(f) => f,
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                        return Err(Error::NotFound(digest));
-                    }
-                    Err(e) => return Err(Error::io(format!("opening {}", path.display()), e)),
-                };
-                file.seek(SeekFrom::Start(offset))
-                    .map_err(|e| Error::io(format!("seeking in {}", path.display()), e))?;
-                Ok(Some(file))
-            })
+        let opened = tokio::task::spawn_blocking(move || open_file(&core, &digest, offset))
             .await
             .map_err(|_| Error::Closed)?;
-        match opened {
-            Ok(Some(file)) => Ok(Some((file, guard))),
-            Ok(None) => Ok(None),
+        Ok(self.vanished_is_absent(opened)?.map(|file| (file, guard)))
+    }
+
+    /// A blob file that vanished (`NotFound` from [`open_file`]) is
+    /// forgotten and reported absent.
+    fn vanished_is_absent<T>(&self, result: Result<Option<T>, Error>) -> Result<Option<T>, Error> {
+        match result {
             Err(Error::NotFound(d)) => {
                 self.forget(d);
                 Ok(None)
             }
-            Err(e) => Err(e),
+            other => other,
         }
     }
+}
+
+/// Opens a present blob's file at `offset`; `NotFound` if the index has it
+/// but the file is gone.
+fn open_file(core: &Core, digest: &Digest, offset: u64) -> Result<Option<std::fs::File>, Error> {
+    if !core.is_present(digest)? {
+        return Ok(None);
+    }
+    let path = core.layout.blob(digest);
+    let mut file = match std::fs::File::open(&path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(Error::NotFound(*digest));
+        }
+        Err(e) => return Err(Error::io(format!("opening {}", path.display()), e)),
+    };
+    if offset > 0 {
+        file.seek(SeekFrom::Start(offset))
+            .map_err(|e| Error::io(format!("seeking in {}", path.display()), e))?;
+    }
+    Ok(Some(file))
 }
 
 fn read_chunk(file: &mut std::fs::File, want: usize, digest: &Digest) -> Result<Bytes, Error> {
@@ -227,21 +238,36 @@ impl Cas for EmbeddedStore {
         if digest.is_empty_blob() {
             return Ok(Some(Bytes::new()));
         }
-        let Some((mut file, guard)) = self.open_blob(digest, 0).await? else {
-            return Ok(None);
-        };
-        self.shared.core.touch([digest]);
         let len = usize::try_from(digest.size).map_err(|_| Error::TooLarge {
             digest,
             max: usize::MAX as u64,
         })?;
-        tokio::task::spawn_blocking(move || {
+        let core = Arc::clone(&self.shared.core);
+        let Some(guard) = core.in_use.try_use(digest) else {
+            return Ok(None);
+        };
+        let read = move || -> Result<Option<Bytes>, Error> {
             let _guard = guard;
-            read_chunk(&mut file, len, &digest)
-        })
-        .await
-        .map_err(|_| Error::Closed)?
-        .map(Some)
+            let Some(mut file) = open_file(&core, &digest, 0)? else {
+                return Ok(None);
+            };
+            read_chunk(&mut file, len, &digest).map(Some)
+        };
+        // Small blobs (Actions, Commands, Directories on the way of every
+        // Execute) are read in place: a lookup and a page-cache read take
+        // less than handing them to a blocking thread and back.
+        let read = if len <= INLINE_READ {
+            read()
+        } else {
+            tokio::task::spawn_blocking(read)
+                .await
+                .map_err(|_| Error::Closed)?
+        };
+        let read = self.vanished_is_absent(read)?;
+        if read.is_some() {
+            self.shared.core.touch([digest]);
+        }
+        Ok(read)
     }
 
     async fn writer(&self, digest: Digest) -> Result<Box<dyn BlobWriter>, Error> {
