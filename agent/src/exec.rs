@@ -588,7 +588,15 @@ fn hash_file(path: &Path, function: Function) -> Result<Digest, Error> {
     let mut file = std::fs::File::open(path)
         .map_err(|e| Error::local(format!("reading {}", path.display()), e))?;
     let mut hasher = function.hasher();
-    let mut buf = vec![0u8; 1 << 20];
+    // Sized to the file (most outputs, stdout and stderr are small): a
+    // 1 MiB buffer for each would cost more to map and zero than to hash.
+    let size = file.metadata().map_or(0, |m| m.len());
+    let mut buf = vec![
+        0u8;
+        usize::try_from(size)
+            .unwrap_or(usize::MAX)
+            .clamp(4 << 10, 1 << 20)
+    ];
     let mut n = 0u64;
     loop {
         let read = file

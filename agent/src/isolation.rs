@@ -468,6 +468,9 @@ impl Isolation {
             limits = %sandbox.limiter.describe(),
             "linux-sandbox ready"
         );
+        if let Some(advice) = sandbox.limiter.advice() {
+            tracing::info!("{advice}");
+        }
         sandbox.landlock = landlock;
         Ok(())
     }
@@ -589,15 +592,9 @@ impl Sandbox {
         let scratch = layout.dir.join("sysroot");
         std::fs::create_dir_all(&tmp).map_err(|e| local("creating the sandbox /tmp", e))?;
         std::fs::create_dir_all(&scratch).map_err(|e| local("creating the sandbox root", e))?;
-        let name = layout
-            .dir
-            .file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or("action")
-            .to_owned();
         let group = self
             .limiter
-            .create(&name, &self.limits())
+            .create(&self.limits())
             .map_err(|e| Error::Retryable(format!("creating the action's cgroup: {e}")))?;
         let spec = Spec {
             argv: argv.iter().map(Into::into).collect(),

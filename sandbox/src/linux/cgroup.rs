@@ -7,10 +7,19 @@
 //!   (hybrid hosts, where the controllers live in v1);
 //! - rlimits (`RLIMIT_AS`, `RLIMIT_NPROC`) for whatever neither covers.
 //!
-//! An OOM kill is reported as such from `memory.events` (v2) or
-//! `memory.oom_control` (v1). Everything here is plain file I/O.
+//! An OOM kill is reported as such from the `oom_kill` count in
+//! `memory.events` (v2) or `memory.oom_control` (v1), against the count
+//! when the action started.
+//!
+//! Action cgroups are reused: an action's cgroups, once empty, wait in a
+//! pool for the next action instead of being removed. Making and removing
+//! a v1 memory cgroup per action contends with the kernel's cleanup of the
+//! previous one and put 10+ ms tails on sandboxed actions. Everything here
+//! is plain file I/O.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::spec::Limits;
@@ -43,21 +52,42 @@ enum Tree {
     None,
 }
 
-/// Makes the per-action cgroups; removes its own directories when dropped.
+/// Hands out per-action cgroups; removes its own directories when dropped.
 #[derive(Debug)]
 pub struct Limiter {
     tree: Tree,
+    /// Empty action cgroups, waiting for the next action.
+    pool: Arc<Mutex<Vec<Idle>>>,
+    /// Names new action cgroups.
+    made: AtomicU64,
 }
 
-/// One action's cgroups; killed and removed when dropped.
+/// An empty action cgroup (one directory per v1 controller) and the limits
+/// last written to it.
+#[derive(Debug)]
+struct Idle {
+    dirs: Vec<PathBuf>,
+    written: Limits,
+}
+
+/// One action's cgroups; back to the pool when dropped if empty, otherwise
+/// killed and removed.
 #[derive(Debug)]
 pub struct Group {
     dirs: Vec<PathBuf>,
     memory_dir: Option<PathBuf>,
     memory_limit: Option<u64>,
     v2: bool,
+    /// The `oom_kill` count when the action started.
+    oom_kills_before: u64,
+    written: Limits,
+    pool: Arc<Mutex<Vec<Idle>>>,
     /// What the cgroups could not cover, to apply as rlimits.
     pub rlimits: Limits,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn write(path: &Path, value: &str) -> std::io::Result<()> {
@@ -111,7 +141,11 @@ impl Limiter {
         let tree = detect_v2(name)
             .or_else(|| detect_v1(name))
             .unwrap_or(Tree::None);
-        let limiter = Limiter { tree };
+        let limiter = Limiter {
+            tree,
+            pool: Arc::new(Mutex::new(Vec::new())),
+            made: AtomicU64::new(0),
+        };
         limiter.sweep();
         limiter
     }
@@ -125,6 +159,32 @@ impl Limiter {
         };
         let names: Vec<&str> = controllers.into_iter().map(Controller::name).collect();
         format!("cgroup {version} ({})", names.join(", "))
+    }
+
+    /// Advice when joining an action's cgroup may stall for an RCU grace
+    /// period (10–20 ms on small VMs, in about one action of fifty): the
+    /// kernel's cgroup migration lock is slow to take for writing unless a
+    /// cgroup2 hierarchy is mounted with `favordynmods`.
+    pub fn advice(&self) -> Option<String> {
+        if matches!(self.tree, Tree::None) {
+            return None;
+        }
+        let mounted = cgroup_mounts()
+            .iter()
+            .any(|(_, options, _)| options.split(',').any(|o| o == "favordynmods"));
+        let booted = std::fs::read_to_string("/proc/cmdline").is_ok_and(|line| {
+            line.split_whitespace().any(|w| {
+                w.strip_prefix("cgroup_favordynmods=")
+                    .is_some_and(|v| matches!(v, "1" | "y" | "Y" | "true" | "on" | "yes"))
+            })
+        });
+        let favoured = mounted || booted;
+        (!favoured).then(|| {
+            "no cgroup2 hierarchy is mounted with favordynmods, so moving each sandboxed \
+             action into its cgroup can stall it for an RCU grace period; remount one with \
+             favordynmods (see docs/isolation.md) to avoid it"
+                .to_owned()
+        })
     }
 
     fn parents(&self) -> Vec<PathBuf> {
@@ -165,70 +225,88 @@ impl Limiter {
         matches!(self.tree, Tree::V2(..))
     }
 
-    /// Makes the cgroups for one action and sets its limits.
-    pub fn create(&self, action: &str, limits: &Limits) -> std::io::Result<Group> {
-        let mut group = Group {
-            dirs: Vec::new(),
-            memory_dir: None,
-            memory_limit: limits.memory_bytes,
-            v2: self.is_v2(),
-            rlimits: limits.clone(),
+    /// The cgroups for one action, with its limits set: an idle one from
+    /// the pool, or a new one.
+    pub fn create(&self, limits: &Limits) -> std::io::Result<Group> {
+        let v2 = self.is_v2();
+        let idle = lock(&self.pool).pop();
+        let (dirs, written) = match idle {
+            Some(idle) => (idle.dirs, Some(idle.written)),
+            None => (self.make()?, None),
         };
         let controllers: Vec<(Controller, PathBuf)> = match &self.tree {
-            Tree::V2(dir, cs) => {
-                if !dir.exists() {
-                    // Swept by another agent while idle: set it up again.
-                    std::fs::create_dir(dir)?;
-                    write(&dir.join("cgroup.subtree_control"), &enable(cs))?;
-                }
-                let d = dir.join(action);
-                std::fs::create_dir(&d)?;
-                group.dirs.push(d.clone());
-                cs.iter().map(|c| (*c, d.clone())).collect()
-            }
-            Tree::V1(dirs) => {
-                let mut out = Vec::new();
-                for (c, dir) in dirs {
-                    let d = dir.join(action);
-                    std::fs::create_dir_all(&d)?;
-                    group.dirs.push(d.clone());
-                    out.push((*c, d));
-                }
-                out
-            }
+            Tree::V2(_, cs) => cs.iter().map(|c| (*c, dirs[0].clone())).collect(),
+            Tree::V1(cs) => cs
+                .iter()
+                .map(|(c, _)| *c)
+                .zip(dirs.iter().cloned())
+                .collect(),
             Tree::None => Vec::new(),
+        };
+        let mut group = Group {
+            dirs,
+            memory_dir: None,
+            memory_limit: limits.memory_bytes,
+            v2,
+            oom_kills_before: 0,
+            written: limits.clone(),
+            pool: Arc::clone(&self.pool),
+            rlimits: limits.clone(),
+        };
+        // Limits are written unless this cgroup already has them (a new one
+        // starts unlimited).
+        let changed = |f: fn(&Limits) -> Option<u64>| {
+            written
+                .as_ref()
+                .map_or(f(limits).is_some(), |w| f(w) != f(limits))
         };
         for (c, dir) in controllers {
             match c {
                 Controller::Memory => {
                     group.memory_dir = Some(dir.clone());
-                    if let Some(bytes) = limits.memory_bytes {
-                        if group.v2 {
-                            write(&dir.join("memory.max"), &bytes.to_string())?;
+                    if changed(|l| l.memory_bytes) {
+                        let bytes = limits
+                            .memory_bytes
+                            .map_or("max".to_owned(), |b| b.to_string());
+                        if v2 {
+                            write(&dir.join("memory.max"), &bytes)?;
                             let _ = write(&dir.join("memory.swap.max"), "0");
                         } else {
-                            write(&dir.join("memory.limit_in_bytes"), &bytes.to_string())?;
-                            let _ =
-                                write(&dir.join("memory.memsw.limit_in_bytes"), &bytes.to_string());
+                            let bytes = if bytes == "max" {
+                                "-1".to_owned()
+                            } else {
+                                bytes
+                            };
+                            // The combined limit may not go below the
+                            // memory limit: raise it first, lower it last.
+                            let _ = write(&dir.join("memory.memsw.limit_in_bytes"), "-1");
+                            write(&dir.join("memory.limit_in_bytes"), &bytes)?;
+                            let _ = write(&dir.join("memory.memsw.limit_in_bytes"), &bytes);
                         }
                     }
+                    group.oom_kills_before = oom_kills(&dir, v2);
                     group.rlimits.memory_bytes = None;
                 }
                 Controller::Pids => {
-                    if let Some(n) = limits.pids {
-                        write(&dir.join("pids.max"), &n.to_string())?;
+                    if changed(|l| l.pids) {
+                        let n = limits.pids.map_or("max".to_owned(), |n| n.to_string());
+                        write(&dir.join("pids.max"), &n)?;
                     }
                     group.rlimits.pids = None;
                 }
                 Controller::Cpu => {
-                    if let Some(milli) = limits.cpu_millis {
+                    if changed(|l| l.cpu_millis) {
                         let period = 100_000u64;
-                        let quota = (milli * period / 1000).max(1000);
-                        if group.v2 {
+                        let quota = limits
+                            .cpu_millis
+                            .map(|milli| (milli * period / 1000).max(1000));
+                        if v2 {
+                            let quota = quota.map_or("max".to_owned(), |q| q.to_string());
                             write(&dir.join("cpu.max"), &format!("{quota} {period}"))?;
                         } else {
                             write(&dir.join("cpu.cfs_period_us"), &period.to_string())?;
-                            write(&dir.join("cpu.cfs_quota_us"), &quota.to_string())?;
+                            let quota = quota.map_or("-1".to_owned(), |q| q.to_string());
+                            write(&dir.join("cpu.cfs_quota_us"), &quota)?;
                         }
                     }
                     group.rlimits.cpu_millis = None;
@@ -237,6 +315,50 @@ impl Limiter {
         }
         Ok(group)
     }
+
+    /// Makes a new action cgroup: its directory under each parent.
+    fn make(&self) -> std::io::Result<Vec<PathBuf>> {
+        let name = format!("g{}", self.made.fetch_add(1, Ordering::Relaxed));
+        match &self.tree {
+            Tree::V2(dir, cs) => {
+                if !dir.exists() {
+                    // Swept by another agent while idle: set it up again.
+                    std::fs::create_dir(dir)?;
+                    write(&dir.join("cgroup.subtree_control"), &enable(cs))?;
+                }
+                let d = dir.join(&name);
+                std::fs::create_dir(&d)?;
+                Ok(vec![d])
+            }
+            Tree::V1(dirs) => {
+                let mut out = Vec::new();
+                for (_, dir) in dirs {
+                    let d = dir.join(&name);
+                    if let Err(e) = std::fs::create_dir_all(&d) {
+                        remove(&out, false);
+                        return Err(e);
+                    }
+                    out.push(d);
+                }
+                Ok(out)
+            }
+            Tree::None => Ok(Vec::new()),
+        }
+    }
+}
+
+/// The `oom_kill` count of a memory cgroup.
+fn oom_kills(dir: &Path, v2: bool) -> u64 {
+    let file = if v2 {
+        "memory.events"
+    } else {
+        "memory.oom_control"
+    };
+    let text = std::fs::read_to_string(dir.join(file)).unwrap_or_default();
+    text.lines()
+        .filter_map(|l| l.strip_prefix("oom_kill "))
+        .filter_map(|n| n.trim().parse::<u64>().ok())
+        .sum()
 }
 
 /// `+memory +pids`: what `cgroup.subtree_control` takes.
@@ -322,18 +444,16 @@ impl Group {
 
     /// Whether the kernel's OOM killer killed a process of this action.
     pub fn oom_killed(&self) -> bool {
-        let Some(dir) = &self.memory_dir else {
-            return false;
-        };
-        let file = if self.v2 {
-            "memory.events"
-        } else {
-            "memory.oom_control"
-        };
-        let text = std::fs::read_to_string(dir.join(file)).unwrap_or_default();
-        text.lines()
-            .filter_map(|l| l.strip_prefix("oom_kill "))
-            .any(|n| n.trim().parse::<u64>().is_ok_and(|n| n > 0))
+        self.memory_dir
+            .as_ref()
+            .is_some_and(|dir| oom_kills(dir, self.v2) > self.oom_kills_before)
+    }
+
+    /// Whether no process is left in the cgroups.
+    fn is_empty(&self) -> bool {
+        self.dirs.iter().all(|d| {
+            std::fs::read_to_string(d.join("cgroup.procs")).is_ok_and(|p| p.trim().is_empty())
+        })
     }
 }
 
@@ -375,7 +495,17 @@ impl Drop for Limiter {
 
 impl Drop for Group {
     fn drop(&mut self) {
-        remove(&self.dirs, self.v2);
+        if self.dirs.is_empty() {
+            return;
+        }
+        if self.is_empty() {
+            lock(&self.pool).push(Idle {
+                dirs: std::mem::take(&mut self.dirs),
+                written: std::mem::take(&mut self.written),
+            });
+        } else {
+            remove(&self.dirs, self.v2);
+        }
     }
 }
 
@@ -389,10 +519,31 @@ mod tests {
         let l = Limiter::detect(&format!("outpost-unit-{}", std::process::id()));
         let d = l.describe();
         assert!(d.starts_with("cgroup v") || d == "rlimits", "{d}");
-        let g = l
-            .create("probe", &Limits::default())
-            .expect("an action cgroup");
+        let limits = Limits {
+            memory_bytes: Some(256 << 20),
+            pids: Some(100),
+            cpu_millis: Some(1500),
+        };
+        let g = l.create(&limits).expect("an action cgroup");
         assert!(!g.oom_killed());
+        let dirs = g.dirs.clone();
+        drop(g);
+        // Empty, it is handed to the next action, with other limits.
+        let g = l.create(&Limits::default()).expect("a reused cgroup");
+        assert_eq!(g.dirs, dirs);
+        if let Some(memory) = &g.memory_dir {
+            let file = if g.v2 {
+                "memory.max"
+            } else {
+                "memory.limit_in_bytes"
+            };
+            let set = std::fs::read_to_string(memory.join(file)).expect("limit");
+            assert_ne!(
+                set.trim(),
+                (256u64 << 20).to_string(),
+                "the old limit is gone"
+            );
+        }
         drop(g);
         let parents = l.parents();
         drop(l);
