@@ -8,6 +8,11 @@
 //! runs is the same code as `outpost __reap` and `outpost __sandbox`, so
 //! an action is contained in exactly the same way either path.
 //!
+//! When it has nothing else to do, the spawner forks the next stub ahead of
+//! time; that stub waits on a socket of its own for its action (mode, spec
+//! file and descriptors, passed on as they came), so an action's start pays
+//! for neither the fork nor the child's first page faults.
+//!
 //! The agent talks to the spawner over a `SOCK_SEQPACKET` socket on fd 3,
 //! one message per datagram, in plain text:
 //!
@@ -257,46 +262,224 @@ fn serve() -> Result<(), String> {
     let exits = SignalFd::with_flags(&chld, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
         .map_err(|e| format!("signalfd: {e}"))?;
 
-    let mut running: HashMap<u64, Pid> = HashMap::new();
-    loop {
+    let mut spawner = Spawner {
+        socket,
+        exits,
+        running: HashMap::new(),
+        warm: None,
+    };
+    let ready = |spawner: &Spawner, timeout: PollTimeout| -> Result<(bool, bool), String> {
         let mut fds = [
-            PollFd::new(socket.as_fd(), PollFlags::POLLIN),
-            PollFd::new(exits.as_fd(), PollFlags::POLLIN),
+            PollFd::new(spawner.socket.as_fd(), PollFlags::POLLIN),
+            PollFd::new(spawner.exits.as_fd(), PollFlags::POLLIN),
         ];
-        match poll(&mut fds, PollTimeout::NONE) {
+        match poll(&mut fds, timeout) {
             Ok(_) | Err(Errno::EINTR) => {}
             Err(e) => return Err(format!("poll: {e}")),
         }
-        let socket_ready = fds[0].any().unwrap_or(false);
-        let exits_ready = fds[1].any().unwrap_or(false);
-        if exits_ready {
-            while let Ok(Some(_)) = exits.read_signal() {}
-            reap(&socket, &mut running);
+        Ok((fds[0].any().unwrap_or(false), fds[1].any().unwrap_or(false)))
+    };
+    loop {
+        let mut events = ready(&spawner, PollTimeout::ZERO)?;
+        if events == (false, false) {
+            // With nothing to do, fork the next action's stub ahead of
+            // time, then wait.
+            if spawner.warm.is_none() {
+                spawner.warm_up();
+            }
+            events = ready(&spawner, PollTimeout::NONE)?;
         }
-        if socket_ready && !serve_one(&socket, &exits, &mut running)? {
+        let (socket_ready, exits_ready) = events;
+        if exits_ready {
+            while let Ok(Some(_)) = spawner.exits.read_signal() {}
+            spawner.reap();
+        }
+        if socket_ready && !spawner.serve_one()? {
             // The agent is gone: the stubs die with this process.
             return Ok(());
         }
     }
 }
 
-/// Reports every stub that exited.
-fn reap(socket: &OwnedFd, running: &mut HashMap<u64, Pid>) {
-    loop {
-        let (pid, code) = match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
-            Ok(WaitStatus::Exited(pid, code)) => (pid, code),
-            Ok(WaitStatus::Signaled(pid, sig, _)) => (pid, 128 + sig as i32),
-            Ok(WaitStatus::StillAlive) | Err(_) => return,
-            Ok(_) => continue,
+struct Spawner {
+    socket: OwnedFd,
+    exits: SignalFd,
+    running: HashMap<u64, Pid>,
+    /// A stub forked ahead of time, waiting for its action.
+    warm: Option<Warm>,
+}
+
+struct Warm {
+    pid: Pid,
+    /// Where its action is sent: mode and spec file, with descriptors.
+    jobs: OwnedFd,
+}
+
+impl Spawner {
+    /// Reports every stub that exited.
+    fn reap(&mut self) {
+        loop {
+            let (pid, code) = match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::Exited(pid, code)) => (pid, code),
+                Ok(WaitStatus::Signaled(pid, sig, _)) => (pid, 128 + sig as i32),
+                Ok(WaitStatus::StillAlive) | Err(_) => return,
+                Ok(_) => continue,
+            };
+            if self.warm.as_ref().is_some_and(|w| w.pid == pid) {
+                self.warm = None;
+                continue;
+            }
+            let Some(id) = self
+                .running
+                .iter()
+                .find_map(|(id, p)| (*p == pid).then_some(*id))
+            else {
+                continue;
+            };
+            self.running.remove(&id);
+            reply(&self.socket, &format!("exited {id} {code}"));
+        }
+    }
+
+    /// Handles one request; `false` when the agent closed the socket.
+    fn serve_one(&mut self) -> Result<bool, String> {
+        let mut buf = [0u8; MAX_MESSAGE];
+        let Some((n, received)) = receive(&self.socket, &mut buf)? else {
+            return Ok(true);
         };
-        let Some(id) = running
-            .iter()
-            .find_map(|(id, p)| (*p == pid).then_some(*id))
-        else {
-            continue;
+        if n == 0 {
+            return Ok(false);
+        }
+        let text = &buf[..n];
+        let mut parts = text.splitn(4, |b| *b == b' ');
+        let (kind, id) = (parts.next(), parts.next());
+        let id: Option<u64> = id
+            .and_then(|i| std::str::from_utf8(i).ok())
+            .and_then(|i| i.parse().ok());
+        match (kind, id) {
+            (Some(b"signal"), Some(id)) => {
+                let signo = parts
+                    .next()
+                    .and_then(|s| std::str::from_utf8(s).ok())
+                    .and_then(|s| s.parse::<i32>().ok())
+                    .and_then(|s| Signal::try_from(s).ok());
+                if let (Some(pid), Some(signo)) = (self.running.get(&id), signo) {
+                    let _ = signal::kill(*pid, signo);
+                }
+            }
+            (Some(b"start"), Some(id)) => {
+                let job = parts.next().zip(parts.next());
+                let mode = job
+                    .and_then(|(m, _)| std::str::from_utf8(m).ok())
+                    .and_then(Mode::parse);
+                match (mode, job) {
+                    (Some(mode), Some((_, spec_file))) if received.len() == mode.descriptors() => {
+                        match self.start(mode, spec_file, &received) {
+                            Ok(pid) => {
+                                self.running.insert(id, pid);
+                            }
+                            Err(e) => reply(&self.socket, &format!("failed {id} fork: {e}")),
+                        }
+                    }
+                    _ => reply(
+                        &self.socket,
+                        &format!(
+                            "failed {id} malformed request ({} descriptors)",
+                            received.len()
+                        ),
+                    ),
+                }
+            }
+            _ => {
+                let shown = String::from_utf8_lossy(text);
+                eprintln!("outpost __spawner: ignoring the malformed request {shown:?}");
+            }
+        }
+        Ok(true)
+    }
+
+    /// Starts a stub for the job: the warm one, or a new fork.
+    fn start(&mut self, mode: Mode, spec_file: &[u8], fds: &[OwnedFd]) -> nix::Result<Pid> {
+        if let Some(warm) = self.warm.take() {
+            let mut job = mode.name().as_bytes().to_vec();
+            job.push(b' ');
+            job.extend_from_slice(spec_file);
+            let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
+            let sent = sendmsg::<()>(
+                warm.jobs.as_raw_fd(),
+                &[IoSlice::new(&job)],
+                &[ControlMessage::ScmRights(&raw)],
+                MsgFlags::MSG_NOSIGNAL,
+                None,
+            );
+            if sent.is_ok() {
+                return Ok(warm.pid);
+            }
+            // It died waiting: reaped (and ignored) later; fork afresh.
+            let _ = signal::kill(warm.pid, Signal::SIGKILL);
+        }
+        let path = Path::new(OsStr::from_bytes(spec_file));
+        let closing = [self.socket.as_raw_fd(), self.exits.as_raw_fd()];
+        // SAFETY: the spawner is single-threaded, so the child may do anything.
+        match unsafe { nix::unistd::fork() }? {
+            ForkResult::Parent { child } => Ok(child),
+            ForkResult::Child => run_stub(&closing, mode, path, fds),
+        }
+    }
+
+    /// Forks a stub that waits for its job on a socket of its own.
+    fn warm_up(&mut self) {
+        let Ok((ours, theirs)) = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        ) else {
+            return;
         };
-        running.remove(&id);
-        reply(socket, &format!("exited {id} {code}"));
+        let closing = [
+            self.socket.as_raw_fd(),
+            self.exits.as_raw_fd(),
+            ours.as_raw_fd(),
+        ];
+        // SAFETY: the spawner is single-threaded, so the child may do anything.
+        match unsafe { nix::unistd::fork() } {
+            Ok(ForkResult::Parent { child }) => {
+                self.warm = Some(Warm {
+                    pid: child,
+                    jobs: ours,
+                });
+            }
+            Ok(ForkResult::Child) => {
+                let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
+                let mut buf = [0u8; MAX_MESSAGE];
+                let job = match receive(&theirs, &mut buf) {
+                    Ok(Some((n, fds))) if n > 0 => Some((n, fds)),
+                    _ => None,
+                };
+                let Some((n, fds)) = job else {
+                    // The spawner is gone or gave up on this stub.
+                    // SAFETY: _exit ends this process without running
+                    // anything the parent registered.
+                    unsafe { libc::_exit(0) }
+                };
+                let mut parts = buf[..n].splitn(2, |b| *b == b' ');
+                let mode = parts
+                    .next()
+                    .and_then(|m| std::str::from_utf8(m).ok())
+                    .and_then(Mode::parse)
+                    .filter(|m| m.descriptors() == fds.len());
+                let (Some(mode), Some(spec_file)) = (mode, parts.next()) else {
+                    // SAFETY: as above.
+                    unsafe { libc::_exit(crate::reaper::EXIT_CANNOT_RUN) }
+                };
+                let path = Path::new(OsStr::from_bytes(spec_file)).to_owned();
+                let mut closing = closing.to_vec();
+                closing.push(theirs.as_raw_fd());
+                run_stub(&closing, mode, &path, &fds)
+            }
+            Err(_) => {}
+        }
     }
 }
 
@@ -307,136 +490,70 @@ fn reply(socket: &OwnedFd, text: &str) {
     {}
 }
 
-/// Handles one request; `false` when the agent closed the socket.
-fn serve_one(
-    socket: &OwnedFd,
-    exits: &SignalFd,
-    running: &mut HashMap<u64, Pid>,
-) -> Result<bool, String> {
-    let mut buf = [0u8; MAX_MESSAGE];
+/// Receives one message and the descriptors sent with it; `None` when
+/// interrupted (try again), `Some((0, _))` at the end of the stream.
+fn receive(socket: &OwnedFd, buf: &mut [u8]) -> Result<Option<(usize, Vec<OwnedFd>)>, String> {
     let mut space = nix::cmsg_space!([RawFd; 4]);
-    let (n, received) = {
-        let mut iov = [IoSliceMut::new(&mut buf)];
-        let message = match recvmsg::<()>(
-            socket.as_raw_fd(),
-            &mut iov,
-            Some(&mut space),
-            MsgFlags::MSG_CMSG_CLOEXEC,
-        ) {
-            Ok(m) => m,
-            Err(Errno::EINTR | Errno::EAGAIN) => return Ok(true),
-            Err(e) => return Err(format!("reading a request: {e}")),
-        };
-        let mut received: Vec<OwnedFd> = Vec::new();
-        for cmsg in message
-            .cmsgs()
-            .map_err(|e| format!("reading descriptors: {e}"))?
-        {
-            if let ControlMessageOwned::ScmRights(fds) = cmsg {
-                // SAFETY: the kernel just installed these descriptors in
-                // this process for this message; nothing else owns them.
-                received.extend(
-                    fds.into_iter()
-                        .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
-                );
-            }
-        }
-        (message.bytes, received)
+    let mut iov = [IoSliceMut::new(buf)];
+    let message = match recvmsg::<()>(
+        socket.as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::MSG_CMSG_CLOEXEC,
+    ) {
+        Ok(m) => m,
+        Err(Errno::EINTR | Errno::EAGAIN) => return Ok(None),
+        Err(e) => return Err(format!("reading a request: {e}")),
     };
-    if n == 0 {
-        return Ok(false);
-    }
-    let text = &buf[..n];
-    let mut parts = text.splitn(4, |b| *b == b' ');
-    let (kind, id) = (parts.next(), parts.next());
-    let id: Option<u64> = id
-        .and_then(|i| std::str::from_utf8(i).ok())
-        .and_then(|i| i.parse().ok());
-    match (kind, id) {
-        (Some(b"signal"), Some(id)) => {
-            let signo = parts
-                .next()
-                .and_then(|s| std::str::from_utf8(s).ok())
-                .and_then(|s| s.parse::<i32>().ok())
-                .and_then(|s| Signal::try_from(s).ok());
-            if let (Some(pid), Some(signo)) = (running.get(&id), signo) {
-                let _ = signal::kill(*pid, signo);
-            }
-        }
-        (Some(b"start"), Some(id)) => {
-            let mode = parts
-                .next()
-                .and_then(|m| std::str::from_utf8(m).ok())
-                .and_then(Mode::parse);
-            let spec_file = parts.next().map(|p| Path::new(OsStr::from_bytes(p)));
-            match (mode, spec_file) {
-                (Some(mode), Some(spec_file)) if received.len() == mode.descriptors() => {
-                    match fork_stub(mode, spec_file, &received, socket, exits) {
-                        Ok(pid) => {
-                            running.insert(id, pid);
-                        }
-                        Err(e) => reply(socket, &format!("failed {id} fork: {e}")),
-                    }
-                }
-                _ => reply(
-                    socket,
-                    &format!(
-                        "failed {id} malformed request ({} descriptors)",
-                        received.len()
-                    ),
-                ),
-            }
-        }
-        _ => {
-            let shown = String::from_utf8_lossy(text);
-            eprintln!("outpost __spawner: ignoring the malformed request {shown:?}");
+    let mut received: Vec<OwnedFd> = Vec::new();
+    for cmsg in message
+        .cmsgs()
+        .map_err(|e| format!("reading descriptors: {e}"))?
+    {
+        if let ControlMessageOwned::ScmRights(fds) = cmsg {
+            // SAFETY: the kernel just installed these descriptors in this
+            // process for this message; nothing else owns them.
+            received.extend(
+                fds.into_iter()
+                    .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+            );
         }
     }
-    Ok(true)
+    Ok(Some((message.bytes, received)))
 }
 
-/// Forks the stub for one action.
-fn fork_stub(
-    mode: Mode,
-    spec_file: &Path,
-    fds: &[OwnedFd],
-    socket: &OwnedFd,
-    exits: &SignalFd,
-) -> nix::Result<Pid> {
-    // SAFETY: the spawner is single-threaded, so the child may do anything.
-    match unsafe { nix::unistd::fork() }? {
-        ForkResult::Parent { child } => Ok(child),
-        ForkResult::Child => {
-            // SAFETY: the child owns its copies of every descriptor. Each
-            // received one is first copied above 63, so that moving the
-            // copies onto 0..4 cannot clobber one not yet moved.
-            unsafe {
-                libc::close(socket.as_raw_fd());
-                libc::close(exits.as_raw_fd());
-                let mut high = Vec::with_capacity(fds.len());
-                for fd in fds {
-                    let h = libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD, 64);
-                    if h == -1 {
-                        libc::_exit(crate::reaper::EXIT_CANNOT_RUN);
-                    }
-                    libc::close(fd.as_raw_fd());
-                    high.push(h);
-                }
-                for (target, h) in high.into_iter().enumerate() {
-                    if libc::dup2(h, target as RawFd) == -1 {
-                        libc::_exit(crate::reaper::EXIT_CANNOT_RUN);
-                    }
-                    libc::close(h);
-                }
+/// In a forked child: closes the spawner's descriptors, puts the action's
+/// on 0, 1, 2 (and 3), runs the stub and exits with its code.
+fn run_stub(closing: &[RawFd], mode: Mode, spec_file: &Path, fds: &[OwnedFd]) -> ! {
+    // SAFETY: the child owns its copies of every descriptor. Each received
+    // one is first copied above 63, so that moving the copies onto 0..4
+    // cannot clobber one not yet moved.
+    unsafe {
+        for fd in closing {
+            libc::close(*fd);
+        }
+        let mut high = Vec::with_capacity(fds.len());
+        for fd in fds {
+            let h = libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD, 64);
+            if h == -1 {
+                libc::_exit(crate::reaper::EXIT_CANNOT_RUN);
             }
-            let _ = SigSet::all().thread_unblock();
-            let code = match mode {
-                Mode::Reap => reap_stub(spec_file),
-                Mode::Sandbox => super::stub::main_file(spec_file),
-            };
-            std::process::exit(code)
+            libc::close(fd.as_raw_fd());
+            high.push(h);
+        }
+        for (target, h) in high.into_iter().enumerate() {
+            if libc::dup2(h, target as RawFd) == -1 {
+                libc::_exit(crate::reaper::EXIT_CANNOT_RUN);
+            }
+            libc::close(h);
         }
     }
+    let _ = SigSet::all().thread_unblock();
+    let code = match mode {
+        Mode::Reap => reap_stub(spec_file),
+        Mode::Sandbox => super::stub::main_file(spec_file),
+    };
+    std::process::exit(code)
 }
 
 fn reap_stub(spec_file: &Path) -> i32 {
