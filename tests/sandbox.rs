@@ -64,9 +64,30 @@ impl Drop for Cgroups {
 const TRY: &str = r#"t() { if sh -c "$2" >/dev/null 2>&1; then echo "$1: ESCAPED"; else echo "$1: refused"; fi; }
 "#;
 
-/// A v1 memory and pids cgroup owned by `NOBODY`, for the unprivileged
-/// agent to make its action cgroups in (empty on hosts without v1).
+/// Whether this host's cgroup v2 hierarchy (at `/sys/fs/cgroup`) offers
+/// the memory controller, as on hosts without v1 controllers.
+fn cgroup_v2_with_memory() -> bool {
+    std::fs::read_to_string("/sys/fs/cgroup/cgroup.controllers")
+        .is_ok_and(|c| c.split_whitespace().any(|c| c == "memory"))
+}
+
+/// Cgroups owned by `NOBODY`, for the unprivileged agent to make its action
+/// cgroups in, as systemd's `Delegate=yes` would give it: one v2 cgroup
+/// where v2 has the memory controller, else a v1 memory and a v1 pids
+/// cgroup (empty on hosts with neither).
 fn delegated_cgroups(name: &str) -> Vec<PathBuf> {
+    if cgroup_v2_with_memory() {
+        let root = Path::new("/sys/fs/cgroup");
+        for c in ["+memory", "+pids", "+cpu"] {
+            let _ = std::fs::write(root.join("cgroup.subtree_control"), c);
+        }
+        let dir = root.join(name);
+        if std::fs::create_dir(&dir).is_err() {
+            return Vec::new();
+        }
+        chown_tree(&dir);
+        return vec![dir];
+    }
     let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
     let mut out = Vec::new();
     for controller in ["memory", "pids"] {
@@ -142,7 +163,13 @@ impl Fleet {
         agent
             .wait_for("registered with the coordinator", Duration::from_secs(30))
             .await;
-        if Path::new("/sys/fs/cgroup/memory").is_dir() {
+        if cgroup_v2_with_memory() {
+            assert_eq!(
+                agent.count("limits=cgroup v2"),
+                1,
+                "this host has cgroup v2 with memory: the agent must use it"
+            );
+        } else if Path::new("/sys/fs/cgroup/memory").is_dir() {
             assert_eq!(
                 agent.count("limits=cgroup"),
                 1,
