@@ -51,7 +51,9 @@ if [ -z "${ENDPOINT:-}" ]; then
     a=$(awk '{print $14+$15}' "/proc/$1/stat"); sleep 5; b=$(awk '{print $14+$15}' "/proc/$1/stat")
     awk -v a="$a" -v b="$b" -v hz="$(getconf CLK_TCK)" 'BEGIN {printf "%.2f", (b-a)/hz/5*100}'
   }
-  echo "idle coordinator_rss_mb=$(rss "$coordinator") agent_rss_mb=$(rss "$agent") coordinator_cpu_pct=$(cpu "$coordinator") agent_cpu_pct=$(cpu "$agent")"
+  # The agent's one child, its spawner, counts towards the agent.
+  spawner=$(pgrep -P "$agent" -f __spawner | head -1)
+  echo "idle coordinator_rss_mb=$(rss "$coordinator") agent_rss_mb=$(rss "$agent") spawner_rss_mb=$(rss "$spawner") coordinator_cpu_pct=$(cpu "$coordinator") agent_cpu_pct=$(cpu "$agent")"
 else
   endpoint=$ENDPOINT
 fi

@@ -615,6 +615,29 @@ both!(
     symlinks_in_the_input_tree_stay_inside,
 );
 
+/// What a shell would give a command, the sandbox gives too: the default
+/// SIGPIPE (so `yes | head` ends quietly), exactly the action's environment,
+/// and its program looked up on the action's own PATH.
+#[tokio::test]
+async fn actions_run_as_they_would_in_a_shell() {
+    let mut f = Fleet::start(As::Root, &[]).await;
+    let mut spec = ActionSpec::shell(
+        "yes | head -n 1; mkdir -p bin; printf '#!/bin/sh\necho found on PATH\n' > bin/tool; \
+         chmod +x bin/tool; PATH=\"$PWD/bin:$PATH\" tool; env | sort | grep -v '^PWD=\\|^SHLVL=\\|^_='",
+    );
+    spec.env = vec![
+        ("PATH".into(), "/usr/bin:/bin".into()),
+        ("ONLY".into(), "this".into()),
+    ];
+    let ran = f.run(&spec).await;
+    assert_eq!(ran.result.exit_code, 0, "stderr: {}", ran.stderr);
+    assert_eq!(ran.stderr, "", "yes must end by SIGPIPE, silently");
+    assert_eq!(
+        ran.stdout,
+        "y\nfound on PATH\nONLY=this\nPATH=/usr/bin:/bin\n"
+    );
+}
+
 /// Without user namespaces the agent refuses to start rather than run
 /// actions unisolated, and says what to do; `--isolation none` is the
 /// explicit way out.

@@ -150,6 +150,8 @@ impl Executor {
             Ok((command?, tree?))
         })
         .await?;
+        // The coordinator checked it too; the agent does not rely on that.
+        outpost_proto::validate::command(&command).map_err(|e| Error::BadInput(e.to_string()))?;
         let platform = match &action.platform {
             Some(p) if !p.properties.is_empty() => &p.properties,
             _ => command
@@ -214,9 +216,6 @@ impl Executor {
             .timeout
             .and_then(|t| Duration::try_from(t).ok())
             .unwrap_or(Duration::from_secs(3600));
-        if command.arguments.is_empty() {
-            return Err(Error::BadInput("the Command has no arguments".into()));
-        }
         let layout = Layout {
             dir: &dir,
             root: &root,

@@ -234,15 +234,23 @@ impl Isolation {
         };
         #[cfg(target_os = "linux")]
         {
-            let exe = isolation.exe.clone();
+            // Cgroups first: on cgroup v2 the agent moves itself into a leaf
+            // and enables controllers on the cgroup it left, which the
+            // kernel refuses while another process (a spawner) is in it.
+            if isolation.kinds.contains(&Kind::LinuxSandbox) {
+                isolation.sandbox = Some(Sandbox::start(config, agent_id).await?);
+            }
+            // The agent's own binary image, even if an upgrade replaced the
+            // file since: a spawner started again later must speak the
+            // same protocol.
+            let exe = PathBuf::from("/proc/self/exe");
             isolation.spawner = Some(
                 tokio::task::spawn_blocking(move || crate::spawn::Spawner::start(&exe))
                     .await
                     .context("starting the spawner process")?
                     .context("starting the spawner process")?,
             );
-            if isolation.kinds.contains(&Kind::LinuxSandbox) {
-                isolation.sandbox = Some(Sandbox::start(config, agent_id).await?);
+            if isolation.sandbox.is_some() {
                 isolation.probe(work_dir).await?;
             }
         }
@@ -366,7 +374,8 @@ impl Isolation {
                 }
             };
             let spec_file = layout.dir.join("run.spec");
-            std::fs::write(&spec_file, spec.encode())
+            let encoded = spec.encode().map_err(Error::BadInput)?;
+            std::fs::write(&spec_file, encoded)
                 .map_err(|e| Error::local("writing the action's spec", e))?;
             Ok(Prepared {
                 mode: match choice.kind {
@@ -611,6 +620,31 @@ impl Sandbox {
             rlimits: group.rlimits.clone(),
         };
         Ok((spec, group))
+    }
+}
+
+#[cfg(target_os = "linux")]
+impl Drop for Started {
+    fn drop(&mut self) {
+        // Normally `finish` took the cgroups. An action given up before its
+        // end may have a stub still about to join them: never pool those.
+        let Some(group) = self.group.take() else {
+            return;
+        };
+        let ended = self.process.is_done();
+        let work = move || {
+            if ended {
+                drop(group);
+            } else {
+                group.discard();
+            }
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(handle) => {
+                handle.spawn_blocking(work);
+            }
+            Err(_) => work(),
+        }
     }
 }
 

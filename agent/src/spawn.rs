@@ -29,6 +29,17 @@ struct Live {
 }
 
 impl Live {
+    /// Gives this spawner up: no new actions go to it, it is told to exit
+    /// (taking its stubs along), and whoever waits on it hears so.
+    fn end(&self) {
+        self.gone.store(true, Ordering::Release);
+        self.client.shutdown();
+        let waiting = std::mem::take(&mut *lock(&self.waiting));
+        for (_, s) in waiting {
+            let _ = s.send(Err("the agent's spawner process ended".into()));
+        }
+    }
+
     fn finish(&self, id: u64, outcome: Result<i32, String>) {
         let sender = lock(&self.waiting).remove(&id);
         if let Some(s) = sender {
@@ -74,24 +85,36 @@ impl Spawner {
         spec_file: &Path,
         fds: &[BorrowedFd<'_>],
     ) -> Result<Running, Error> {
-        let live = self
-            .live()
-            .map_err(|e| Error::local("starting the spawner process", e))?;
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = oneshot::channel();
-        lock(&live.waiting).insert(id, tx);
-        if let Err(e) = live.client.start_run(id, mode, spec_file, fds) {
-            lock(&live.waiting).remove(&id);
-            return Err(Error::Retryable(format!(
-                "handing the action to the spawner process: {e}"
-            )));
+        // A spawner that died a moment ago is found out by the send: the
+        // action then goes to a new one.
+        let mut last_error = None;
+        for _ in 0..2 {
+            let live = self
+                .live()
+                .map_err(|e| Error::local("starting the spawner process", e))?;
+            let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+            let (tx, rx) = oneshot::channel();
+            lock(&live.waiting).insert(id, tx);
+            match live.client.start_run(id, mode, spec_file, fds) {
+                Ok(()) => {
+                    return Ok(Running {
+                        id,
+                        live,
+                        exited: rx,
+                        done: false,
+                    });
+                }
+                Err(e) => {
+                    lock(&live.waiting).remove(&id);
+                    live.end();
+                    last_error = Some(e);
+                }
+            }
         }
-        Ok(Running {
-            id,
-            live,
-            exited: rx,
-            done: false,
-        })
+        Err(Error::Retryable(format!(
+            "handing the action to the spawner process: {}",
+            last_error.map_or_else(String::new, |e| e.to_string())
+        )))
     }
 }
 
@@ -125,17 +148,15 @@ fn launch(exe: &Path) -> std::io::Result<Arc<Live>> {
                     Err(e) => break e.to_string(),
                 }
             };
-            live.gone.store(true, Ordering::Release);
+            live.end();
+            // It exits on the end of its socket; a confused one is killed.
+            let _ = child.kill();
             let status = child.wait();
             tracing::error!(
                 ?status,
                 "the spawner process ended ({ended}); its actions fail and are retried, \
                  and the next action starts a new one"
             );
-            let waiting = std::mem::take(&mut *lock(&live.waiting));
-            for (_, s) in waiting {
-                let _ = s.send(Err("the agent's spawner process ended".into()));
-            }
         })?;
     rx.recv()
         .map_err(|_| std::io::Error::other("the spawner thread ended"))?
@@ -159,6 +180,11 @@ impl Running {
             Ok(Err(e)) => Err(Error::Retryable(format!("starting the action: {e}"))),
             Err(_) => Err(Error::Retryable("the agent's spawner process ended".into())),
         }
+    }
+
+    /// Whether the stub's end was seen.
+    pub fn is_done(&self) -> bool {
+        self.done
     }
 
     /// Tells the stub to stop the action and everything it started.

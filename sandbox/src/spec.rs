@@ -53,9 +53,17 @@ pub struct Spec {
 }
 
 impl Spec {
-    pub fn encode(&self) -> Vec<u8> {
+    /// The records; refuses a value with a NUL byte, which would end its
+    /// record early and could add records of its own.
+    pub fn encode(&self) -> Result<Vec<u8>, String> {
         let mut out = Vec::new();
+        let mut bad = None;
         let mut put = |key: &str, value: &OsStr| {
+            if value.as_bytes().contains(&0) {
+                bad.get_or_insert_with(|| {
+                    format!("the sandbox spec's {key} {value:?} contains NUL")
+                });
+            }
             out.extend_from_slice(key.as_bytes());
             out.push(b'=');
             out.extend_from_slice(value.as_bytes());
@@ -96,7 +104,10 @@ impl Spec {
                 put(key, OsStr::new(&v.to_string()));
             }
         }
-        out
+        match bad {
+            Some(e) => Err(e),
+            None => Ok(out),
+        }
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Spec, String> {
@@ -216,7 +227,7 @@ mod tests {
                 cpu_millis: None,
             },
         };
-        assert_eq!(Spec::decode(&spec.encode()), Ok(spec));
+        assert_eq!(Spec::decode(&spec.encode().expect("encodes")), Ok(spec));
     }
 
     #[test]
@@ -228,14 +239,22 @@ mod tests {
             scratch: "/s".into(),
             ..Spec::default()
         };
-        assert!(Spec::decode(&base.encode()).is_ok());
+        assert!(Spec::decode(&base.encode().expect("encodes")).is_ok());
         for bad in ["../up", "/abs", "a/../../b"] {
             let spec = Spec {
                 writable: vec![bad.into()],
                 ..base.clone()
             };
-            assert!(Spec::decode(&spec.encode()).is_err(), "{bad}");
+            assert!(
+                Spec::decode(&spec.encode().expect("encodes")).is_err(),
+                "{bad}"
+            );
         }
+        let smuggled = Spec {
+            env: vec!["A=x\0host=/".into()],
+            ..base.clone()
+        };
+        assert!(smuggled.encode().is_err(), "a NUL could add a record");
         assert!(Spec::decode(b"nokey\0").is_err());
         assert!(Spec::decode(b"bogus=1\0arg=true\0").is_err());
         assert!(Spec::decode(b"root=/r\0").is_err(), "no program");

@@ -80,7 +80,10 @@ pub struct Group {
     v2: bool,
     /// The `oom_kill` count when the action started.
     oom_kills_before: u64,
+    /// The limits its files hold (valid only once `create` succeeded).
     written: Limits,
+    /// Whether it may go back to the pool when empty.
+    reusable: bool,
     pool: Arc<Mutex<Vec<Idle>>>,
     /// What the cgroups could not cover, to apply as rlimits.
     pub rlimits: Limits,
@@ -249,71 +252,22 @@ impl Limiter {
             memory_limit: limits.memory_bytes,
             v2,
             oom_kills_before: 0,
-            written: limits.clone(),
+            written: Limits::default(),
+            reusable: true,
             pool: Arc::clone(&self.pool),
             rlimits: limits.clone(),
         };
-        // Limits are written unless this cgroup already has them (a new one
-        // starts unlimited).
-        let changed = |f: fn(&Limits) -> Option<u64>| {
-            written
-                .as_ref()
-                .map_or(f(limits).is_some(), |w| f(w) != f(limits))
-        };
-        for (c, dir) in controllers {
-            match c {
-                Controller::Memory => {
-                    group.memory_dir = Some(dir.clone());
-                    if changed(|l| l.memory_bytes) {
-                        let bytes = limits
-                            .memory_bytes
-                            .map_or("max".to_owned(), |b| b.to_string());
-                        if v2 {
-                            write(&dir.join("memory.max"), &bytes)?;
-                            let _ = write(&dir.join("memory.swap.max"), "0");
-                        } else {
-                            let bytes = if bytes == "max" {
-                                "-1".to_owned()
-                            } else {
-                                bytes
-                            };
-                            // The combined limit may not go below the
-                            // memory limit: raise it first, lower it last.
-                            let _ = write(&dir.join("memory.memsw.limit_in_bytes"), "-1");
-                            write(&dir.join("memory.limit_in_bytes"), &bytes)?;
-                            let _ = write(&dir.join("memory.memsw.limit_in_bytes"), &bytes);
-                        }
-                    }
-                    group.oom_kills_before = oom_kills(&dir, v2);
-                    group.rlimits.memory_bytes = None;
-                }
-                Controller::Pids => {
-                    if changed(|l| l.pids) {
-                        let n = limits.pids.map_or("max".to_owned(), |n| n.to_string());
-                        write(&dir.join("pids.max"), &n)?;
-                    }
-                    group.rlimits.pids = None;
-                }
-                Controller::Cpu => {
-                    if changed(|l| l.cpu_millis) {
-                        let period = 100_000u64;
-                        let quota = limits
-                            .cpu_millis
-                            .map(|milli| (milli * period / 1000).max(1000));
-                        if v2 {
-                            let quota = quota.map_or("max".to_owned(), |q| q.to_string());
-                            write(&dir.join("cpu.max"), &format!("{quota} {period}"))?;
-                        } else {
-                            write(&dir.join("cpu.cfs_period_us"), &period.to_string())?;
-                            let quota = quota.map_or("-1".to_owned(), |q| q.to_string());
-                            write(&dir.join("cpu.cfs_quota_us"), &quota)?;
-                        }
-                    }
-                    group.rlimits.cpu_millis = None;
-                }
+        match group.set_limits(&controllers, written.as_ref(), limits) {
+            Ok(()) => {
+                group.written = limits.clone();
+                Ok(group)
+            }
+            Err(e) => {
+                // What it holds now is unknown: removed, not pooled.
+                group.reusable = false;
+                Err(e)
             }
         }
-        Ok(group)
     }
 
     /// Makes a new action cgroup: its directory under each parent.
@@ -344,6 +298,86 @@ impl Limiter {
             }
             Tree::None => Ok(Vec::new()),
         }
+    }
+}
+
+impl Group {
+    /// Writes `limits` where they differ from `written` (what the cgroup
+    /// last had; `None` for a new one, which starts unlimited), and records
+    /// the OOM count to compare against.
+    fn set_limits(
+        &mut self,
+        controllers: &[(Controller, PathBuf)],
+        written: Option<&Limits>,
+        limits: &Limits,
+    ) -> std::io::Result<()> {
+        let v2 = self.v2;
+        let changed = |f: fn(&Limits) -> Option<u64>| {
+            written.map_or(f(limits).is_some(), |w| f(w) != f(limits))
+        };
+        for (c, dir) in controllers {
+            match c {
+                Controller::Memory => {
+                    self.memory_dir = Some(dir.clone());
+                    if changed(|l| l.memory_bytes) {
+                        let bytes = limits.memory_bytes.map(|b| b.to_string());
+                        if v2 {
+                            write(&dir.join("memory.max"), bytes.as_deref().unwrap_or("max"))?;
+                            // Without swap accounting there is no file.
+                            let swap = if bytes.is_some() { "0" } else { "max" };
+                            let _ = write(&dir.join("memory.swap.max"), swap);
+                        } else {
+                            let bytes = bytes.as_deref().unwrap_or("-1");
+                            // The combined limit may not go below the
+                            // memory limit: raise it first, lower it last.
+                            // Without swap accounting there is no file.
+                            let memsw = dir.join("memory.memsw.limit_in_bytes");
+                            let has_memsw = memsw.exists();
+                            if has_memsw {
+                                write(&memsw, "-1")?;
+                            }
+                            write(&dir.join("memory.limit_in_bytes"), bytes)?;
+                            if has_memsw {
+                                write(&memsw, bytes)?;
+                            }
+                        }
+                    }
+                    self.oom_kills_before = oom_kills(dir, v2);
+                    self.rlimits.memory_bytes = None;
+                }
+                Controller::Pids => {
+                    if changed(|l| l.pids) {
+                        let n = limits.pids.map_or("max".to_owned(), |n| n.to_string());
+                        write(&dir.join("pids.max"), &n)?;
+                    }
+                    self.rlimits.pids = None;
+                }
+                Controller::Cpu => {
+                    if changed(|l| l.cpu_millis) {
+                        let period = 100_000u64;
+                        let quota = limits
+                            .cpu_millis
+                            .map(|milli| (milli * period / 1000).max(1000));
+                        if v2 {
+                            let quota = quota.map_or("max".to_owned(), |q| q.to_string());
+                            write(&dir.join("cpu.max"), &format!("{quota} {period}"))?;
+                        } else {
+                            write(&dir.join("cpu.cfs_period_us"), &period.to_string())?;
+                            let quota = quota.map_or("-1".to_owned(), |q| q.to_string());
+                            write(&dir.join("cpu.cfs_quota_us"), &quota)?;
+                        }
+                    }
+                    self.rlimits.cpu_millis = None;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Not to be handed to another action: killed and removed when dropped
+    /// (for an action whose stub may still be joining it).
+    pub fn discard(mut self) {
+        self.reusable = false;
     }
 }
 
@@ -498,7 +532,7 @@ impl Drop for Group {
         if self.dirs.is_empty() {
             return;
         }
-        if self.is_empty() {
+        if self.reusable && self.is_empty() {
             lock(&self.pool).push(Idle {
                 dirs: std::mem::take(&mut self.dirs),
                 written: std::mem::take(&mut self.written),

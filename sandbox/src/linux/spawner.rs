@@ -117,7 +117,12 @@ impl Client {
         )?;
         let fd = theirs.as_raw_fd();
         let mut command = std::process::Command::new(exe);
-        command.arg("__spawner").stdin(std::process::Stdio::null());
+        // A process group of its own from the start: a terminal's Ctrl-C
+        // reaches the agent, which decides what happens to actions.
+        command
+            .arg("__spawner")
+            .stdin(std::process::Stdio::null())
+            .process_group(0);
         // SAFETY: the closure runs in the forked child before exec and calls
         // only async-signal-safe functions (dup2, fcntl) on descriptors it
         // owns.
@@ -182,6 +187,13 @@ impl Client {
                 Err(e) => return Err(e.into()),
             }
         }
+    }
+
+    /// Ends the conversation: the spawner sees the end of its socket and
+    /// exits, and its stubs die with it.
+    pub fn shutdown(&self) {
+        let _ =
+            nix::sys::socket::shutdown(self.socket.as_raw_fd(), nix::sys::socket::Shutdown::Both);
     }
 
     /// The next event; `None` once the spawner is gone. Call from one
@@ -254,7 +266,6 @@ fn serve() -> Result<(), String> {
     if nix::unistd::getppid() == Pid::from_raw(1) {
         return Ok(());
     }
-    let _ = nix::unistd::setpgid(Pid::from_raw(0), Pid::from_raw(0));
     let mut chld = SigSet::empty();
     chld.add(Signal::SIGCHLD);
     chld.thread_block()
@@ -420,10 +431,14 @@ impl Spawner {
         }
         let path = Path::new(OsStr::from_bytes(spec_file));
         let closing = [self.socket.as_raw_fd(), self.exits.as_raw_fd()];
+        let spawner = nix::unistd::getpid();
         // SAFETY: the spawner is single-threaded, so the child may do anything.
         match unsafe { nix::unistd::fork() }? {
             ForkResult::Parent { child } => Ok(child),
-            ForkResult::Child => run_stub(&closing, mode, path, fds),
+            ForkResult::Child => {
+                die_with(spawner);
+                run_stub(&closing, mode, path, fds)
+            }
         }
     }
 
@@ -442,6 +457,7 @@ impl Spawner {
             self.exits.as_raw_fd(),
             ours.as_raw_fd(),
         ];
+        let spawner = nix::unistd::getpid();
         // SAFETY: the spawner is single-threaded, so the child may do anything.
         match unsafe { nix::unistd::fork() } {
             Ok(ForkResult::Parent { child }) => {
@@ -451,17 +467,23 @@ impl Spawner {
                 });
             }
             Ok(ForkResult::Child) => {
-                let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
+                die_with(spawner);
                 let mut buf = [0u8; MAX_MESSAGE];
-                let job = match receive(&theirs, &mut buf) {
-                    Ok(Some((n, fds))) if n > 0 => Some((n, fds)),
-                    _ => None,
-                };
-                let Some((n, fds)) = job else {
-                    // The spawner is gone or gave up on this stub.
-                    // SAFETY: _exit ends this process without running
-                    // anything the parent registered.
-                    unsafe { libc::_exit(0) }
+                let (n, fds) = loop {
+                    match receive(&theirs, &mut buf) {
+                        Ok(None) => continue, // Interrupted.
+                        // The spawner is gone or gave up on this stub,
+                        // which nobody waits for.
+                        // SAFETY: _exit ends this process without running
+                        // anything the parent registered.
+                        Ok(Some((0, _))) => unsafe { libc::_exit(0) },
+                        Ok(Some(job)) => break job,
+                        Err(e) => {
+                            eprintln!("outpost __spawner: a warm stub lost its job: {e}");
+                            // SAFETY: as above.
+                            unsafe { libc::_exit(crate::reaper::EXIT_CANNOT_RUN) }
+                        }
+                    }
                 };
                 let mut parts = buf[..n].splitn(2, |b| *b == b' ');
                 let mode = parts
@@ -490,6 +512,17 @@ fn reply(socket: &OwnedFd, text: &str) {
     {}
 }
 
+/// In a freshly forked stub: dies with the spawner from now on, and at
+/// once if it already died (the child would have been re-parented).
+fn die_with(spawner: Pid) {
+    let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
+    if nix::unistd::getppid() != spawner {
+        // SAFETY: _exit ends this process without running anything the
+        // parent registered.
+        unsafe { libc::_exit(crate::reaper::EXIT_KILLED) }
+    }
+}
+
 /// Receives one message and the descriptors sent with it; `None` when
 /// interrupted (try again), `Some((0, _))` at the end of the stream.
 fn receive(socket: &OwnedFd, buf: &mut [u8]) -> Result<Option<(usize, Vec<OwnedFd>)>, String> {
@@ -506,10 +539,16 @@ fn receive(socket: &OwnedFd, buf: &mut [u8]) -> Result<Option<(usize, Vec<OwnedF
         Err(e) => return Err(format!("reading a request: {e}")),
     };
     let mut received: Vec<OwnedFd> = Vec::new();
-    for cmsg in message
-        .cmsgs()
-        .map_err(|e| format!("reading descriptors: {e}"))?
-    {
+    let cmsgs = match message.cmsgs() {
+        Ok(c) => c,
+        Err(e) => {
+            // Too many descriptors for the buffer (the kernel closed the
+            // rest): the request is answered as malformed, not fatal.
+            eprintln!("outpost __spawner: a request's descriptors were cut short: {e}");
+            return Ok(Some((message.bytes, received)));
+        }
+    };
+    for cmsg in cmsgs {
         if let ControlMessageOwned::ScmRights(fds) = cmsg {
             // SAFETY: the kernel just installed these descriptors in this
             // process for this message; nothing else owns them.

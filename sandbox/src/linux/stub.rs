@@ -272,6 +272,12 @@ fn action(spec: &Spec, status: &mut Status) -> i32 {
             std::env::set_var(name, value);
         }
     }
+    // The Rust runtime ignores SIGPIPE; the action gets the default back
+    // (`yes | head` must end `yes` by SIGPIPE, as in a shell).
+    // SAFETY: resetting a disposition to the default installs no handler.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let e = nix::unistd::execvp(&argv[0], &argv).unwrap_err();
     eprintln!("outpost: cannot run {:?}: {e}", spec.argv[0]);
     EXIT_CANNOT_RUN
