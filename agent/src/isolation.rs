@@ -380,6 +380,7 @@ impl Isolation {
             Ok(Prepared {
                 mode: match choice.kind {
                     Kind::None => Mode::Reap,
+                    Kind::LinuxSandbox if choice.network => Mode::SandboxNetwork,
                     Kind::LinuxSandbox => Mode::Sandbox,
                 },
                 spec_file,

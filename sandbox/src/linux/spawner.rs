@@ -9,9 +9,14 @@
 //! an action is contained in exactly the same way either path.
 //!
 //! When it has nothing else to do, the spawner forks the next stub ahead of
-//! time; that stub waits on a socket of its own for its action (mode, spec
-//! file and descriptors, passed on as they came), so an action's start pays
-//! for neither the fork nor the child's first page faults.
+//! time, one for each mode it was asked for (except `sandbox-network`);
+//! that stub waits on a socket of its own for its action (mode, spec file
+//! and descriptors, passed on as they came), so an action's start pays for
+//! neither the fork nor the child's first page faults. A warm `sandbox`
+//! stub has also entered its namespaces (user, mount, pid, ipc, uts and a
+//! network namespace with loopback up), the costliest part of a sandbox.
+//!
+//! MODE is `reap`, `sandbox` or `sandbox-network` ([`Mode`]).
 //!
 //! The agent talks to the spawner over a `SOCK_SEQPACKET` socket on fd 3,
 //! one message per datagram, in plain text:
@@ -64,8 +69,13 @@ pub enum Mode {
     /// `outpost __reap`: the action in its own process group, everything it
     /// leaves behind killed. Descriptors: stdin, stdout, stderr.
     Reap,
-    /// `outpost __sandbox`. Descriptors: stdin, stdout, stderr, status pipe.
+    /// `outpost __sandbox` for an action without network. Descriptors:
+    /// stdin, stdout, stderr, status pipe. Its warm stubs have entered
+    /// their namespaces already.
     Sandbox,
+    /// `outpost __sandbox` for an action with the host's network; never
+    /// warm. Descriptors as for `Sandbox`.
+    SandboxNetwork,
 }
 
 impl Mode {
@@ -73,6 +83,7 @@ impl Mode {
         match self {
             Mode::Reap => "reap",
             Mode::Sandbox => "sandbox",
+            Mode::SandboxNetwork => "sandbox-network",
         }
     }
 
@@ -80,6 +91,7 @@ impl Mode {
         match s {
             "reap" => Some(Mode::Reap),
             "sandbox" => Some(Mode::Sandbox),
+            "sandbox-network" => Some(Mode::SandboxNetwork),
             _ => None,
         }
     }
@@ -87,7 +99,7 @@ impl Mode {
     fn descriptors(self) -> usize {
         match self {
             Mode::Reap => 3,
-            Mode::Sandbox => 4,
+            Mode::Sandbox | Mode::SandboxNetwork => 4,
         }
     }
 }
@@ -277,7 +289,9 @@ fn serve() -> Result<(), String> {
         socket,
         exits,
         running: HashMap::new(),
-        warm: None,
+        warm: Vec::new(),
+        warmable: vec![Mode::Reap],
+        cold_only: Vec::new(),
     };
     let ready = |spawner: &Spawner, timeout: PollTimeout| -> Result<(bool, bool), String> {
         let mut fds = [
@@ -294,9 +308,13 @@ fn serve() -> Result<(), String> {
         let mut events = ready(&spawner, PollTimeout::ZERO)?;
         if events == (false, false) {
             // With nothing to do, fork the next action's stub ahead of
-            // time, then wait.
-            if spawner.warm.is_none() {
-                spawner.warm_up();
+            // time, one per kind seen, then wait.
+            for mode in spawner.warmable.clone() {
+                if !spawner.warm.iter().any(|w| w.mode == mode)
+                    && !spawner.cold_only.contains(&mode)
+                {
+                    spawner.warm_up(mode);
+                }
             }
             events = ready(&spawner, PollTimeout::NONE)?;
         }
@@ -315,13 +333,21 @@ fn serve() -> Result<(), String> {
 struct Spawner {
     socket: OwnedFd,
     exits: SignalFd,
-    running: HashMap<u64, Pid>,
-    /// A stub forked ahead of time, waiting for its action.
-    warm: Option<Warm>,
+    /// Started stubs by request id.
+    running: HashMap<u64, (Pid, Mode)>,
+    /// Stubs forked ahead of time, waiting for their action.
+    warm: Vec<Warm>,
+    /// Modes to keep a warm stub of: `reap`, and each that was asked for.
+    warmable: Vec<Mode>,
+    /// Modes whose warm stub died before its job (a sandbox that cannot be
+    /// set up here, say): forked cold until one of theirs succeeds, so a
+    /// broken warm-up is not retried in a loop.
+    cold_only: Vec<Mode>,
 }
 
 struct Warm {
     pid: Pid,
+    mode: Mode,
     /// Where its action is sent: mode and spec file, with descriptors.
     jobs: OwnedFd,
 }
@@ -336,18 +362,29 @@ impl Spawner {
                 Ok(WaitStatus::StillAlive) | Err(_) => return,
                 Ok(_) => continue,
             };
-            if self.warm.as_ref().is_some_and(|w| w.pid == pid) {
-                self.warm = None;
+            if let Some(i) = self.warm.iter().position(|w| w.pid == pid) {
+                let mode = self.warm.swap_remove(i).mode;
+                if !self.cold_only.contains(&mode) {
+                    eprintln!(
+                        "outpost __spawner: a warm {} stub ended before its action \
+                         (status {code}); starting that kind cold from now on",
+                        mode.name()
+                    );
+                    self.cold_only.push(mode);
+                }
                 continue;
             }
-            let Some(id) = self
+            let Some((id, mode)) = self
                 .running
                 .iter()
-                .find_map(|(id, p)| (*p == pid).then_some(*id))
+                .find_map(|(id, (p, mode))| (*p == pid).then_some((*id, *mode)))
             else {
                 continue;
             };
             self.running.remove(&id);
+            if code == 0 {
+                self.cold_only.retain(|m| *m != mode);
+            }
             reply(&self.socket, &format!("exited {id} {code}"));
         }
     }
@@ -374,7 +411,7 @@ impl Spawner {
                     .and_then(|s| std::str::from_utf8(s).ok())
                     .and_then(|s| s.parse::<i32>().ok())
                     .and_then(|s| Signal::try_from(s).ok());
-                if let (Some(pid), Some(signo)) = (self.running.get(&id), signo) {
+                if let (Some((pid, _)), Some(signo)) = (self.running.get(&id), signo) {
                     let _ = signal::kill(*pid, signo);
                 }
             }
@@ -385,9 +422,12 @@ impl Spawner {
                     .and_then(Mode::parse);
                 match (mode, job) {
                     (Some(mode), Some((_, spec_file))) if received.len() == mode.descriptors() => {
+                        if !self.warmable.contains(&mode) && mode != Mode::SandboxNetwork {
+                            self.warmable.push(mode);
+                        }
                         match self.start(mode, spec_file, &received) {
                             Ok(pid) => {
-                                self.running.insert(id, pid);
+                                self.running.insert(id, (pid, mode));
                             }
                             Err(e) => reply(&self.socket, &format!("failed {id} fork: {e}")),
                         }
@@ -411,7 +451,8 @@ impl Spawner {
 
     /// Starts a stub for the job: the warm one, or a new fork.
     fn start(&mut self, mode: Mode, spec_file: &[u8], fds: &[OwnedFd]) -> nix::Result<Pid> {
-        if let Some(warm) = self.warm.take() {
+        if let Some(i) = self.warm.iter().position(|w| w.mode == mode) {
+            let warm = self.warm.swap_remove(i);
             let mut job = mode.name().as_bytes().to_vec();
             job.push(b' ');
             job.extend_from_slice(spec_file);
@@ -437,13 +478,14 @@ impl Spawner {
             ForkResult::Parent { child } => Ok(child),
             ForkResult::Child => {
                 die_with(spawner);
-                run_stub(&closing, mode, path, fds)
+                run_stub(&closing, mode, false, path, fds)
             }
         }
     }
 
-    /// Forks a stub that waits for its job on a socket of its own.
-    fn warm_up(&mut self) {
+    /// Forks a stub that prepares what it can for a job in `mode` and
+    /// waits for it on a socket of its own.
+    fn warm_up(&mut self, mode: Mode) {
         let Ok((ours, theirs)) = socketpair(
             AddressFamily::Unix,
             SockType::SeqPacket,
@@ -461,13 +503,22 @@ impl Spawner {
         // SAFETY: the spawner is single-threaded, so the child may do anything.
         match unsafe { nix::unistd::fork() } {
             Ok(ForkResult::Parent { child }) => {
-                self.warm = Some(Warm {
+                self.warm.push(Warm {
                     pid: child,
+                    mode,
                     jobs: ours,
                 });
             }
             Ok(ForkResult::Child) => {
                 die_with(spawner);
+                if mode == Mode::Sandbox
+                    && let Err(e) = super::stub::warm()
+                {
+                    eprintln!("outpost __spawner: a warm sandbox could not be prepared: {e}");
+                    // SAFETY: _exit ends this process without running
+                    // anything the parent registered.
+                    unsafe { libc::_exit(super::stub::EXIT_SETUP_FAILED) }
+                }
                 let mut buf = [0u8; MAX_MESSAGE];
                 let (n, fds) = loop {
                     match receive(&theirs, &mut buf) {
@@ -486,19 +537,19 @@ impl Spawner {
                     }
                 };
                 let mut parts = buf[..n].splitn(2, |b| *b == b' ');
-                let mode = parts
+                let asked = parts
                     .next()
                     .and_then(|m| std::str::from_utf8(m).ok())
                     .and_then(Mode::parse)
-                    .filter(|m| m.descriptors() == fds.len());
-                let (Some(mode), Some(spec_file)) = (mode, parts.next()) else {
+                    .filter(|m| *m == mode && m.descriptors() == fds.len());
+                let (Some(mode), Some(spec_file)) = (asked, parts.next()) else {
                     // SAFETY: as above.
                     unsafe { libc::_exit(crate::reaper::EXIT_CANNOT_RUN) }
                 };
                 let path = Path::new(OsStr::from_bytes(spec_file)).to_owned();
                 let mut closing = closing.to_vec();
                 closing.push(theirs.as_raw_fd());
-                run_stub(&closing, mode, &path, &fds)
+                run_stub(&closing, mode, true, &path, &fds)
             }
             Err(_) => {}
         }
@@ -562,8 +613,9 @@ fn receive(socket: &OwnedFd, buf: &mut [u8]) -> Result<Option<(usize, Vec<OwnedF
 }
 
 /// In a forked child: closes the spawner's descriptors, puts the action's
-/// on 0, 1, 2 (and 3), runs the stub and exits with its code.
-fn run_stub(closing: &[RawFd], mode: Mode, spec_file: &Path, fds: &[OwnedFd]) -> ! {
+/// on 0, 1, 2 (and 3), runs the stub and exits with its code. `warmed`:
+/// the child prepared for `mode` before its job came.
+fn run_stub(closing: &[RawFd], mode: Mode, warmed: bool, spec_file: &Path, fds: &[OwnedFd]) -> ! {
     // SAFETY: the child owns its copies of every descriptor. Each received
     // one is first copied above 63, so that moving the copies onto 0..4
     // cannot clobber one not yet moved.
@@ -590,7 +642,8 @@ fn run_stub(closing: &[RawFd], mode: Mode, spec_file: &Path, fds: &[OwnedFd]) ->
     let _ = SigSet::all().thread_unblock();
     let code = match mode {
         Mode::Reap => reap_stub(spec_file),
-        Mode::Sandbox => super::stub::main_file(spec_file),
+        Mode::Sandbox if warmed => super::stub::main_file_warmed(spec_file),
+        Mode::Sandbox | Mode::SandboxNetwork => super::stub::main_file(spec_file),
     };
     std::process::exit(code)
 }

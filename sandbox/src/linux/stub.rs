@@ -2,10 +2,13 @@
 //!
 //! Three processes, so that killing one kills all:
 //! 1. the stub joins the action's cgroups, unshares the user, mount, pid,
-//!    ipc, uts (and net) namespaces, maps its own uid and gid, and forks;
-//!    it then waits, and on SIGTERM (timeout, cancel) kills the next one;
+//!    ipc, uts (and net) namespaces, maps its own uid and gid, names the
+//!    host and brings up loopback, and forks; it then waits, and on SIGTERM
+//!    (timeout, cancel) kills the next one. A warm stub (see the spawner)
+//!    entered its namespaces before its action came, and joins the
+//!    cgroups after;
 //! 2. init, pid 1 of the new pid namespace, builds the root
-//!    ([`mounts`](super::mounts)), brings up loopback, forks the action and
+//!    ([`mounts`](super::mounts)), forks the action and
 //!    reaps whatever is re-parented to it; when the action exits it exits
 //!    with its status, and the kernel kills every process left in the
 //!    namespace (daemons included);
@@ -83,26 +86,53 @@ pub fn main_file(spec_file: &std::path::Path) -> i32 {
 }
 
 fn run(spec_file: &std::path::Path, status: &mut Status) -> Result<i32, String> {
-    let bytes = std::fs::read(spec_file)
-        .map_err(|e| format!("reading the spec {}: {e}", spec_file.display()))?;
-    let spec = Spec::decode(&bytes)?;
-    run_spec(&spec, status)
+    let spec = read_spec(spec_file)?;
+    run_spec(&spec, status, Entered::No)
 }
 
-/// The stub for a decoded spec.
-fn run_spec(spec: &Spec, status: &mut Status) -> Result<i32, String> {
-    if spec.tmp.as_os_str().is_empty() || spec.scratch.as_os_str().is_empty() {
-        return Err("the sandbox spec names no tmp or scratch directory".into());
-    }
-    let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
-    if nix::unistd::getppid() == Pid::from_raw(1) {
-        return Ok(EXIT_KILLED);
-    }
-    for procs in &spec.cgroup_procs {
-        std::fs::write(procs, std::process::id().to_string())
-            .map_err(|e| format!("joining the cgroup {}: {e}", procs.display()))?;
-    }
+fn read_spec(spec_file: &std::path::Path) -> Result<Spec, String> {
+    let bytes = std::fs::read(spec_file)
+        .map_err(|e| format!("reading the spec {}: {e}", spec_file.display()))?;
+    Spec::decode(&bytes)
+}
 
+/// Whether this process already entered its namespaces (a warm stub).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Entered {
+    No,
+    /// With a private network namespace.
+    Isolated,
+}
+
+/// Enters the sandbox's namespaces ahead of its action, for a stub the
+/// spawner keeps warm: the costliest step (a network namespace above all)
+/// off the action's path. Such a stub takes only actions without network.
+pub fn warm() -> Result<(), String> {
+    enter(false)
+}
+
+/// The stub for a spec file, in a process that [`warm`] prepared.
+pub fn main_file_warmed(spec_file: &std::path::Path) -> i32 {
+    let mut status = status_pipe();
+    let run = read_spec(spec_file).and_then(|spec| {
+        if spec.network {
+            return Err("a warm sandbox was handed an action with network".into());
+        }
+        run_spec(&spec, &mut status, Entered::Isolated)
+    });
+    match run {
+        Ok(code) => code,
+        Err(e) => {
+            status.line(&format!("error: {e}"));
+            EXIT_SETUP_FAILED
+        }
+    }
+}
+
+/// Unshares the user, mount, pid, ipc and uts namespaces (and the network
+/// one unless `network`), maps the caller's own uid and gid, and names the
+/// host and brings up loopback in them. The pid namespace is for children.
+fn enter(network: bool) -> Result<(), String> {
     let uid = nix::unistd::getuid();
     let gid = nix::unistd::getgid();
     let mut flags = CloneFlags::CLONE_NEWUSER
@@ -110,7 +140,7 @@ fn run_spec(spec: &Spec, status: &mut Status) -> Result<i32, String> {
         | CloneFlags::CLONE_NEWPID
         | CloneFlags::CLONE_NEWIPC
         | CloneFlags::CLONE_NEWUTS;
-    if !spec.network {
+    if !network {
         flags |= CloneFlags::CLONE_NEWNET;
     }
     nix::sched::unshare(flags).map_err(|e| {
@@ -127,6 +157,31 @@ fn run_spec(spec: &Spec, status: &mut Status) -> Result<i32, String> {
         .map_err(|e| format!("writing uid_map: {e}"))?;
     std::fs::write("/proc/self/gid_map", format!("{gid} {gid} 1"))
         .map_err(|e| format!("writing gid_map: {e}"))?;
+    let _ = nix::unistd::sethostname("localhost");
+    if !network {
+        restrict::loopback_up().map_err(|e| format!("bringing up loopback: {e}"))?;
+    }
+    Ok(())
+}
+
+/// The stub for a decoded spec.
+fn run_spec(spec: &Spec, status: &mut Status, entered: Entered) -> Result<i32, String> {
+    if spec.tmp.as_os_str().is_empty() || spec.scratch.as_os_str().is_empty() {
+        return Err("the sandbox spec names no tmp or scratch directory".into());
+    }
+    let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
+    if nix::unistd::getppid() == Pid::from_raw(1) {
+        return Ok(EXIT_KILLED);
+    }
+    // Init and the action are born in the cgroups (a warm stub entered
+    // its namespaces before it knew them; the file checks are the same).
+    for procs in &spec.cgroup_procs {
+        std::fs::write(procs, std::process::id().to_string())
+            .map_err(|e| format!("joining the cgroup {}: {e}", procs.display()))?;
+    }
+    if entered == Entered::No {
+        enter(spec.network)?;
+    }
 
     let waited = block_signals()?;
     // SAFETY: the stub is single-threaded (it runs before any runtime).
@@ -185,13 +240,6 @@ fn init(spec: &Spec, status: &mut Status) -> i32 {
     let _ = nix::sys::prctl::set_dumpable(false);
     if let Err(e) = mounts::build_root(spec) {
         status.line(&format!("error: {e}"));
-        return EXIT_SETUP_FAILED;
-    }
-    let _ = nix::unistd::sethostname("localhost");
-    if !spec.network
-        && let Err(e) = restrict::loopback_up()
-    {
-        status.line(&format!("error: bringing up loopback: {e}"));
         return EXIT_SETUP_FAILED;
     }
     let waited = match block_signals() {
