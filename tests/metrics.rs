@@ -159,5 +159,7 @@ async fn the_agent_serves_metrics_only_when_asked() {
         1.0
     );
     assert_eq!(value(&samples, "outpost_agent_connected"), 1.0);
+    #[cfg(target_os = "linux")]
+    assert_eq!(value(&samples, "outpost_agent_spawner_starts_total"), 1.0);
     assert_eq!(value(&samples, "outpost_agent_running"), 0.0);
 }

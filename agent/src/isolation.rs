@@ -259,6 +259,14 @@ impl Isolation {
         Ok(isolation)
     }
 
+    /// Spawner processes started so far (Linux), for the metrics.
+    pub fn spawner_starts(&self) -> Option<prometheus_client::metrics::counter::Counter> {
+        #[cfg(target_os = "linux")]
+        return self.spawner.as_ref().map(|s| s.starts.clone());
+        #[cfg(not(target_os = "linux"))]
+        None
+    }
+
     /// Backend names, the default first: advertised as
     /// `workload-isolation-type` values.
     pub fn kinds(&self) -> Vec<String> {

@@ -163,7 +163,7 @@ impl Agent {
             actions_dir,
             isolation: Arc::clone(&isolation),
         });
-        let metrics = metrics::Metrics::new();
+        let metrics = metrics::Metrics::new(isolation.spawner_starts());
         let metrics_listener = match config.metrics_listen {
             Some(addr) => Some(metrics::bind(addr).await?),
             None => None,

@@ -30,8 +30,17 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    pub fn new() -> Arc<Metrics> {
+    /// `spawner_starts`: the isolation's count of spawner processes
+    /// started (Linux), registered as `outpost_agent_spawner_starts`.
+    pub fn new(spawner_starts: Option<Counter>) -> Arc<Metrics> {
         let mut registry = Registry::with_prefix("outpost_agent");
+        if let Some(starts) = spawner_starts {
+            registry.register(
+                "spawner_starts",
+                "Spawner processes started; more than one means one died and was replaced",
+                starts,
+            );
+        }
         let actions = Family::<OutcomeLabels, Counter>::default();
         registry.register("actions", "Leases finished, by outcome", actions.clone());
         let running = Gauge::default();

@@ -19,6 +19,8 @@ pub struct Spawner {
     exe: PathBuf,
     live: Mutex<Option<Arc<Live>>>,
     next_id: AtomicU64,
+    /// Spawner processes started, the first included (a metric).
+    pub starts: prometheus_client::metrics::counter::Counter,
 }
 
 /// One running spawner process.
@@ -59,6 +61,7 @@ impl Spawner {
             exe: exe.to_owned(),
             live: Mutex::new(None),
             next_id: AtomicU64::new(1),
+            starts: Default::default(),
         };
         spawner.live()?;
         Ok(spawner)
@@ -73,6 +76,7 @@ impl Spawner {
             return Ok(Arc::clone(live));
         }
         let live = launch(&self.exe)?;
+        self.starts.inc();
         *slot = Some(Arc::clone(&live));
         Ok(live)
     }
