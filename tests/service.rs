@@ -372,6 +372,9 @@ async fn a_reload_applies_labels_and_keeps_running_actions() {
     agent
         .wait_for("registering again", Duration::from_secs(10))
         .await;
+    // Registered anew (the running action resumed): the coordinator has
+    // the new labels before anything asks for them.
+    agent.wait_for("resumed=1", Duration::from_secs(10)).await;
     agent
         .wait_for("take effect only after a restart", Duration::from_secs(10))
         .await;

@@ -6,7 +6,7 @@
 //! and the pending access times in a single transaction (group commit). The
 //! same task evicts, so renames and deletions of blob files never race.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -53,7 +53,8 @@ pub enum Request {
         result: Bytes,
         /// The commit must reach the disk before the reply.
         durable: bool,
-        reply: oneshot::Sender<Result<(), Error>>,
+        /// `None` for a result read from `pending_results` meanwhile.
+        reply: Option<oneshot::Sender<Result<(), Error>>>,
     },
     /// The index lists a blob whose file is gone: drop the entry.
     Forget(Digest),
@@ -79,6 +80,10 @@ pub struct Core {
     /// it; the next maintenance tick syncs, so at most about a second of
     /// such entries can be lost in a crash (and redb reclaims pages).
     pub unsynced: std::sync::atomic::AtomicBool,
+    /// Results of actions this coordinator ran, handed to the committer
+    /// but not yet in the database: reads see them at once, so nobody
+    /// waits for the commit (`record_action_result`).
+    pub pending_results: Mutex<HashMap<(String, Digest), Bytes>>,
 }
 
 pub fn db_err(context: &str) -> impl Fn(&dyn std::fmt::Display) -> Error + '_ {
@@ -176,6 +181,15 @@ impl Core {
         instance_name: &str,
         action: &Digest,
     ) -> Result<Option<Bytes>, Error> {
+        let key = (instance_name.to_owned(), *action);
+        if let Some(pending) = self
+            .pending_results
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
+        {
+            return Ok(Some(pending.clone()));
+        }
         let txn = db!("reading the action cache", self.db.begin_read())?;
         let table = db!("reading the action cache", txn.open_table(ACTION_CACHE))?;
         let found = db!(
@@ -241,6 +255,9 @@ fn commit_batch(core: &Core, batch: Vec<Request>) {
     // Blob files renamed into place in this batch that the index did not
     // list yet: removed again if the transaction fails.
     let mut placed = Vec::new();
+    // Pending results this batch writes: dropped from the pending map once
+    // committed (or failed), before anyone hears of the commit.
+    let mut written = Vec::new();
     let result = (|| -> Result<(), Error> {
         let mut txn = db!("starting a commit", core.db.begin_write())?;
         let mut durable = false;
@@ -292,7 +309,10 @@ fn commit_batch(core: &Core, batch: Vec<Request>) {
                                 result.as_ref()
                             )
                         )?;
-                        replies.push((reply, Ok(())));
+                        match reply {
+                            Some(reply) => replies.push((reply, Ok(()))),
+                            None => written.push(((instance_name, action), result)),
+                        }
                     }
                     Request::Agent {
                         agent_id,
@@ -339,6 +359,23 @@ fn commit_batch(core: &Core, batch: Vec<Request>) {
         }
         db!("committing", txn.commit())
     })();
+    if let Err(e) = &result
+        && !written.is_empty()
+    {
+        tracing::warn!(error = %e, results = written.len(), "results of executed actions were not stored in the action cache");
+    }
+    {
+        let mut pending = core
+            .pending_results
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        for (key, value) in written {
+            // A later write of the same key stays until its own commit.
+            if pending.get(&key) == Some(&value) {
+                pending.remove(&key);
+            }
+        }
+    }
     match result {
         Ok(()) => {
             for (reply, r) in replies {

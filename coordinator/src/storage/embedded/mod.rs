@@ -68,6 +68,7 @@ impl EmbeddedStore {
                 max_bytes,
                 evicted: AtomicU64::new(0),
                 unsynced: std::sync::atomic::AtomicBool::new(false),
+                pending_results: Default::default(),
             })
         })
         .await
@@ -313,7 +314,7 @@ impl ActionCache for EmbeddedStore {
         action: Digest,
         result: Bytes,
     ) -> Result<(), Error> {
-        self.write_action_result(instance_name, action, result, true)
+        self.write_action_result(instance_name, action, result)
             .await
     }
 
@@ -323,32 +324,53 @@ impl ActionCache for EmbeddedStore {
         action: Digest,
         result: Bytes,
     ) -> Result<(), Error> {
-        self.write_action_result(instance_name, action, result, false)
+        // Readers see it at once; the commit follows without anyone
+        // waiting (and without reaching the disk before the next sync).
+        self.shared
+            .core
+            .pending_results
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert((instance_name.to_owned(), action), result.clone());
+        self.queue_action_result(instance_name, action, result, None)
             .await
     }
 }
 
 impl EmbeddedStore {
+    /// Writes a client's Action Cache entry and waits until it is on disk.
     async fn write_action_result(
         &self,
         instance_name: &str,
         action: Digest,
         result: Bytes,
-        durable: bool,
     ) -> Result<(), Error> {
         let (reply, done) = oneshot::channel();
+        self.queue_action_result(instance_name, action, result, Some(reply))
+            .await?;
+        done.await.map_err(|_| Error::Closed)?
+    }
+
+    /// Hands an Action Cache entry to the committer: durable, with a reply
+    /// once it is on disk, or (without a reply) as soon as convenient.
+    async fn queue_action_result(
+        &self,
+        instance_name: &str,
+        action: Digest,
+        result: Bytes,
+        reply: Option<oneshot::Sender<Result<(), Error>>>,
+    ) -> Result<(), Error> {
         self.shared
             .commits
             .send(Request::ActionResult {
                 instance_name: instance_name.to_owned(),
                 action,
                 result,
-                durable,
+                durable: reply.is_some(),
                 reply,
             })
             .await
-            .map_err(|_| Error::Closed)?;
-        done.await.map_err(|_| Error::Closed)?
+            .map_err(|_| Error::Closed)
     }
 }
 

@@ -234,3 +234,47 @@ async fn blob_larger_than_the_bound_is_refused() {
     let (d, _) = blob(5, (1 << 20) + 1);
     assert!(matches!(store.writer(d).await, Err(Error::TooLarge { .. })));
 }
+
+#[tokio::test]
+async fn recorded_results_are_read_at_once_and_committed_later() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (action, _) = blob(7, 10);
+    {
+        let (store, committer) = open(dir.path(), 1 << 30).await;
+        store
+            .record_action_result("inst", action, Bytes::from_static(b"first"))
+            .await
+            .expect("record");
+        // Read back before the committer may have run.
+        assert_eq!(
+            store.get_action_result("inst", action).await.expect("get"),
+            Some(Bytes::from_static(b"first"))
+        );
+        // A client's durable write afterwards wins, in the database too.
+        store
+            .update_action_result("inst", action, Bytes::from_static(b"second"))
+            .await
+            .expect("update");
+        assert_eq!(
+            store.get_action_result("inst", action).await.expect("get"),
+            Some(Bytes::from_static(b"second"))
+        );
+        assert!(
+            store
+                .shared
+                .core
+                .pending_results
+                .lock()
+                .expect("lock")
+                .is_empty(),
+            "committed results leave the pending map"
+        );
+        drop(store);
+        committer.await.expect("committer ends");
+    }
+    let (store, _committer) = open(dir.path(), 1 << 30).await;
+    assert_eq!(
+        store.get_action_result("inst", action).await.expect("get"),
+        Some(Bytes::from_static(b"second"))
+    );
+}
