@@ -462,6 +462,7 @@ async fn agent_processes_cannot_be_signalled_or_traced(user: As) {
 t ptrace-agent '{}'
 t ptrace-sandbox-init '{}'
 t see-agent 'ps ax | grep -v grep | grep -q \"outpost agent\"'
+t foreign-session 'test \"$(cut -d\" \" -f6 /proc/self/stat)\" != 1'
 kill -9 -1; echo after-kill-all",
         ptrace(&agent_pid.to_string()).replace('\'', "'\\''"),
         ptrace("1").replace('\'', "'\\''"),
@@ -473,6 +474,7 @@ kill -9 -1; echo after-kill-all",
             "ptrace-agent",
             "ptrace-sandbox-init",
             "see-agent",
+            "foreign-session",
         ],
     )
     .await;

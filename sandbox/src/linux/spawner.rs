@@ -44,6 +44,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
@@ -291,7 +292,7 @@ fn serve() -> Result<(), String> {
         running: HashMap::new(),
         warm: Vec::new(),
         warmable: vec![Mode::Reap],
-        cold_only: Vec::new(),
+        cold_until: Vec::new(),
     };
     let ready = |spawner: &Spawner, timeout: PollTimeout| -> Result<(bool, bool), String> {
         let mut fds = [
@@ -308,15 +309,22 @@ fn serve() -> Result<(), String> {
         let mut events = ready(&spawner, PollTimeout::ZERO)?;
         if events == (false, false) {
             // With nothing to do, fork the next action's stub ahead of
-            // time, one per kind seen, then wait.
+            // time, one per kind seen, then wait (until the oldest warm
+            // stub is due to be replaced).
+            spawner.retire_old();
             for mode in spawner.warmable.clone() {
-                if !spawner.warm.iter().any(|w| w.mode == mode)
-                    && !spawner.cold_only.contains(&mode)
-                {
+                if !spawner.warm.iter().any(|w| w.mode == mode) && !spawner.backing_off(mode) {
                     spawner.warm_up(mode);
                 }
             }
-            events = ready(&spawner, PollTimeout::NONE)?;
+            let due = spawner
+                .warm
+                .iter()
+                .map(|w| WARM_FOR.saturating_sub(w.born.elapsed()))
+                .min()
+                .and_then(|d| PollTimeout::try_from(d + Duration::from_millis(1)).ok())
+                .unwrap_or(PollTimeout::NONE);
+            events = ready(&spawner, due)?;
         }
         let (socket_ready, exits_ready) = events;
         if exits_ready {
@@ -340,16 +348,25 @@ struct Spawner {
     /// Modes to keep a warm stub of: `reap`, and each that was asked for.
     warmable: Vec<Mode>,
     /// Modes whose warm stub died before its job (a sandbox that cannot be
-    /// set up here, say): forked cold until one of theirs succeeds, so a
+    /// set up here, say), and until when they are only forked cold, so a
     /// broken warm-up is not retried in a loop.
-    cold_only: Vec<Mode>,
+    cold_until: Vec<(Mode, Instant)>,
 }
+
+/// How long a warm stub waits before it is replaced: what it prepared (a
+/// copy of the host's mounts above all) should not grow old.
+const WARM_FOR: Duration = Duration::from_secs(60);
+/// How long a mode is forked cold after its warm-up failed.
+const COLD_AFTER_FAILURE: Duration = Duration::from_secs(60);
 
 struct Warm {
     pid: Pid,
     mode: Mode,
-    /// Where its action is sent: mode and spec file, with descriptors.
+    /// Where its action is sent: mode and spec file, with descriptors. The
+    /// stub says `ready` there once prepared; only then does it get one.
     jobs: OwnedFd,
+    ready: bool,
+    born: Instant,
 }
 
 impl Spawner {
@@ -364,27 +381,25 @@ impl Spawner {
             };
             if let Some(i) = self.warm.iter().position(|w| w.pid == pid) {
                 let mode = self.warm.swap_remove(i).mode;
-                if !self.cold_only.contains(&mode) {
-                    eprintln!(
-                        "outpost __spawner: a warm {} stub ended before its action \
-                         (status {code}); starting that kind cold from now on",
-                        mode.name()
-                    );
-                    self.cold_only.push(mode);
-                }
+                eprintln!(
+                    "outpost __spawner: a warm {} stub ended before its action \
+                     (status {code}); that kind starts cold for {}s",
+                    mode.name(),
+                    COLD_AFTER_FAILURE.as_secs()
+                );
+                self.cold_until.retain(|(m, _)| *m != mode);
+                self.cold_until
+                    .push((mode, Instant::now() + COLD_AFTER_FAILURE));
                 continue;
             }
-            let Some((id, mode)) = self
+            let Some(id) = self
                 .running
                 .iter()
-                .find_map(|(id, (p, mode))| (*p == pid).then_some((*id, *mode)))
+                .find_map(|(id, (p, _))| (*p == pid).then_some(*id))
             else {
                 continue;
             };
             self.running.remove(&id);
-            if code == 0 {
-                self.cold_only.retain(|m| *m != mode);
-            }
             reply(&self.socket, &format!("exited {id} {code}"));
         }
     }
@@ -449,10 +464,56 @@ impl Spawner {
         Ok(true)
     }
 
-    /// Starts a stub for the job: the warm one, or a new fork.
+    fn backing_off(&mut self, mode: Mode) -> bool {
+        let now = Instant::now();
+        self.cold_until.retain(|(_, until)| *until > now);
+        self.cold_until.iter().any(|(m, _)| *m == mode)
+    }
+
+    /// Replaces warm stubs older than [`WARM_FOR`] (killed, then reaped and
+    /// ignored).
+    fn retire_old(&mut self) {
+        self.warm.retain(|w| {
+            let old = w.born.elapsed() >= WARM_FOR;
+            if old {
+                let _ = signal::kill(w.pid, Signal::SIGKILL);
+            }
+            !old
+        });
+    }
+
+    /// The spawner's own descriptors, which a forked child closes.
+    fn descriptors(&self) -> Vec<RawFd> {
+        let mut fds = vec![self.socket.as_raw_fd(), self.exits.as_raw_fd()];
+        fds.extend(self.warm.iter().map(|w| w.jobs.as_raw_fd()));
+        fds
+    }
+
+    /// A warm stub of `mode` that has said it is ready, if any. One still
+    /// preparing stays for a later action; one that is gone is dropped.
+    fn take_ready(&mut self, mode: Mode) -> Option<Warm> {
+        let i = self.warm.iter().position(|w| w.mode == mode)?;
+        if !self.warm[i].ready {
+            let mut buf = [0u8; 16];
+            let mut iov = [IoSliceMut::new(&mut buf)];
+            match recvmsg::<()>(
+                self.warm[i].jobs.as_raw_fd(),
+                &mut iov,
+                None,
+                MsgFlags::MSG_DONTWAIT,
+            ) {
+                Ok(m) if m.bytes > 0 => self.warm[i].ready = true,
+                Err(Errno::EAGAIN | Errno::EINTR) => return None,
+                // Gone before it was ready: reaped (as a failed warm-up).
+                _ => return None,
+            }
+        }
+        Some(self.warm.swap_remove(i))
+    }
+
+    /// Starts a stub for the job: a warm one that is ready, or a new fork.
     fn start(&mut self, mode: Mode, spec_file: &[u8], fds: &[OwnedFd]) -> nix::Result<Pid> {
-        if let Some(i) = self.warm.iter().position(|w| w.mode == mode) {
-            let warm = self.warm.swap_remove(i);
+        if let Some(warm) = self.take_ready(mode) {
             let mut job = mode.name().as_bytes().to_vec();
             job.push(b' ');
             job.extend_from_slice(spec_file);
@@ -471,7 +532,7 @@ impl Spawner {
             let _ = signal::kill(warm.pid, Signal::SIGKILL);
         }
         let path = Path::new(OsStr::from_bytes(spec_file));
-        let closing = [self.socket.as_raw_fd(), self.exits.as_raw_fd()];
+        let closing = self.descriptors();
         let spawner = nix::unistd::getpid();
         // SAFETY: the spawner is single-threaded, so the child may do anything.
         match unsafe { nix::unistd::fork() }? {
@@ -494,11 +555,8 @@ impl Spawner {
         ) else {
             return;
         };
-        let closing = [
-            self.socket.as_raw_fd(),
-            self.exits.as_raw_fd(),
-            ours.as_raw_fd(),
-        ];
+        let mut closing = self.descriptors();
+        closing.push(ours.as_raw_fd());
         let spawner = nix::unistd::getpid();
         // SAFETY: the spawner is single-threaded, so the child may do anything.
         match unsafe { nix::unistd::fork() } {
@@ -507,6 +565,8 @@ impl Spawner {
                     pid: child,
                     mode,
                     jobs: ours,
+                    ready: false,
+                    born: Instant::now(),
                 });
             }
             Ok(ForkResult::Child) => {
@@ -518,6 +578,21 @@ impl Spawner {
                     // SAFETY: _exit ends this process without running
                     // anything the parent registered.
                     unsafe { libc::_exit(super::stub::EXIT_SETUP_FAILED) }
+                }
+                // Only now may a job come: a failed warm-up never holds one.
+                let ready = [IoSlice::new(b"ready")];
+                if sendmsg::<()>(
+                    theirs.as_raw_fd(),
+                    &ready,
+                    &[],
+                    MsgFlags::MSG_NOSIGNAL,
+                    None,
+                )
+                .is_err()
+                {
+                    // SAFETY: _exit ends this process without running
+                    // anything the parent registered.
+                    unsafe { libc::_exit(0) }
                 }
                 let mut buf = [0u8; MAX_MESSAGE];
                 let (n, fds) = loop {
@@ -547,7 +622,6 @@ impl Spawner {
                     unsafe { libc::_exit(crate::reaper::EXIT_CANNOT_RUN) }
                 };
                 let path = Path::new(OsStr::from_bytes(spec_file)).to_owned();
-                let mut closing = closing.to_vec();
                 closing.push(theirs.as_raw_fd());
                 run_stub(&closing, mode, true, &path, &fds)
             }

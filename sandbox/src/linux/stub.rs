@@ -157,6 +157,10 @@ fn enter(network: bool) -> Result<(), String> {
         .map_err(|e| format!("writing uid_map: {e}"))?;
     std::fs::write("/proc/self/gid_map", format!("{gid} {gid} 1"))
         .map_err(|e| format!("writing gid_map: {e}"))?;
+    // Holding capabilities in the new namespaces now: nothing may attach.
+    // (Not earlier: a process that is not dumpable has its /proc files
+    // owned by root, and could not write its own maps unprivileged.)
+    let _ = nix::sys::prctl::set_dumpable(false);
     let _ = nix::unistd::sethostname("localhost");
     if !network {
         restrict::loopback_up().map_err(|e| format!("bringing up loopback: {e}"))?;
@@ -184,15 +188,23 @@ fn run_spec(spec: &Spec, status: &mut Status, entered: Entered) -> Result<i32, S
     }
 
     let waited = block_signals()?;
+    // Init reads the end of this pipe if the stub is gone (see `init`).
+    let (alive_read, alive_write) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)
+            .map_err(|e| format!("pipe: {e}"))?;
     // SAFETY: the stub is single-threaded (it runs before any runtime).
     match unsafe { nix::unistd::fork() }.map_err(|e| format!("fork: {e}"))? {
         ForkResult::Child => {
-            let code = init(spec, status);
+            drop(alive_write);
+            let code = init(spec, status, &File::from(alive_read));
             std::process::exit(code)
         }
         ForkResult::Parent { child } => {
+            drop(alive_read);
             *status = Status(None);
-            Ok(wait_for_init(child, &waited))
+            let code = wait_for_init(child, &waited);
+            drop(alive_write);
+            Ok(code)
         }
     }
 }
@@ -233,11 +245,31 @@ fn wait_for_init(init: Pid, waited: &SigSet) -> i32 {
     }
 }
 
+/// Whether the stub holding the other end of `pipe` has exited.
+fn stub_is_gone(pipe: &File) -> bool {
+    use std::io::Read;
+    let mut byte = [0u8; 1];
+    // Nothing is ever written: end of file means no writer is left,
+    // `WouldBlock` that the stub still holds its end.
+    matches!((&*pipe).read(&mut byte), Ok(0))
+}
+
 /// Pid 1 of the sandbox.
-fn init(spec: &Spec, status: &mut Status) -> i32 {
+fn init(spec: &Spec, status: &mut Status, stub_alive: &File) -> i32 {
     let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
+    // The stub may have died before that took effect; its end of the pipe
+    // is then closed, and reading sees the end at once. (`getppid` cannot
+    // tell: it is 0 for pid 1.)
+    if stub_is_gone(stub_alive) {
+        return EXIT_KILLED;
+    }
     // Init holds capabilities in the namespace: nothing may attach to it.
     let _ = nix::sys::prctl::set_dumpable(false);
+    // A session and process group of the sandbox's own: `kill(0, ...)` from
+    // the action reaches only the sandbox, never the stub, the spawner or
+    // other actions (whatever Landlock's scoping covers on this kernel),
+    // and the action has no controlling terminal.
+    let _ = nix::unistd::setsid();
     if let Err(e) = mounts::build_root(spec) {
         status.line(&format!("error: {e}"));
         return EXIT_SETUP_FAILED;

@@ -256,8 +256,21 @@ fn commit_batch(core: &Core, batch: Vec<Request>) {
     // list yet: removed again if the transaction fails.
     let mut placed = Vec::new();
     // Pending results this batch writes: dropped from the pending map once
-    // committed (or failed), before anyone hears of the commit.
-    let mut written = Vec::new();
+    // committed, or once the commit failed (they are then lost, as a crash
+    // would lose them), before anyone hears of the commit.
+    let written: Vec<((String, Digest), Bytes)> = batch
+        .iter()
+        .filter_map(|r| match r {
+            Request::ActionResult {
+                instance_name,
+                action,
+                result,
+                reply: None,
+                ..
+            } => Some(((instance_name.clone(), *action), result.clone())),
+            _ => None,
+        })
+        .collect();
     let result = (|| -> Result<(), Error> {
         let mut txn = db!("starting a commit", core.db.begin_write())?;
         let mut durable = false;
@@ -309,9 +322,8 @@ fn commit_batch(core: &Core, batch: Vec<Request>) {
                                 result.as_ref()
                             )
                         )?;
-                        match reply {
-                            Some(reply) => replies.push((reply, Ok(()))),
-                            None => written.push(((instance_name, action), result)),
+                        if let Some(reply) = reply {
+                            replies.push((reply, Ok(())));
                         }
                     }
                     Request::Agent {

@@ -332,8 +332,22 @@ impl ActionCache for EmbeddedStore {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert((instance_name.to_owned(), action), result.clone());
-        self.queue_action_result(instance_name, action, result, None)
-            .await
+        let queued = self
+            .queue_action_result(instance_name, action, result.clone(), None)
+            .await;
+        if queued.is_err() {
+            let mut pending = self
+                .shared
+                .core
+                .pending_results
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            let key = (instance_name.to_owned(), action);
+            if pending.get(&key) == Some(&result) {
+                pending.remove(&key);
+            }
+        }
+        queued
     }
 }
 
