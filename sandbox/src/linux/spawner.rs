@@ -363,7 +363,9 @@ struct Warm {
     pid: Pid,
     mode: Mode,
     /// Where its action is sent: mode and spec file, with descriptors. The
-    /// stub says `ready` there once prepared; only then does it get one.
+    /// stub says `ready` (or `failed WHY`) there once prepared; a failed
+    /// one gets no job, and one that fails after its job arrived says so
+    /// on the job's status pipe.
     jobs: OwnedFd,
     ready: bool,
     born: Instant,
@@ -381,15 +383,7 @@ impl Spawner {
             };
             if let Some(i) = self.warm.iter().position(|w| w.pid == pid) {
                 let mode = self.warm.swap_remove(i).mode;
-                eprintln!(
-                    "outpost __spawner: a warm {} stub ended before its action \
-                     (status {code}); that kind starts cold for {}s",
-                    mode.name(),
-                    COLD_AFTER_FAILURE.as_secs()
-                );
-                self.cold_until.retain(|(m, _)| *m != mode);
-                self.cold_until
-                    .push((mode, Instant::now() + COLD_AFTER_FAILURE));
+                self.back_off(mode, &format!("it ended with status {code}"));
                 continue;
             }
             let Some(id) = self
@@ -489,31 +483,53 @@ impl Spawner {
         fds
     }
 
-    /// A warm stub of `mode` that has said it is ready, if any. One still
-    /// preparing stays for a later action; one that is gone is dropped.
-    fn take_ready(&mut self, mode: Mode) -> Option<Warm> {
+    /// The warm stub of `mode`, if it has not said its preparation failed.
+    /// One still preparing is taken too: it finishes before reading its
+    /// job, sooner than a fresh fork would, and reports a late failure on
+    /// the job's status pipe.
+    fn take_warm(&mut self, mode: Mode) -> Option<Warm> {
         let i = self.warm.iter().position(|w| w.mode == mode)?;
         if !self.warm[i].ready {
-            let mut buf = [0u8; 16];
+            let mut buf = [0u8; 512];
             let mut iov = [IoSliceMut::new(&mut buf)];
-            match recvmsg::<()>(
+            let said = recvmsg::<()>(
                 self.warm[i].jobs.as_raw_fd(),
                 &mut iov,
                 None,
                 MsgFlags::MSG_DONTWAIT,
-            ) {
-                Ok(m) if m.bytes > 0 => self.warm[i].ready = true,
-                Err(Errno::EAGAIN | Errno::EINTR) => return None,
-                // Gone before it was ready: reaped (as a failed warm-up).
-                _ => return None,
+            )
+            .map(|m| m.bytes);
+            match said {
+                Ok(n) if n > 0 && buf.starts_with(b"ready") => self.warm[i].ready = true,
+                Err(Errno::EAGAIN | Errno::EINTR) => {}
+                // `failed ...`, or gone: not used, and the mode backs off.
+                _ => {
+                    let warm = self.warm.swap_remove(i);
+                    let _ = signal::kill(warm.pid, Signal::SIGKILL);
+                    let why = String::from_utf8_lossy(&buf[..said.unwrap_or(0)]).into_owned();
+                    self.back_off(mode, &why);
+                    return None;
+                }
             }
         }
         Some(self.warm.swap_remove(i))
     }
 
-    /// Starts a stub for the job: a warm one that is ready, or a new fork.
+    fn back_off(&mut self, mode: Mode, why: &str) {
+        eprintln!(
+            "outpost __spawner: a warm {} stub could not be prepared ({why}); that kind \
+             starts cold for {}s",
+            mode.name(),
+            COLD_AFTER_FAILURE.as_secs()
+        );
+        self.cold_until.retain(|(m, _)| *m != mode);
+        self.cold_until
+            .push((mode, Instant::now() + COLD_AFTER_FAILURE));
+    }
+
+    /// Starts a stub for the job: the warm one, or a new fork.
     fn start(&mut self, mode: Mode, spec_file: &[u8], fds: &[OwnedFd]) -> nix::Result<Pid> {
-        if let Some(warm) = self.take_ready(mode) {
+        if let Some(warm) = self.take_warm(mode) {
             let mut job = mode.name().as_bytes().to_vec();
             job.push(b' ');
             job.extend_from_slice(spec_file);
@@ -571,29 +587,23 @@ impl Spawner {
             }
             Ok(ForkResult::Child) => {
                 die_with(spawner);
-                if mode == Mode::Sandbox
-                    && let Err(e) = super::stub::warm()
-                {
-                    eprintln!("outpost __spawner: a warm sandbox could not be prepared: {e}");
-                    // SAFETY: _exit ends this process without running
-                    // anything the parent registered.
-                    unsafe { libc::_exit(super::stub::EXIT_SETUP_FAILED) }
-                }
-                // Only now may a job come: a failed warm-up never holds one.
-                let ready = [IoSlice::new(b"ready")];
-                if sendmsg::<()>(
+                let prepared = match mode {
+                    Mode::Sandbox => super::stub::warm(),
+                    Mode::Reap | Mode::SandboxNetwork => Ok(()),
+                };
+                // The spawner reads this before it hands over a job; a job
+                // sent meanwhile hears of a failure on its status pipe.
+                let said = match &prepared {
+                    Ok(()) => "ready".to_owned(),
+                    Err(e) => format!("failed {e}"),
+                };
+                let _ = sendmsg::<()>(
                     theirs.as_raw_fd(),
-                    &ready,
+                    &[IoSlice::new(said.as_bytes())],
                     &[],
                     MsgFlags::MSG_NOSIGNAL,
                     None,
-                )
-                .is_err()
-                {
-                    // SAFETY: _exit ends this process without running
-                    // anything the parent registered.
-                    unsafe { libc::_exit(0) }
-                }
+                );
                 let mut buf = [0u8; MAX_MESSAGE];
                 let (n, fds) = loop {
                     match receive(&theirs, &mut buf) {
@@ -621,6 +631,16 @@ impl Spawner {
                     // SAFETY: as above.
                     unsafe { libc::_exit(crate::reaper::EXIT_CANNOT_RUN) }
                 };
+                if let Err(e) = prepared {
+                    // Only sandbox stubs prepare, and their jobs carry the
+                    // status pipe: the agent retries the action elsewhere.
+                    if let Some(status) = fds.get(3) {
+                        let line = format!("error: preparing the sandbox: {e}\n");
+                        let _ = nix::unistd::write(status, line.as_bytes());
+                    }
+                    // SAFETY: as above.
+                    unsafe { libc::_exit(super::stub::EXIT_SETUP_FAILED) }
+                }
                 let path = Path::new(OsStr::from_bytes(spec_file)).to_owned();
                 closing.push(theirs.as_raw_fd());
                 run_stub(&closing, mode, true, &path, &fds)
