@@ -133,6 +133,7 @@ impl Client {
         // A process group of its own from the start: a terminal's Ctrl-C
         // reaches the agent, which decides what happens to actions.
         command
+            .arg0("outpost")
             .arg("__spawner")
             .stdin(std::process::Stdio::null())
             .process_group(0);
