@@ -849,3 +849,69 @@ async fn a_dead_spawner_takes_its_actions_along_and_is_replaced() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// The spawner's protocol as the agent speaks it, bad requests included:
+/// a run whose spec cannot be read ends as "cannot run", a request with the
+/// wrong descriptors is refused before it is sent, a signal for an unknown
+/// run is ignored, and the spawner keeps serving throughout.
+#[cfg(target_os = "linux")]
+#[test]
+fn the_spawner_answers_bad_requests_and_keeps_serving() {
+    use std::os::fd::AsFd;
+
+    use outpost_sandbox::linux::spawner::{Client, Event, Mode};
+    use outpost_sandbox::spec::Spec;
+
+    let dir = tempdir();
+    let (client, mut child) = Client::start(std::path::Path::new(common::OUTPOST)).expect("start");
+    let null = std::fs::File::options()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+        .expect("/dev/null");
+    let out_path = dir.path().join("out");
+    let out = std::fs::File::create(&out_path).expect("out");
+    let stdio = [null.as_fd(), out.as_fd(), null.as_fd()];
+
+    let missing = dir.path().join("no-such.spec");
+    client
+        .start_run(1, Mode::Reap, &missing, &stdio)
+        .expect("sent");
+    assert_eq!(
+        client.next_event().expect("event"),
+        Some(Event::Exited { id: 1, code: 127 })
+    );
+    let refused = client
+        .start_run(2, Mode::Sandbox, &missing, &stdio)
+        .expect_err("a sandbox run needs a status pipe too");
+    assert!(
+        refused.to_string().contains("needs 4 descriptors"),
+        "{refused}"
+    );
+    client
+        .signal(99, nix::sys::signal::Signal::SIGTERM)
+        .expect("sent");
+
+    let spec_file = dir.path().join("run.spec");
+    let spec = Spec {
+        argv: vec!["/bin/sh".into(), "-c".into(), "echo $GREETING".into()],
+        env: vec!["GREETING=still-serving".into()],
+        root: dir.path().to_owned(),
+        ..Spec::default()
+    };
+    std::fs::write(&spec_file, spec.encode().expect("encodes")).expect("spec");
+    client
+        .start_run(3, Mode::Reap, &spec_file, &stdio)
+        .expect("sent");
+    assert_eq!(
+        client.next_event().expect("event"),
+        Some(Event::Exited { id: 3, code: 0 })
+    );
+    assert_eq!(
+        std::fs::read_to_string(&out_path).expect("out"),
+        "still-serving\n"
+    );
+    client.shutdown();
+    assert_eq!(client.next_event().expect("end"), None);
+    assert!(child.wait().expect("spawner exits").success());
+}

@@ -359,26 +359,29 @@ impl Isolation {
     ) -> Result<Prepared, Error> {
         #[cfg(target_os = "linux")]
         {
-            let (spec, status, group) = match choice.kind {
-                Kind::None => (
-                    Spec {
-                        argv: argv.iter().map(Into::into).collect(),
-                        env: env.into_iter().map(Into::into).collect(),
-                        root: layout.root.to_owned(),
-                        workdir: layout.workdir.to_owned(),
-                        ..Spec::default()
-                    },
-                    None,
-                    None,
-                ),
+            // What every stub needs; the sandbox adds its layout and limits.
+            let mut spec = Spec {
+                argv: argv.iter().map(Into::into).collect(),
+                env: env.into_iter().map(Into::into).collect(),
+                root: layout.root.to_owned(),
+                workdir: layout.workdir.to_owned(),
+                ..Spec::default()
+            };
+            let (mode, status, group) = match choice.kind {
+                Kind::None => (Mode::Reap, None, None),
                 Kind::LinuxSandbox => {
                     let sandbox = self.sandbox.as_ref().ok_or_else(|| {
                         Error::Retryable("linux-sandbox is not set up on this agent".into())
                     })?;
-                    let (spec, group) = sandbox.spec(choice.network, argv, env, layout)?;
+                    let group = sandbox.complete(&mut spec, choice.network, layout)?;
                     let status = launch::StatusPipe::new()
                         .map_err(|e| Error::local("making the status pipe", e))?;
-                    (spec, Some(status), Some(group))
+                    let mode = if choice.network {
+                        Mode::SandboxNetwork
+                    } else {
+                        Mode::Sandbox
+                    };
+                    (mode, Some(status), Some(group))
                 }
             };
             let spec_file = layout.dir.join("run.spec");
@@ -386,11 +389,7 @@ impl Isolation {
             std::fs::write(&spec_file, encoded)
                 .map_err(|e| Error::local("writing the action's spec", e))?;
             Ok(Prepared {
-                mode: match choice.kind {
-                    Kind::None => Mode::Reap,
-                    Kind::LinuxSandbox if choice.network => Mode::SandboxNetwork,
-                    Kind::LinuxSandbox => Mode::Sandbox,
-                },
+                mode,
                 spec_file,
                 status,
                 group,
@@ -597,14 +596,14 @@ impl Sandbox {
             .clone()
     }
 
-    /// One action's sandbox spec, and the cgroups it joins.
-    fn spec(
+    /// Fills in the sandbox's part of one action's spec; returns the
+    /// cgroups it joins.
+    fn complete(
         &self,
+        spec: &mut Spec,
         network: bool,
-        argv: &[String],
-        env: Vec<String>,
         layout: &Layout<'_>,
-    ) -> Result<(Spec, cgroup::Group), Error> {
+    ) -> Result<cgroup::Group, Error> {
         let local = |what: &str, e: std::io::Error| Error::local(what.to_owned(), e);
         let tmp = layout.dir.join("tmp");
         let scratch = layout.dir.join("sysroot");
@@ -614,21 +613,15 @@ impl Sandbox {
             .limiter
             .create(&self.limits())
             .map_err(|e| Error::Retryable(format!("creating the action's cgroup: {e}")))?;
-        let spec = Spec {
-            argv: argv.iter().map(Into::into).collect(),
-            env: env.into_iter().map(Into::into).collect(),
-            root: layout.root.to_owned(),
-            workdir: layout.workdir.to_owned(),
-            writable: layout.writable.clone(),
-            read_only: layout.read_only.clone(),
-            host_paths: self.host_paths.clone(),
-            tmp,
-            scratch,
-            network,
-            cgroup_procs: group.procs_files(),
-            rlimits: group.rlimits.clone(),
-        };
-        Ok((spec, group))
+        spec.writable = layout.writable.clone();
+        spec.read_only = layout.read_only.clone();
+        spec.host_paths = self.host_paths.clone();
+        spec.tmp = tmp;
+        spec.scratch = scratch;
+        spec.network = network;
+        spec.cgroup_procs = group.procs_files();
+        spec.rlimits = group.rlimits.clone();
+        Ok(group)
     }
 }
 

@@ -115,17 +115,24 @@ pub(crate) fn block_waited_signals() -> nix::Result<SigSet> {
     Ok(waited)
 }
 
+/// A process's exit code as a shell reports it: its own, or 128+N when
+/// signal N killed it; `None` for a status that is not an end.
+pub(crate) fn exit_code(status: WaitStatus) -> Option<i32> {
+    match status {
+        WaitStatus::Exited(_, code) => Some(code),
+        WaitStatus::Signaled(_, sig, _) => Some(128 + sig as i32),
+        _ => None,
+    }
+}
+
 /// Reaps exited children; returns the main program's exit code once it
 /// has exited.
 fn reap_children(main_pid: Pid) -> Option<i32> {
     let mut main_code = None;
     loop {
         match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
-            Ok(WaitStatus::Exited(pid, code)) if pid == main_pid => main_code = Some(code),
-            Ok(WaitStatus::Signaled(pid, sig, _)) if pid == main_pid => {
-                main_code = Some(128 + sig as i32)
-            }
             Ok(WaitStatus::StillAlive) | Err(_) => return main_code,
+            Ok(s) if s.pid() == Some(main_pid) => main_code = exit_code(s).or(main_code),
             Ok(_) => {}
         }
     }

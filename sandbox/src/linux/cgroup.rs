@@ -76,7 +76,6 @@ struct Idle {
 pub struct Group {
     dirs: Vec<PathBuf>,
     memory_dir: Option<PathBuf>,
-    memory_limit: Option<u64>,
     v2: bool,
     /// The `oom_kill` count when the action started.
     oom_kills_before: u64,
@@ -249,7 +248,6 @@ impl Limiter {
         let mut group = Group {
             dirs,
             memory_dir: None,
-            memory_limit: limits.memory_bytes,
             v2,
             oom_kills_before: 0,
             written: Limits::default(),
@@ -473,7 +471,7 @@ impl Group {
 
     /// The memory limit this action runs under.
     pub fn memory_limit(&self) -> Option<u64> {
-        self.memory_limit
+        self.written.memory_bytes
     }
 
     /// Whether the kernel's OOM killer killed a process of this action.

@@ -343,7 +343,7 @@ struct Spawner {
     socket: OwnedFd,
     exits: SignalFd,
     /// Started stubs by request id.
-    running: HashMap<u64, (Pid, Mode)>,
+    running: HashMap<u64, Pid>,
     /// Stubs forked ahead of time, waiting for their action.
     warm: Vec<Warm>,
     /// Modes to keep a warm stub of: `reap`, and each that was asked for.
@@ -368,7 +368,6 @@ struct Warm {
     /// one gets no job, and one that fails after its job arrived says so
     /// on the job's status pipe.
     jobs: OwnedFd,
-    ready: bool,
     born: Instant,
 }
 
@@ -376,11 +375,12 @@ impl Spawner {
     /// Reports every stub that exited.
     fn reap(&mut self) {
         loop {
-            let (pid, code) = match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
-                Ok(WaitStatus::Exited(pid, code)) => (pid, code),
-                Ok(WaitStatus::Signaled(pid, sig, _)) => (pid, 128 + sig as i32),
+            let status = match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
                 Ok(WaitStatus::StillAlive) | Err(_) => return,
-                Ok(_) => continue,
+                Ok(status) => status,
+            };
+            let (Some(pid), Some(code)) = (status.pid(), crate::reaper::exit_code(status)) else {
+                continue;
             };
             if let Some(i) = self.warm.iter().position(|w| w.pid == pid) {
                 let mode = self.warm.swap_remove(i).mode;
@@ -390,7 +390,7 @@ impl Spawner {
             let Some(id) = self
                 .running
                 .iter()
-                .find_map(|(id, (p, _))| (*p == pid).then_some(*id))
+                .find_map(|(id, p)| (*p == pid).then_some(*id))
             else {
                 continue;
             };
@@ -421,7 +421,7 @@ impl Spawner {
                     .and_then(|s| std::str::from_utf8(s).ok())
                     .and_then(|s| s.parse::<i32>().ok())
                     .and_then(|s| Signal::try_from(s).ok());
-                if let (Some((pid, _)), Some(signo)) = (self.running.get(&id), signo) {
+                if let (Some(pid), Some(signo)) = (self.running.get(&id), signo) {
                     let _ = signal::kill(*pid, signo);
                 }
             }
@@ -437,7 +437,7 @@ impl Spawner {
                         }
                         match self.start(mode, spec_file, &received) {
                             Ok(pid) => {
-                                self.running.insert(id, (pid, mode));
+                                self.running.insert(id, pid);
                             }
                             Err(e) => reply(&self.socket, &format!("failed {id} fork: {e}")),
                         }
@@ -490,30 +490,28 @@ impl Spawner {
     /// the job's status pipe.
     fn take_warm(&mut self, mode: Mode) -> Option<Warm> {
         let i = self.warm.iter().position(|w| w.mode == mode)?;
-        if !self.warm[i].ready {
-            let mut buf = [0u8; 512];
-            let mut iov = [IoSliceMut::new(&mut buf)];
-            let said = recvmsg::<()>(
-                self.warm[i].jobs.as_raw_fd(),
-                &mut iov,
-                None,
-                MsgFlags::MSG_DONTWAIT,
-            )
-            .map(|m| m.bytes);
-            match said {
-                Ok(n) if n > 0 && buf.starts_with(b"ready") => self.warm[i].ready = true,
-                Err(Errno::EAGAIN | Errno::EINTR) => {}
-                // `failed ...`, or gone: not used, and the mode backs off.
-                _ => {
-                    let warm = self.warm.swap_remove(i);
-                    let _ = signal::kill(warm.pid, Signal::SIGKILL);
-                    let why = String::from_utf8_lossy(&buf[..said.unwrap_or(0)]).into_owned();
-                    self.back_off(mode, &why);
-                    return None;
-                }
+        let warm = self.warm.swap_remove(i);
+        let mut buf = [0u8; 512];
+        let mut iov = [IoSliceMut::new(&mut buf)];
+        let said = recvmsg::<()>(
+            warm.jobs.as_raw_fd(),
+            &mut iov,
+            None,
+            MsgFlags::MSG_DONTWAIT,
+        )
+        .map(|m| m.bytes);
+        match said {
+            Ok(n) if n > 0 && buf.starts_with(b"ready") => Some(warm),
+            // Still preparing.
+            Err(Errno::EAGAIN | Errno::EINTR) => Some(warm),
+            // `failed ...`, or gone: not used, and the mode backs off.
+            _ => {
+                let _ = signal::kill(warm.pid, Signal::SIGKILL);
+                let why = String::from_utf8_lossy(&buf[..said.unwrap_or(0)]).into_owned();
+                self.back_off(mode, &why);
+                None
             }
         }
-        Some(self.warm.swap_remove(i))
     }
 
     fn back_off(&mut self, mode: Mode, why: &str) {
@@ -582,7 +580,6 @@ impl Spawner {
                     pid: child,
                     mode,
                     jobs: ours,
-                    ready: false,
                     born: Instant::now(),
                 });
             }

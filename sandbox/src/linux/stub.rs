@@ -213,21 +213,13 @@ fn block_signals() -> Result<SigSet, String> {
     crate::reaper::block_waited_signals().map_err(|e| format!("blocking signals: {e}"))
 }
 
-fn exit_code(status: WaitStatus) -> Option<i32> {
-    match status {
-        WaitStatus::Exited(_, code) => Some(code),
-        WaitStatus::Signaled(_, sig, _) => Some(128 + sig as i32),
-        _ => None,
-    }
-}
-
 /// The stub's wait: init's status, or kill it when told to stop.
 fn wait_for_init(init: Pid, waited: &SigSet) -> i32 {
     loop {
         match waited.wait() {
             Ok(Signal::SIGCHLD) => loop {
                 match waitpid(init, Some(WaitPidFlag::WNOHANG)) {
-                    Ok(s) => match exit_code(s) {
+                    Ok(s) => match crate::reaper::exit_code(s) {
                         Some(code) => return code,
                         None => break,
                     },
@@ -302,7 +294,7 @@ fn init(spec: &Spec, status: &mut Status, stub_alive: &File) -> i32 {
                 break;
             }
             if s.pid() == Some(action)
-                && let Some(code) = exit_code(s)
+                && let Some(code) = crate::reaper::exit_code(s)
             {
                 // Returning ends the namespace: leftovers die.
                 return code;

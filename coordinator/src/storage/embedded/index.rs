@@ -51,9 +51,9 @@ pub enum Request {
         instance_name: String,
         action: Digest,
         result: Bytes,
-        /// The commit must reach the disk before the reply.
-        durable: bool,
-        /// `None` for a result read from `pending_results` meanwhile.
+        /// A client's entry: the commit reaches the disk before this reply.
+        /// `None` for the result of an executed action, which readers find
+        /// in `pending_results` meanwhile, committed without waiting.
         reply: Option<oneshot::Sender<Result<(), Error>>>,
     },
     /// The index lists a blob whose file is gone: drop the entry.
@@ -174,6 +174,20 @@ impl Core {
             out.push((k.value().to_owned(), Bytes::copy_from_slice(caps), seen_at));
         }
         Ok(out)
+    }
+
+    /// Drops pending results whose write is settled (committed, or lost);
+    /// a later write of the same key stays until its own commit.
+    pub fn settle_pending(&self, written: impl IntoIterator<Item = ((String, Digest), Bytes)>) {
+        let mut pending = self
+            .pending_results
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        for (key, value) in written {
+            if pending.get(&key) == Some(&value) {
+                pending.remove(&key);
+            }
+        }
     }
 
     pub fn get_action_result(
@@ -311,10 +325,9 @@ fn commit_batch(core: &Core, batch: Vec<Request>) {
                         instance_name,
                         action,
                         result,
-                        durable: must_sync,
                         reply,
                     } => {
-                        durable |= must_sync;
+                        durable |= reply.is_some();
                         db!(
                             "writing the action cache",
                             ac.insert(
@@ -376,18 +389,7 @@ fn commit_batch(core: &Core, batch: Vec<Request>) {
     {
         tracing::warn!(error = %e, results = written.len(), "results of executed actions were not stored in the action cache");
     }
-    {
-        let mut pending = core
-            .pending_results
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        for (key, value) in written {
-            // A later write of the same key stays until its own commit.
-            if pending.get(&key) == Some(&value) {
-                pending.remove(&key);
-            }
-        }
-    }
+    core.settle_pending(written);
     match result {
         Ok(()) => {
             for (reply, r) in replies {

@@ -336,16 +336,9 @@ impl ActionCache for EmbeddedStore {
             .queue_action_result(instance_name, action, result.clone(), None)
             .await;
         if queued.is_err() {
-            let mut pending = self
-                .shared
+            self.shared
                 .core
-                .pending_results
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            let key = (instance_name.to_owned(), action);
-            if pending.get(&key) == Some(&result) {
-                pending.remove(&key);
-            }
+                .settle_pending([((instance_name.to_owned(), action), result)]);
         }
         queued
     }
@@ -380,7 +373,6 @@ impl EmbeddedStore {
                 instance_name: instance_name.to_owned(),
                 action,
                 result,
-                durable: reply.is_some(),
                 reply,
             })
             .await
