@@ -251,6 +251,9 @@ struct CoordinatorArgs {
     /// Cancel operations nobody waits on after this long [default: 60s].
     #[arg(long, env = "OUTPOST_ABANDON_AFTER")]
     abandon_after: Option<Span>,
+    /// Resend an unchanged operation on Execute/WaitExecution streams this often [default: 30s].
+    #[arg(long, env = "OUTPOST_STREAM_KEEPALIVE")]
+    stream_keepalive: Option<Span>,
     /// Timeout of actions that set none [default: 1h].
     #[arg(long, env = "OUTPOST_DEFAULT_ACTION_TIMEOUT")]
     default_action_timeout: Option<Span>,
@@ -334,6 +337,8 @@ impl CoordinatorArgs {
         overlay(&mut config.max_attempts, self.max_attempts);
         overlay(&mut config.fleet_memory, self.fleet_memory);
         overlay(&mut config.startup_grace, self.startup_grace);
+        overlay(&mut config.abandon_after, self.abandon_after);
+        overlay(&mut config.stream_keepalive, self.stream_keepalive);
         overlay(
             &mut config.default_action_timeout,
             self.default_action_timeout,

@@ -278,6 +278,7 @@ pub fn seeds(target: &str) -> Vec<Vec<u8>> {
                         ..Default::default()
                     }),
                     running_leases: vec!["lease-1".into()],
+                    process_id: "5f0c".into(),
                 })),
             },
             fleet::AgentMessage::default(),

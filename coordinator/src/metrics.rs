@@ -56,6 +56,15 @@ pub struct LookupLabels {
 }
 
 impl Outcome {
+    const ALL: [Outcome; 6] = [
+        Outcome::Success,
+        Outcome::Failed,
+        Outcome::Cached,
+        Outcome::Timeout,
+        Outcome::Cancelled,
+        Outcome::Error,
+    ];
+
     fn label(self) -> &'static str {
         match self {
             Outcome::Success => "success",
@@ -69,6 +78,13 @@ impl Outcome {
 }
 
 impl Stage {
+    const ALL: [Stage; 4] = [
+        Stage::Queued,
+        Stage::InputFetch,
+        Stage::Execution,
+        Stage::Upload,
+    ];
+
     fn label(self) -> &'static str {
         match self {
             Stage::Queued => "queued",
@@ -154,6 +170,23 @@ impl Default for Metrics {
             "Action Cache lookups (GetActionResult and Execute), by result",
             action_cache_lookups.clone(),
         );
+        // Every known label value is exported from the start, so a fresh
+        // coordinator's /metrics shows each series at 0 and rates work
+        // from the first sample.
+        for outcome in Outcome::ALL {
+            let _ = actions.get_or_create(&OutcomeLabels {
+                outcome: outcome.label(),
+            });
+        }
+        for stage in Stage::ALL {
+            let _ = stage_seconds.get_or_create(&StageLabels {
+                stage: stage.label(),
+            });
+        }
+        for result in ["hit", "miss"] {
+            let _ = cas_lookups.get_or_create(&LookupLabels { result });
+            let _ = action_cache_lookups.get_or_create(&LookupLabels { result });
+        }
         Metrics {
             registry,
             actions,

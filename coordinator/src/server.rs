@@ -116,6 +116,7 @@ impl Coordinator {
             );
         }
         let metrics = Metrics::new();
+        let scheduler_stop = CancellationToken::new();
         let ctx = Context {
             cas: Arc::new(self.store.clone()),
             action_cache: Arc::new(self.store.clone()),
@@ -135,11 +136,21 @@ impl Coordinator {
             Arc::clone(&ctx.action_cache),
             Arc::new(self.store.clone()),
             Arc::clone(&metrics),
-            shutdown.child_token(),
+            // Ended after the server, so in-flight Execute streams keep
+            // their operations during the shutdown grace.
+            scheduler_stop.clone(),
         );
+        {
+            let (scheduler, shutdown) = (scheduler.clone(), shutdown.clone());
+            tokio::spawn(async move {
+                shutdown.cancelled().await;
+                scheduler.begin_shutdown().await;
+            });
+        }
         let timeouts = Timeouts {
             default: self.config.default_action_timeout.0,
             max: self.config.max_action_timeout.0,
+            keepalive: self.config.stream_keepalive.0,
         };
         let max_message =
             usize::try_from(self.config.max_batch_size.0).unwrap_or(usize::MAX) + MESSAGE_OVERHEAD;
@@ -284,6 +295,7 @@ impl Coordinator {
                 tracing::warn!(?grace, "requests still running after the shutdown grace period; closing their connections");
             }
         }
+        scheduler_stop.cancel();
         tracing::info!("shutting down: flushing storage");
         drop(ctx);
         drop(self.store);

@@ -81,6 +81,7 @@ async fn agent(
                         retryable: false,
                         timed_out: false,
                         message: String::new(),
+                        ..Default::default()
                     })))
                     .await?;
                 }

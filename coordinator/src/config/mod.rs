@@ -46,6 +46,10 @@ pub struct Config {
     /// WaitExecution stream closed) is cancelled after this long; a client
     /// that comes back with WaitExecution before then finds it.
     pub abandon_after: Span,
+    /// Execute and WaitExecution streams carry the operation at least this
+    /// often while nothing changes, so proxies that cut quiet streams (often
+    /// after 60s) leave them open during long actions.
+    pub stream_keepalive: Span,
     /// Timeout of actions that set none.
     pub default_action_timeout: Span,
     /// Actions asking for a longer timeout are refused.
@@ -86,6 +90,7 @@ impl Default for Config {
             fleet_memory: Span(Duration::from_secs(600)),
             startup_grace: Span(Duration::from_secs(15)),
             abandon_after: Span(Duration::from_secs(60)),
+            stream_keepalive: Span(Duration::from_secs(30)),
             default_action_timeout: Span(Duration::from_secs(3600)),
             max_action_timeout: Span(Duration::from_secs(6 * 3600)),
             allow_escaping_symlinks: false,
@@ -101,10 +106,12 @@ impl Default for Config {
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("cannot read config file {path}: {source}")]
+    // The reason is part of the message, not a source, so a report that
+    // prints the chain of causes does not say it twice.
+    #[error("cannot read config file {path}: {reason}")]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        reason: std::io::Error,
     },
     #[error("config file {path}: {message}")]
     Parse { path: PathBuf, message: String },
@@ -116,9 +123,9 @@ impl Config {
     /// Reads a YAML config file. Unknown keys and bad values are errors that
     /// name the line.
     pub fn load(path: &Path) -> Result<Config, Error> {
-        let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
+        let text = std::fs::read_to_string(path).map_err(|reason| Error::Read {
             path: path.to_owned(),
-            source,
+            reason,
         })?;
         Config::parse(&text).map_err(|message| Error::Parse {
             path: path.to_owned(),
@@ -151,6 +158,11 @@ impl Config {
         if self.heartbeat_interval.0 < Duration::from_millis(100) {
             return Err(Error::Invalid(
                 "heartbeat_interval must be at least 100ms".to_owned(),
+            ));
+        }
+        if self.stream_keepalive.0 < Duration::from_millis(100) {
+            return Err(Error::Invalid(
+                "stream_keepalive must be at least 100ms".to_owned(),
             ));
         }
         if self.max_attempts == 0 {

@@ -39,6 +39,9 @@ pub struct Checked {
     pub pin: Pin,
     /// What the agent would otherwise fetch (see `fleet.Lease`).
     pub prefetched: Prefetched,
+    /// Bytes of the distinct input files: what an agent's input cache must
+    /// hold at once to lay the action out.
+    pub input_bytes: u64,
 }
 
 /// The Action, Command and a small input tree as read from the CAS.
@@ -243,6 +246,12 @@ pub async fn check(
             "input tree {root} is more than {MAX_DEPTH} directories deep"
         )));
     }
+    let input_bytes = files
+        .iter()
+        .collect::<HashSet<_>>()
+        .iter()
+        .map(|d| d.size)
+        .sum();
     pins.push(ctx.cas.pin(&files));
     missing.extend(ctx.cas.find_missing(files).await.map_err(storage_status)?);
     if !missing.is_empty() {
@@ -257,5 +266,6 @@ pub async fn check(
         command: command.expect("present when nothing is missing"),
         pin: Pin::new(pins),
         prefetched,
+        input_bytes,
     })
 }

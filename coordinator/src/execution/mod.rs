@@ -27,6 +27,8 @@ type OperationStream = Pin<Box<dyn Stream<Item = Result<longrunning::Operation, 
 pub struct Timeouts {
     pub default: Duration,
     pub max: Duration,
+    /// An unchanged operation is sent again this often on its streams.
+    pub keepalive: Duration,
 }
 
 pub struct ExecutionService {
@@ -96,10 +98,13 @@ pub fn operation(name: &str, state: &OpState) -> longrunning::Operation {
 }
 
 /// Streams every change of the operation until it is done.
-fn stream_operation(waiter: Waiter) -> OperationStream {
-    let mut waiter = waiter;
+fn stream_operation(waiter: Waiter, keepalive: Duration) -> OperationStream {
     Box::pin(async_stream(move |tx| async move {
-        // The waiter lives as long as the client's stream.
+        // The whole waiter moves into the task, its guard included, so it
+        // lives exactly as long as the client's stream (a closure that
+        // used only some fields would capture just those, and the guard
+        // would drop, telling the scheduler the client left, at once).
+        let mut waiter = waiter;
         let name = waiter.name.clone();
         let state = &mut waiter.state;
         loop {
@@ -120,6 +125,9 @@ fn stream_operation(waiter: Waiter) -> OperationStream {
                     }
                 }
                 () = tx.closed() => return,
+                // Nothing changed for a while: say so, so the stream is
+                // never quiet long enough for a proxy to cut it.
+                () = tokio::time::sleep(keepalive) => {}
             }
         }
     }))
@@ -222,10 +230,14 @@ impl Execution for ExecutionService {
             cacheable: !action.do_not_cache,
             pin: checked.pin,
             prefetched: checked.prefetched,
+            input_bytes: checked.input_bytes,
             queued_at: SystemTime::now(),
         };
         let waiter = self.scheduler.submit(job).await?;
-        Ok(Response::new(stream_operation(waiter)))
+        Ok(Response::new(stream_operation(
+            waiter,
+            self.timeouts.keepalive,
+        )))
     }
 
     async fn wait_execution(
@@ -234,9 +246,13 @@ impl Execution for ExecutionService {
     ) -> Result<Response<OperationStream>, Status> {
         let name = request.into_inner().name;
         match self.scheduler.attach(&name).await? {
-            Some(waiter) => Ok(Response::new(stream_operation(waiter))),
+            Some(waiter) => Ok(Response::new(stream_operation(
+                waiter,
+                self.timeouts.keepalive,
+            ))),
             None => Err(Status::not_found(format!(
-                "operation {name} is not known (the coordinator may have restarted); execute the action again"
+                "operation {} is not known (the coordinator may have restarted); execute the action again",
+                outpost_proto::quote::quoted(&name)
             ))),
         }
     }
@@ -268,11 +284,12 @@ impl Operations for OperationsService {
         request: Request<longrunning::GetOperationRequest>,
     ) -> Result<Response<longrunning::Operation>, Status> {
         let name = request.into_inner().name;
-        let waiter = self
-            .scheduler
-            .attach(&name)
-            .await?
-            .ok_or_else(|| Status::not_found(format!("operation {name} is not known")))?;
+        let waiter = self.scheduler.attach(&name).await?.ok_or_else(|| {
+            Status::not_found(format!(
+                "operation {} is not known",
+                outpost_proto::quote::quoted(&name)
+            ))
+        })?;
         let state = waiter.state.borrow().clone();
         Ok(Response::new(operation(&name, &state)))
     }

@@ -59,6 +59,9 @@ pub struct Job {
     pub queued_at: SystemTime,
     /// Sent with the lease so the agent need not fetch them.
     pub prefetched: crate::execution::Prefetched,
+    /// Bytes of distinct input files; leased only to agents whose input
+    /// cache can hold them.
+    pub input_bytes: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -235,6 +238,12 @@ impl Scheduler {
             reply,
         })
         .await?
+    }
+
+    /// Starts shutting down: work in flight goes on while clients wait on
+    /// it; then agents' streams close.
+    pub async fn begin_shutdown(&self) {
+        let _ = self.tx.send(state::Msg::Stopping).await;
     }
 
     /// A snapshot for status pages and tests.

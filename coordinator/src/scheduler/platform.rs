@@ -12,6 +12,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
+use outpost_proto::quote::quoted;
 use outpost_proto::reapi::platform::Property;
 
 /// Properties the runner reads; never used to choose an agent.
@@ -73,6 +74,9 @@ pub struct Offer {
     pub exact: BTreeMap<String, BTreeSet<String>>,
     /// Resource -> total amount, in thousandths.
     pub resources: BTreeMap<String, u64>,
+    /// The most input bytes one action may need (the agent's input cache
+    /// bound); `None` when the agent does not say.
+    pub max_input_bytes: Option<u64>,
 }
 
 impl fmt::Display for Requirements {
@@ -140,8 +144,12 @@ pub fn normalize_value(name: &str, value: &str) -> String {
 /// Parses an amount: `2`, `1.5`, `500m` (milli), `4GB`, `512MiB`, `1e9`.
 fn parse_amount(name: &str, value: &str) -> Result<u64, String> {
     let v = value.trim();
-    let bad =
-        || format!("platform property {name}={value:?} is not an amount (e.g. 2, 1.5, 500m, 4GB)");
+    let bad = || {
+        format!(
+            "platform property {name}={} is not an amount (e.g. 2, 1.5, 500m, 4GB)",
+            quoted(value)
+        )
+    };
     let units: &[(&str, f64)] = &[
         ("KiB", 1024.0),
         ("MiB", 1024.0 * 1024.0),
@@ -164,12 +172,24 @@ fn parse_amount(name: &str, value: &str) -> Result<u64, String> {
     Ok((n * mult * 1000.0).round() as u64)
 }
 
+/// Longest platform property name and value accepted: real ones are short,
+/// and every one may be quoted back in an error.
+const MAX_NAME: usize = 256;
+const MAX_VALUE: usize = 1024;
+
 /// Splits an action's properties into requirements and configuration-only
 /// properties.
 pub fn requirements(properties: &[Property]) -> Result<(Requirements, Vec<Property>), String> {
     let mut req = Requirements::default();
     let mut config = Vec::new();
     for p in properties {
+        if p.name.len() > MAX_NAME || p.value.len() > MAX_VALUE {
+            return Err(format!(
+                "platform property {}={} is too long (names up to {MAX_NAME} bytes, values up to {MAX_VALUE})",
+                quoted(&p.name),
+                quoted(&p.value)
+            ));
+        }
         let known = canonical_name(&p.name);
         let name = known.unwrap_or(&p.name);
         if CONFIG_ONLY.contains(&name) {
@@ -224,6 +244,18 @@ impl Offer {
         offer
     }
 
+    /// The same offer, with the agent's input cache bound (0: not said).
+    pub fn holding(mut self, max_input_bytes: u64) -> Offer {
+        self.max_input_bytes = (max_input_bytes > 0).then_some(max_input_bytes);
+        self
+    }
+
+    /// Whether an action with this many bytes of inputs fits the agent's
+    /// input cache.
+    pub fn holds_inputs(&self, input_bytes: u64) -> bool {
+        self.max_input_bytes.is_none_or(|max| input_bytes <= max)
+    }
+
     /// Whether this offer could ever run an action with `req` (resources
     /// compared with totals).
     pub fn satisfies(&self, req: &Requirements) -> bool {
@@ -239,7 +271,7 @@ impl Offer {
 
 /// Explains why no offer satisfies `req`: each unmet requirement and what
 /// the fleet has instead.
-pub fn explain_unsatisfiable(req: &Requirements, offers: &[&Offer]) -> String {
+pub fn explain_unsatisfiable(req: &Requirements, input_bytes: u64, offers: &[&Offer]) -> String {
     if offers.is_empty() {
         return format!(
             "no agent has connected to this coordinator in the recent past, so nothing can run \
@@ -281,6 +313,18 @@ pub fn explain_unsatisfiable(req: &Requirements, offers: &[&Offer]) -> String {
                 milli_to_string(most)
             ));
         }
+    }
+    let matching: Vec<&&Offer> = offers.iter().filter(|o| o.satisfies(req)).collect();
+    if reasons.is_empty() && !matching.is_empty() {
+        let most = matching
+            .iter()
+            .filter_map(|o| o.max_input_bytes)
+            .max()
+            .unwrap_or(0);
+        reasons.push(format!(
+            "its inputs are {input_bytes} bytes and the largest input cache of an agent that \
+             matches holds {most} bytes (raise the agents' cache_size, or make the inputs smaller)"
+        ));
     }
     if reasons.is_empty() {
         reasons.push(format!(
@@ -356,11 +400,11 @@ mod tests {
         ] {
             let (req, _) = requirements(&props(&list)).expect("valid");
             assert!(!offer.satisfies(&req));
-            let why = explain_unsatisfiable(&req, &[&offer]);
+            let why = explain_unsatisfiable(&req, 0, &[&offer]);
             assert!(why.contains(words), "{why}");
         }
         let (req, _) = requirements(&props(&[("OSFamily", "linux")])).expect("valid");
-        assert!(explain_unsatisfiable(&req, &[]).contains("no agent has connected"));
+        assert!(explain_unsatisfiable(&req, 0, &[]).contains("no agent has connected"));
     }
 
     #[test]
@@ -374,5 +418,22 @@ mod tests {
         .expect("valid");
         assert_eq!(req.min.get("memory"), Some(&4_000_000_000_000));
         assert_eq!(req.min.get("licenses"), Some(&2000));
+    }
+
+    #[test]
+    fn a_property_offered_with_several_values_matches_each() {
+        let offer = Offer::new(
+            &props(&[
+                ("gcc-version", "12.2.0-14+deb12u1"),
+                ("gcc-version", "12.2.0"),
+            ]),
+            &HashMap::new(),
+        );
+        for value in ["12.2.0", "12.2.0-14+deb12u1"] {
+            let (req, _) = requirements(&props(&[("gcc-version", value)])).expect("valid");
+            assert!(offer.satisfies(&req), "gcc-version={value}");
+        }
+        let (req, _) = requirements(&props(&[("gcc-version", "13.1.0")])).expect("valid");
+        assert!(!offer.satisfies(&req));
     }
 }

@@ -15,6 +15,7 @@ use tonic::{Code, Status};
 
 use super::platform::{self, Offer, Requirements};
 use super::{AgentSummary, Job, OpState, Outgoing, Session, Settings, Snapshot, Stage};
+use crate::config::Span;
 use crate::metrics::{self, Metrics};
 use crate::storage::{ActionCache, FleetMemory};
 
@@ -54,6 +55,10 @@ pub enum Msg {
         draining: bool,
         reply: oneshot::Sender<Result<(), Status>>,
     },
+    /// The coordinator is shutting down: once no client waits on an
+    /// unfinished operation, agents' streams are closed so the server can
+    /// stop before its grace period ends.
+    Stopping,
     /// An operation's result is stored; tell its clients.
     Completed {
         name: String,
@@ -113,6 +118,8 @@ struct Op {
     attempt: u32,
     lease: Option<String>,
     lost_on: Vec<String>,
+    /// Why the last attempt could not run, for the final error.
+    last_error: Option<String>,
     done_at: Option<Instant>,
     merge_key: Option<MergeKey>,
 }
@@ -134,7 +141,10 @@ struct Agent {
     session: u64,
     last_heartbeat: Instant,
     disconnected_at: Option<Instant>,
-    draining: bool,
+    /// The agent process is shutting down (it said GoingAway).
+    going_away: bool,
+    /// Its registration's process id: a new one is a restart.
+    process_id: String,
     leases: HashSet<String>,
     /// Infrastructure failures in a row; the agent is taken out of
     /// rotation at `QUARANTINE_AFTER`.
@@ -172,6 +182,18 @@ struct State {
     leases: HashMap<String, Lease>,
     /// Offers of agents seen recently, for the could-ever-run check.
     seen: HashMap<String, (Offer, Instant)>,
+    /// Agents an operator drained: no new work until `undrain`, across
+    /// reconnects and restarts.
+    drained: HashSet<String>,
+    /// Agents taken out of rotation for failing every action, with the
+    /// process id that failed: a restarted process (a new id) or an
+    /// `undrain` brings one back; a reconnect does not.
+    quarantined: HashMap<String, String>,
+    /// The fleet changed in a way that may leave queued actions with no
+    /// agent that could ever run them.
+    fleet_shrank: bool,
+    /// Shutting down (see `Msg::Stopping`).
+    stopping: bool,
     recent: std::collections::VecDeque<super::RecentAction>,
 }
 
@@ -202,6 +224,10 @@ pub async fn run(
         agents: HashMap::new(),
         leases: HashMap::new(),
         seen,
+        drained: HashSet::new(),
+        quarantined: HashMap::new(),
+        fleet_shrank: true,
+        stopping: false,
         recent: std::collections::VecDeque::new(),
     };
     let mut tick = tokio::time::interval(TICK);
@@ -234,7 +260,9 @@ async fn recall(memory: &dyn FleetMemory, window: Duration) -> HashMap<String, (
                     continue;
                 };
                 let at = now.checked_sub(ago).unwrap_or(now);
-                seen.insert(id, (Offer::new(&caps.properties, &caps.resources), at));
+                let offer =
+                    Offer::new(&caps.properties, &caps.resources).holding(caps.max_input_bytes);
+                seen.insert(id, (offer, at));
             }
             if !seen.is_empty() {
                 tracing::info!(agents = seen.len(), "remembered the recent fleet");
@@ -316,6 +344,10 @@ impl State {
                 let _ = reply.send(self.snapshot());
             }
             Msg::Completed { name, response } => self.complete(&name, *response),
+            Msg::Stopping => {
+                self.stopping = true;
+                self.release_agents_when_idle();
+            }
             Msg::SetDraining {
                 agent_id,
                 draining,
@@ -324,7 +356,15 @@ impl State {
                 let result = match self.agents.get_mut(&agent_id) {
                     Some(agent) => {
                         tracing::info!(agent_id, draining, "drain changed by an operator");
-                        agent.draining = draining;
+                        if draining {
+                            self.drained.insert(agent_id);
+                        } else {
+                            // Undrain also ends a quarantine: the operator
+                            // says the agent is fit again.
+                            agent.failures_in_a_row = 0;
+                            self.drained.remove(&agent_id);
+                            self.quarantined.remove(&agent_id);
+                        }
                         Ok(())
                     }
                     None => Err(Status::not_found(format!(
@@ -361,7 +401,7 @@ impl State {
                     connected: a.outgoing.is_some(),
                     slots: a.slots,
                     used_slots: a.used_slots,
-                    draining: a.draining,
+                    draining: !self.takes_work(id),
                     platform: a.description.platform.clone(),
                     os_version: a.description.os_version.clone(),
                     isolation: a.description.isolation.clone(),
@@ -381,18 +421,10 @@ impl State {
     // ---- operations ----
 
     fn submit(&mut self, job: Job) -> Result<(String, watch::Receiver<OpState>), Status> {
-        if self.started.elapsed() >= self.settings.startup_grace {
-            let offers: Vec<&Offer> = self
-                .agents
-                .values()
-                .map(|a| &a.offer)
-                .chain(self.seen.values().map(|(o, _)| o))
-                .collect();
-            if !offers.iter().any(|o| o.satisfies(&job.requirements)) {
-                return Err(Status::failed_precondition(
-                    platform::explain_unsatisfiable(&job.requirements, &offers),
-                ));
-            }
+        if self.started.elapsed() >= self.settings.startup_grace
+            && let Some(why) = self.unsatisfiable(&job)
+        {
+            return Err(Status::failed_precondition(why));
         }
         let merge_key = job
             .cacheable
@@ -422,6 +454,7 @@ impl State {
             attempt: 0,
             lease: None,
             lost_on: Vec::new(),
+            last_error: None,
             done_at: None,
             merge_key: merge_key.clone(),
         };
@@ -433,6 +466,62 @@ impl State {
         }
         self.dispatch_all();
         Ok((name, rx))
+    }
+
+    /// Why no agent connected now or seen within the fleet memory could
+    /// ever run `job`; `None` if one could.
+    fn unsatisfiable(&self, job: &Job) -> Option<String> {
+        let offers: Vec<&Offer> = self
+            .agents
+            .values()
+            .map(|a| &a.offer)
+            .chain(self.seen.values().map(|(o, _)| o))
+            .collect();
+        let runs = |o: &&Offer| o.satisfies(&job.requirements) && o.holds_inputs(job.input_bytes);
+        if offers.iter().any(runs) {
+            return None;
+        }
+        Some(platform::explain_unsatisfiable(
+            &job.requirements,
+            job.input_bytes,
+            &offers,
+        ))
+    }
+
+    /// Fails queued actions that no agent could ever run any more: the
+    /// start-up grace ended, or the fleet shrank. They would otherwise wait
+    /// until their clients gave up.
+    fn fail_unsatisfiable(&mut self) {
+        if !self.fleet_shrank || self.started.elapsed() < self.settings.startup_grace {
+            return;
+        }
+        self.fleet_shrank = false;
+        let queued: Vec<String> = self
+            .queue
+            .values()
+            .flat_map(|builds| builds.values().flat_map(|q| q.values().cloned()))
+            .collect();
+        for name in queued {
+            let Some(why) = self
+                .ops
+                .get(&name)
+                .and_then(|op| self.unsatisfiable(&op.job))
+            else {
+                continue;
+            };
+            self.dequeue(&name);
+            tracing::info!(operation = %name, reason = %why, "failing a queued action no agent can run");
+            self.fail(&name, Code::FailedPrecondition, why);
+        }
+    }
+
+    /// Whether the agent may be given new work now (connected or not).
+    fn takes_work(&self, agent_id: &str) -> bool {
+        self.agents.get(agent_id).is_some_and(|a| {
+            !a.going_away
+                && !self.drained.contains(agent_id)
+                && !self.quarantined.contains_key(agent_id)
+        })
     }
 
     fn enqueue(&mut self, name: &str, op: &Op) {
@@ -519,7 +608,10 @@ impl State {
 
     fn cancel(&mut self, name: &str, why: &str) -> Result<(), Status> {
         let Some(op) = self.ops.get(name) else {
-            return Err(Status::not_found(format!("operation {name} is not known")));
+            return Err(Status::not_found(format!(
+                "operation {} is not known",
+                outpost_proto::quote::quoted(&name)
+            )));
         };
         if op.done_at.is_some() {
             return Ok(());
@@ -559,11 +651,12 @@ impl State {
         if caps.slots == 0 {
             return Err(Status::invalid_argument("an agent needs at least one slot"));
         }
-        let offer = Offer::new(&caps.properties, &caps.resources);
+        let offer = Offer::new(&caps.properties, &caps.resources).holding(caps.max_input_bytes);
         let remembered = bytes::Bytes::from(
             fleet::Capabilities {
                 properties: caps.properties.clone(),
                 resources: caps.resources.clone(),
+                max_input_bytes: caps.max_input_bytes,
                 ..Default::default()
             }
             .encode_to_vec(),
@@ -577,7 +670,11 @@ impl State {
         let still_running: HashSet<String> = register.running_leases.into_iter().collect();
         let mut resumed = Vec::new();
         let mut lost = Vec::new();
+        // The same process after a broken stream, or a new one. Agents
+        // without process ids look like the same process each time.
+        let mut restarted = false;
         if let Some(agent) = self.agents.get_mut(&register.agent_id) {
+            restarted = register.process_id.is_empty() || agent.process_id != register.process_id;
             for lease in &agent.leases {
                 if still_running.contains(lease) {
                     resumed.push(lease.clone());
@@ -595,7 +692,11 @@ impl State {
             agent.session = session.id;
             agent.last_heartbeat = Instant::now();
             agent.disconnected_at = None;
-            agent.draining = false;
+            agent.going_away = false;
+            agent.process_id = register.process_id.clone();
+            if restarted {
+                agent.failures_in_a_row = 0;
+            }
         } else {
             self.agents.insert(
                 register.agent_id.clone(),
@@ -612,7 +713,8 @@ impl State {
                     session: session.id,
                     last_heartbeat: Instant::now(),
                     disconnected_at: None,
-                    draining: false,
+                    going_away: false,
+                    process_id: register.process_id.clone(),
                     leases: HashSet::new(),
                     failures_in_a_row: 0,
                 },
@@ -620,8 +722,14 @@ impl State {
         }
         self.seen
             .insert(register.agent_id.clone(), (offer, Instant::now()));
-        for lease in lost {
-            self.lose_lease(&lease);
+        self.fleet_shrank = true;
+        if let Some(failed) = self.quarantined.get(&register.agent_id) {
+            if !register.process_id.is_empty() && *failed != register.process_id {
+                tracing::info!(agent_id = %register.agent_id, "a quarantined agent restarted; giving it work again");
+                self.quarantined.remove(&register.agent_id);
+            } else {
+                tracing::warn!(agent_id = %register.agent_id, "a quarantined agent reconnected; it gets no work until it restarts or `outpost undrain` it");
+            }
         }
         tracing::info!(
             agent_id = %register.agent_id,
@@ -636,7 +744,8 @@ impl State {
                 .ok(),
             resumed_leases: resumed,
         };
-        // Registered goes first on the stream, before any lease.
+        // Registered goes first on the stream, before any lease: the agent
+        // reads nothing else until it has it.
         if let Some(out) = self
             .agents
             .get(&session.agent_id)
@@ -645,6 +754,14 @@ impl State {
             let _ = out.try_send(Ok(fleet::CoordinatorMessage {
                 kind: Some(ToAgent::Registered(registered.clone())),
             }));
+        }
+        // Leases the agent no longer runs go back to the queue (and may be
+        // dispatched to it again, now that Registered is on its way). A
+        // reconnect of the same process lost them to the network, not to
+        // the action: that costs no attempt. A restart may have been the
+        // action's doing (it crashed the agent), so it counts.
+        for lease in lost {
+            self.lose_lease(&lease, restarted);
         }
         self.dispatch_all();
         Ok((session, registered))
@@ -679,7 +796,7 @@ impl State {
             }
             FromAgent::GoingAway(g) => {
                 tracing::info!(agent_id = %session.agent_id, reason = %g.reason, "agent is draining");
-                agent.draining = true;
+                agent.going_away = true;
                 self.release_if_drained(&session.agent_id);
             }
             FromAgent::ProcessExited(p) => {
@@ -704,7 +821,7 @@ impl State {
     /// tells it every result arrived.
     fn release_if_drained(&mut self, agent_id: &str) {
         if let Some(agent) = self.agents.get_mut(agent_id)
-            && agent.draining
+            && agent.going_away
             && agent.leases.is_empty()
             && agent.outgoing.take().is_some()
         {
@@ -724,35 +841,48 @@ impl State {
         let Some(op_name) = self.end_lease(&r.lease_id, false) else {
             return;
         };
-        if let Some(agent) = agent_id.as_ref().and_then(|id| self.agents.get_mut(id)) {
-            let infrastructure_failure =
-                r.retryable && matches!(r.outcome, Some(fleet::lease_result::Outcome::Error(_)));
-            if infrastructure_failure {
-                agent.failures_in_a_row += 1;
-                if agent.failures_in_a_row >= QUARANTINE_AFTER && !agent.draining {
-                    tracing::error!(
-                        agent_id = agent_id.as_deref().unwrap_or_default(),
-                        failures = agent.failures_in_a_row,
-                        "agent failed every action it was given; taking it out of rotation (restart it to bring it back)"
-                    );
-                    agent.draining = true;
+        let fault = fault_of(&r);
+        if let Some(id) = &agent_id
+            && let Some(agent) = self.agents.get_mut(id)
+        {
+            match fault {
+                Fault::Agent => {
+                    agent.failures_in_a_row += 1;
+                    if agent.failures_in_a_row >= QUARANTINE_AFTER
+                        && !self.quarantined.contains_key(id)
+                    {
+                        tracing::error!(
+                            agent_id = %id,
+                            failures = agent.failures_in_a_row,
+                            "agent failed every action it was given; taking it out of rotation until its process restarts or `outpost undrain` brings it back"
+                        );
+                        self.quarantined
+                            .insert(id.clone(), agent.process_id.clone());
+                    }
                 }
-            } else {
-                agent.failures_in_a_row = 0;
+                // Trouble on the way is nobody's fault in particular.
+                Fault::Transient => {}
+                Fault::Action | Fault::None => agent.failures_in_a_row = 0,
             }
         }
         match r.outcome {
             Some(fleet::lease_result::Outcome::Result(result)) => {
                 let cacheable = self.ops.get(&op_name).is_some_and(|op| op.job.cacheable);
                 let timeout = self.ops.get(&op_name).map(|op| op.job.timeout);
+                // The action ran but not all its outputs could be collected
+                // (an output file that is a directory): the client gets
+                // the result with that status, and it is not cached.
+                let uncollected = r.status.clone().filter(|s| s.code != Code::Ok as i32);
                 let status = if r.timed_out {
                     status(
                         Code::DeadlineExceeded,
                         format!(
-                            "the action ran past its timeout of {}s and was killed",
-                            timeout.map_or(0, |t| t.as_secs())
+                            "the action ran past its timeout of {} and was killed",
+                            timeout.map_or_else(|| "?".to_owned(), |t| Span(t).to_string())
                         ),
                     )
+                } else if let Some(s) = uncollected.clone() {
+                    s
                 } else {
                     status(Code::Ok, "")
                 };
@@ -765,6 +895,7 @@ impl State {
                 };
                 if cacheable
                     && !r.timed_out
+                    && uncollected.is_none()
                     && response.result.as_ref().is_some_and(|r| r.exit_code == 0)
                 {
                     // Completed once the Action Cache has it, so a client
@@ -774,9 +905,16 @@ impl State {
                     self.complete(&op_name, response);
                 }
             }
-            Some(fleet::lease_result::Outcome::Error(e)) if r.retryable => {
-                tracing::warn!(operation = %op_name, error = %e.message, "action failed on its agent; retrying");
-                self.retry(&op_name, agent_id);
+            Some(fleet::lease_result::Outcome::Error(e))
+                if matches!(fault, Fault::Agent | Fault::Transient) =>
+            {
+                tracing::warn!(operation = %op_name, error = %e.message, ?fault, "action could not run on its agent; retrying");
+                if let Some(op) = self.ops.get_mut(&op_name) {
+                    op.last_error = Some(e.message);
+                }
+                // Another agent may do better than one that is broken.
+                let avoid = (fault == Fault::Agent).then_some(agent_id).flatten();
+                self.retry(&op_name, avoid);
             }
             Some(fleet::lease_result::Outcome::Error(e)) => {
                 let message = e.message.clone();
@@ -876,10 +1014,19 @@ impl State {
     }
 
     /// The agent holding this lease is gone: run the action elsewhere.
-    fn lose_lease(&mut self, lease_id: &str) {
+    /// Unless `counts`, the attempt is given back (the action was not to
+    /// blame).
+    fn lose_lease(&mut self, lease_id: &str, counts: bool) {
         let agent = self.leases.get(lease_id).map(|l| l.agent.clone());
         if let Some(op) = self.end_lease(lease_id, false) {
-            self.retry(&op, agent);
+            if counts {
+                self.retry(&op, agent);
+            } else {
+                if let Some(op) = self.ops.get_mut(&op) {
+                    op.attempt = op.attempt.saturating_sub(1);
+                }
+                self.retry(&op, None);
+            }
         }
     }
 
@@ -893,9 +1040,13 @@ impl State {
         op.lost_on.extend(lost_on);
         if op.attempt >= self.settings.max_attempts {
             let agents = op.lost_on.join(", ");
+            let last = op
+                .last_error
+                .as_deref()
+                .map_or_else(String::new, |e| format!("; the last error: {e}"));
             let message = format!(
                 "action {} failed {} times because its agent was lost or could not run it \
-                 (agents: {agents}); it may crash agents, so it is not retried again",
+                 (agents: {agents}){last}; it may crash agents, so it is not retried again",
                 op.job.action_digest, op.attempt
             );
             self.fail(name, Code::Internal, message);
@@ -922,7 +1073,9 @@ impl State {
             let mut ids: Vec<(u64, String)> = self
                 .agents
                 .iter()
-                .filter(|(_, a)| a.outgoing.is_some() && !a.draining && a.used_slots < a.slots)
+                .filter(|(id, a)| {
+                    a.outgoing.is_some() && self.takes_work(id) && a.used_slots < a.slots
+                })
                 .map(|(id, a)| {
                     (
                         u64::from(a.used_slots) * 1000 / u64::from(a.slots.max(1)),
@@ -947,7 +1100,7 @@ impl State {
             return false;
         };
         if agent.outgoing.is_none()
-            || agent.draining
+            || !self.takes_work(agent_id)
             || agent.used_slots >= agent.slots
             || self.queued == 0
         {
@@ -962,10 +1115,13 @@ impl State {
                 let Some(((priority, seq), name)) = q.first_key_value() else {
                     continue;
                 };
-                if self
-                    .ops
-                    .get(name)
-                    .is_some_and(|op| op.lost_on.iter().any(|a| a == agent_id))
+                let Some(op) = self.ops.get(name) else {
+                    continue;
+                };
+                if !agent.offer.holds_inputs(op.job.input_bytes) {
+                    continue;
+                }
+                if op.lost_on.iter().any(|a| a == agent_id)
                     && self.another_agent_could_run(agent_id, req)
                 {
                     continue;
@@ -984,7 +1140,7 @@ impl State {
 
     fn another_agent_could_run(&self, agent_id: &str, req: &Requirements) -> bool {
         self.agents.iter().any(|(id, a)| {
-            id != agent_id && a.outgoing.is_some() && !a.draining && a.offer.satisfies(req)
+            id != agent_id && a.outgoing.is_some() && self.takes_work(id) && a.offer.satisfies(req)
         })
     }
 
@@ -1123,8 +1279,9 @@ impl State {
             let leases: Vec<String> = agent.leases.iter().cloned().collect();
             self.agents.insert(id.clone(), agent);
             for lease in leases {
-                self.lose_lease(&lease);
+                self.lose_lease(&lease, true);
             }
+            self.fleet_shrank = true;
             self.agents.remove(&id);
         }
         let abandoned: Vec<String> = self
@@ -1146,8 +1303,39 @@ impl State {
             .retain(|_, op| op.done_at.is_none_or(|t| now.duration_since(t) < keep));
         let memory = self.settings.fleet_memory;
         let agents = &self.agents;
+        let before = self.seen.len();
         self.seen
             .retain(|id, (_, at)| now.duration_since(*at) < memory || agents.contains_key(id));
+        self.fleet_shrank |= self.seen.len() < before;
+        self.fail_unsatisfiable();
+        self.release_agents_when_idle();
+    }
+
+    /// While shutting down: once no client waits on an unfinished
+    /// operation, ends every agent's stream (agents keep what they run and
+    /// reconnect to the next coordinator), so the server can stop.
+    fn release_agents_when_idle(&mut self) {
+        if !self.stopping
+            || self
+                .ops
+                .values()
+                .any(|op| op.done_at.is_none() && op.waiters > 0)
+        {
+            return;
+        }
+        let mut released = 0;
+        for agent in self.agents.values_mut() {
+            if agent.outgoing.take().is_some() {
+                agent.disconnected_at = Some(Instant::now());
+                released += 1;
+            }
+        }
+        if released > 0 {
+            tracing::info!(
+                agents = released,
+                "no client waits on a running action; closing the agents' streams"
+            );
+        }
     }
 }
 
@@ -1261,6 +1449,30 @@ fn record_outcome(m: &Metrics, response: &reapi::ExecuteResponse) {
         if let Some(took) = duration_between(from, to) {
             m.stage(stage, took);
         }
+    }
+}
+
+/// Whose fault an error result is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Fault {
+    /// Not an error: the action ran.
+    None,
+    Action,
+    Agent,
+    Transient,
+}
+
+fn fault_of(r: &fleet::LeaseResult) -> Fault {
+    if !matches!(r.outcome, Some(fleet::lease_result::Outcome::Error(_))) {
+        return Fault::None;
+    }
+    match fleet::Fault::try_from(r.fault).unwrap_or_default() {
+        fleet::Fault::Action => Fault::Action,
+        fleet::Fault::Agent => Fault::Agent,
+        fleet::Fault::Transient => Fault::Transient,
+        // Agents that do not say: retryable errors were the agent's.
+        fleet::Fault::Unspecified if r.retryable => Fault::Agent,
+        fleet::Fault::Unspecified => Fault::Action,
     }
 }
 

@@ -67,6 +67,7 @@ fn job(n: u8, build: &str, priority: i32) -> Job {
         pin: Pin::new(()),
         queued_at: SystemTime::now(),
         prefetched: Default::default(),
+        input_bytes: 0,
     }
 }
 
@@ -82,8 +83,20 @@ async fn join(
     slots: u32,
     running: Vec<String>,
 ) -> Result<FakeAgent, Status> {
+    join_with(s, id, slots, running, |_| {}).await
+}
+
+/// Joins with the registration changed by `adjust` (process id, input
+/// cache bound).
+async fn join_with(
+    s: &Scheduler,
+    id: &str,
+    slots: u32,
+    running: Vec<String>,
+    adjust: impl FnOnce(&mut fleet::Register),
+) -> Result<FakeAgent, Status> {
     let (tx, mut rx) = mpsc::channel(64);
-    let register = fleet::Register {
+    let mut register = fleet::Register {
         protocol_version: outpost_proto::FLEET_PROTOCOL_VERSION,
         agent_id: id.to_owned(),
         hostname: "test".into(),
@@ -97,7 +110,9 @@ async fn join(
             ..Default::default()
         }),
         running_leases: running,
+        process_id: "process-1".into(),
     };
+    adjust(&mut register);
     let session = s.join(register, tx).await?;
     let Some(Ok(fleet::CoordinatorMessage {
         kind: Some(ToAgent::Registered(registered)),
@@ -146,6 +161,7 @@ impl FakeAgent {
             retryable: false,
             timed_out: false,
             message: String::new(),
+            ..Default::default()
         };
         s.agent_message(&self.session, FromAgent::LeaseResult(result))
             .await
@@ -372,6 +388,7 @@ async fn a_retry_avoids_the_agent_that_failed_it() {
         retryable: true,
         timed_out: false,
         message: String::new(),
+        ..Default::default()
     };
     f.scheduler
         .agent_message(&failing.session, FromAgent::LeaseResult(error))
@@ -388,4 +405,292 @@ async fn a_retry_avoids_the_agent_that_failed_it() {
             .exit_code,
         0
     );
+}
+
+/// A result the action is not to blame for, or is, as the agent says.
+fn error_result(lease: &fleet::Lease, fault: fleet::Fault, code: Code) -> fleet::LeaseResult {
+    fleet::LeaseResult {
+        lease_id: lease.lease_id.clone(),
+        outcome: Some(fleet::lease_result::Outcome::Error(
+            tonic_types::pb::Status {
+                code: code as i32,
+                message: format!("{fault:?} trouble"),
+                details: Vec::new(),
+            },
+        )),
+        retryable: fault != fleet::Fault::Action,
+        fault: fault as i32,
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn an_agent_restarted_at_once_gets_its_action_again_after_registered() {
+    let f = fixture(Settings {
+        reconnect_grace: Duration::from_secs(60),
+        ..settings()
+    })
+    .await;
+    let a = join(&f.scheduler, "a", 1, vec![]).await.expect("join");
+    let mut waiter = f.scheduler.submit(job(50, "b", 0)).await.expect("submit");
+    let mut a = a;
+    let first = a.next_lease().await;
+    // Killed and started again: a new process that runs nothing. `join`
+    // asserts Registered comes first on the new stream; the lease follows.
+    f.scheduler.agent_gone(&a.session).await;
+    let mut again = join_with(&f.scheduler, "a", 1, vec![], |r| {
+        r.process_id = "process-2".into();
+    })
+    .await
+    .expect("rejoin");
+    let second = again.next_lease().await;
+    assert_eq!(digest_of(&second), digest_of(&first));
+    assert_eq!(second.attempt, 2, "a restart counts as an attempt");
+    // A broken stream of the same process that lost the lease (it had not
+    // accepted it yet) costs no attempt.
+    f.scheduler.agent_gone(&again.session).await;
+    let mut third = join_with(&f.scheduler, "a", 1, vec![], |r| {
+        r.process_id = "process-2".into();
+    })
+    .await
+    .expect("rejoin");
+    let lease = third.next_lease().await;
+    assert_eq!(lease.attempt, 2, "a reconnect cost an attempt");
+    third.finish(&f.scheduler, &lease).await;
+    let response = finished(&mut waiter).await;
+    assert_eq!(response.result.expect("result").exit_code, 0);
+}
+
+#[tokio::test]
+async fn errors_of_the_action_are_not_retried_and_do_not_blame_the_agent() {
+    let f = fixture(settings()).await;
+    let mut a = join(&f.scheduler, "a", 1, vec![]).await.expect("join");
+    for n in 0..8u8 {
+        let mut waiter = f
+            .scheduler
+            .submit(job(60 + n, "b", 0))
+            .await
+            .expect("submit");
+        let lease = a.next_lease().await;
+        assert_eq!(lease.attempt, 1);
+        f.scheduler
+            .agent_message(
+                &a.session,
+                FromAgent::LeaseResult(error_result(
+                    &lease,
+                    fleet::Fault::Action,
+                    Code::ResourceExhausted,
+                )),
+            )
+            .await
+            .expect("send");
+        let status = finished(&mut waiter).await.status.expect("status");
+        assert_eq!(status.code, Code::ResourceExhausted as i32);
+        assert_eq!(status.message, "Action trouble");
+    }
+    // Eight action faults in a row: the agent still gets work.
+    let _waiter = f.scheduler.submit(job(70, "b", 0)).await.expect("submit");
+    a.next_lease().await;
+}
+
+/// Fails `QUARANTINE_AFTER` (5) actions in a row for the agent's own reasons.
+async fn fail_five(f: &Fixture, a: &mut FakeAgent, base: u8) {
+    for n in 0..5u8 {
+        let _waiter = f
+            .scheduler
+            .submit(job(base + n, "b", 0))
+            .await
+            .expect("submit");
+        let lease = a.next_lease().await;
+        f.scheduler
+            .agent_message(
+                &a.session,
+                FromAgent::LeaseResult(error_result(
+                    &lease,
+                    fleet::Fault::Agent,
+                    Code::Unavailable,
+                )),
+            )
+            .await
+            .expect("send");
+    }
+}
+
+#[tokio::test]
+async fn a_quarantine_holds_across_reconnects_until_a_restart_or_undrain() {
+    let f = fixture(Settings {
+        max_attempts: 100,
+        ..settings()
+    })
+    .await;
+    let mut a = join(&f.scheduler, "a", 1, vec![]).await.expect("join");
+    fail_five(&f, &mut a, 80).await;
+    a.no_lease().await;
+    let snapshot = f.scheduler.snapshot().await.expect("snapshot");
+    assert!(snapshot.agents[0].draining, "not taken out of rotation");
+    // A reconnect of the same process: still out.
+    f.scheduler.agent_gone(&a.session).await;
+    let mut a = join(&f.scheduler, "a", 1, vec![]).await.expect("rejoin");
+    a.no_lease().await;
+    // A new process: back in; it gets the queued work.
+    f.scheduler.agent_gone(&a.session).await;
+    let mut a = join_with(&f.scheduler, "a", 1, vec![], |r| {
+        r.process_id = "process-2".into();
+    })
+    .await
+    .expect("restart");
+    // It gets work again (and fails it into quarantine again), then an
+    // operator brings it back.
+    fail_five(&f, &mut a, 90).await;
+    a.no_lease().await;
+    f.scheduler.set_draining("a", false).await.expect("undrain");
+    a.next_lease().await;
+}
+
+#[tokio::test]
+async fn a_drain_is_kept_when_the_agent_reconnects() {
+    let f = fixture(settings()).await;
+    let a = join(&f.scheduler, "a", 1, vec![]).await.expect("join");
+    f.scheduler.set_draining("a", true).await.expect("drain");
+    f.scheduler.agent_gone(&a.session).await;
+    let mut a = join(&f.scheduler, "a", 1, vec![]).await.expect("rejoin");
+    let _waiter = f.scheduler.submit(job(100, "b", 0)).await.expect("submit");
+    a.no_lease().await;
+    f.scheduler.set_draining("a", false).await.expect("undrain");
+    a.next_lease().await;
+}
+
+fn pool(name: &str) -> platform::Requirements {
+    let (req, _) = platform::requirements(&[reapi::platform::Property {
+        name: "Pool".into(),
+        value: name.into(),
+    }])
+    .expect("valid");
+    req
+}
+
+#[tokio::test]
+async fn an_action_no_agent_can_run_fails_when_the_start_up_grace_ends() {
+    let f = fixture(Settings {
+        startup_grace: Duration::from_millis(600),
+        ..settings()
+    })
+    .await;
+    let _a = join(&f.scheduler, "a", 1, vec![]).await.expect("join");
+    let mut waiter = f
+        .scheduler
+        .submit(Job {
+            requirements: pool("gpu"),
+            ..job(110, "b", 0)
+        })
+        .await
+        .expect("queued during the grace");
+    let response = tokio::time::timeout(
+        Duration::from_secs(5),
+        waiter.state.wait_for(|s| s.stage == Stage::Completed),
+    )
+    .await
+    .expect("failed soon after the grace")
+    .expect("scheduler alive")
+    .clone()
+    .response
+    .expect("response");
+    let status = response.status.as_ref().expect("status");
+    assert_eq!(status.code, Code::FailedPrecondition as i32);
+    assert!(
+        status.message.contains("no agent can run this action") && status.message.contains("Pool"),
+        "{}",
+        status.message
+    );
+}
+
+#[tokio::test]
+async fn queued_actions_fail_when_the_fleet_shrinks_below_them() {
+    let f = fixture(Settings {
+        reconnect_grace: Duration::from_millis(100),
+        fleet_memory: Duration::from_millis(300),
+        ..settings()
+    })
+    .await;
+    // A busy agent of the pool: the second action waits in the queue.
+    let mut a = join_with(&f.scheduler, "a", 1, vec![], |r| {
+        if let Some(caps) = r.capabilities.as_mut() {
+            caps.properties.push(reapi::platform::Property {
+                name: "Pool".into(),
+                value: "gpu".into(),
+            });
+        }
+    })
+    .await
+    .expect("join");
+    let mut first = f
+        .scheduler
+        .submit(Job {
+            requirements: pool("gpu"),
+            ..job(120, "b", 0)
+        })
+        .await
+        .expect("submit");
+    let mut second = f
+        .scheduler
+        .submit(Job {
+            requirements: pool("gpu"),
+            ..job(121, "b", 0)
+        })
+        .await
+        .expect("submit");
+    a.next_lease().await;
+    // The only such agent goes away for good.
+    f.scheduler.agent_gone(&a.session).await;
+    for waiter in [&mut first, &mut second] {
+        let response = tokio::time::timeout(
+            Duration::from_secs(10),
+            waiter.state.wait_for(|s| s.stage == Stage::Completed),
+        )
+        .await
+        .expect("failed once the fleet forgot the agent")
+        .expect("scheduler alive")
+        .clone()
+        .response
+        .expect("response");
+        let code = response.status.as_ref().expect("status").code;
+        // The running one is retried until nothing could run it either.
+        assert_eq!(code, Code::FailedPrecondition as i32, "{response:?}");
+    }
+}
+
+#[tokio::test]
+async fn inputs_go_only_to_agents_whose_cache_holds_them() {
+    let f = fixture(settings()).await;
+    let mut small = join_with(&f.scheduler, "small", 1, vec![], |r| {
+        if let Some(caps) = r.capabilities.as_mut() {
+            caps.max_input_bytes = 1000;
+        }
+    })
+    .await
+    .expect("join");
+    let big_job = || Job {
+        input_bytes: 5000,
+        ..job(130, "b", 0)
+    };
+    let Err(err) = f.scheduler.submit(big_job()).await else {
+        panic!("queued though no agent's cache holds it");
+    };
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(
+        err.message().contains("inputs are 5000 bytes")
+            && err.message().contains("holds 1000 bytes"),
+        "{}",
+        err.message()
+    );
+    let mut big = join_with(&f.scheduler, "big", 1, vec![], |r| {
+        if let Some(caps) = r.capabilities.as_mut() {
+            caps.max_input_bytes = 1 << 20;
+        }
+    })
+    .await
+    .expect("join");
+    let _waiter = f.scheduler.submit(big_job()).await.expect("submit");
+    big.next_lease().await;
+    small.no_lease().await;
 }

@@ -103,9 +103,15 @@ async fn referenced_blobs(
         else {
             return Ok(None);
         };
-        let tree = reapi::Tree::decode(bytes).map_err(|e| {
-            Status::internal(format!("stored tree {tree_digest} does not decode: {e}"))
-        })?;
+        let tree = match reapi::Tree::decode(bytes) {
+            Ok(tree) => tree,
+            Err(e) => {
+                // An entry written before trees were checked on update:
+                // a miss, so the action runs again and replaces it.
+                tracing::warn!(%tree_digest, error = %e, "an action result names a tree that does not decode; treating it as a miss");
+                return Ok(None);
+            }
+        };
         for directory in tree.root.iter().chain(&tree.children) {
             for file in &directory.files {
                 blobs.extend(optional_digest(
@@ -159,6 +165,38 @@ fn validate_result(result: &reapi::ActionResult, function: Function) -> Result<(
     Ok(())
 }
 
+/// Every `tree_digest` of a result that is already in the CAS must decode
+/// as a `Tree`: an entry naming some other blob would break its action's
+/// every lookup. Trees not uploaded yet make a later lookup a miss.
+async fn check_trees(
+    ctx: &Context,
+    result: &reapi::ActionResult,
+    function: Function,
+) -> Result<(), Status> {
+    for dir in &result.output_directories {
+        let Some(tree_digest) = optional_digest(dir.tree_digest.as_ref(), function, "tree_digest")?
+        else {
+            continue;
+        };
+        let Some(bytes) = ctx
+            .cas
+            .read_all(tree_digest)
+            .await
+            .map_err(storage_status)?
+        else {
+            continue;
+        };
+        if let Err(e) = reapi::Tree::decode(bytes) {
+            return Err(Status::invalid_argument(format!(
+                "output_directories {}: tree_digest {tree_digest} is not a Tree message ({e}); \
+                 upload the directory's Tree and name its digest",
+                outpost_proto::quote::quoted(&dir.path)
+            )));
+        }
+    }
+    Ok(())
+}
+
 #[tonic::async_trait]
 impl ActionCache for ActionCacheService {
     async fn get_action_result(
@@ -185,6 +223,7 @@ impl ActionCache for ActionCacheService {
             .action_result
             .ok_or_else(|| Status::invalid_argument("action_result is missing"))?;
         validate_result(&result, function)?;
+        check_trees(&self.ctx, &result, function).await?;
         self.ctx
             .action_cache
             .update_action_result(&req.instance_name, action, result.encode_to_vec().into())
