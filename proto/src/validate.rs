@@ -134,35 +134,76 @@ pub fn resolve(base: &[String], path: &str, what: &str) -> Result<Vec<String>, I
     Ok(out)
 }
 
+#[derive(PartialEq, Eq)]
+enum Output {
+    Path,
+    File,
+    Directory,
+}
+
 /// A Command: arguments present, environment names plain, the working
 /// directory and every output path inside the input root (outputs not the
 /// root itself).
 pub fn command(cmd: &reapi::Command) -> Result<(), Invalid> {
-    if cmd.arguments.is_empty() || cmd.arguments[0].is_empty() {
-        return Err(invalid(
-            "the Command has no program to run (arguments is empty)".to_owned(),
-        ));
+    match cmd.arguments.first() {
+        None => {
+            return Err(invalid(
+                "the Command has no program to run (arguments is empty)".to_owned(),
+            ));
+        }
+        Some(program) if program.is_empty() => {
+            return Err(invalid(
+                "the Command's program (arguments[0]) is an empty string; name the program to run"
+                    .to_owned(),
+            ));
+        }
+        Some(_) => {}
     }
     if let Some(a) = cmd.arguments.iter().find(|a| a.contains('\0')) {
         return Err(invalid(format!("the argument {a:?} contains NUL")));
     }
     for v in &cmd.environment_variables {
-        if v.name.is_empty() || v.name.contains(['=', '\0']) || v.value.contains('\0') {
+        if v.name.is_empty() || v.name.contains(['=', '\0']) {
             return Err(invalid(format!(
                 "the environment variable {:?} has an empty name, or '=' or NUL in it",
                 v.name
             )));
         }
+        if v.value.contains('\0') {
+            return Err(invalid(format!(
+                "the value of the environment variable {:?} contains NUL, which no process \
+                 environment can hold",
+                v.name
+            )));
+        }
     }
     let workdir = resolve(&[], &cmd.working_directory, "the working directory")?;
-    for (list, what) in [
-        (&cmd.output_paths, "the output path"),
-        (&cmd.output_files, "the output file"),
-        (&cmd.output_directories, "the output directory"),
+    let mut files = std::collections::HashMap::new();
+    for (list, what, kind) in [
+        (&cmd.output_paths, "the output path", Output::Path),
+        (&cmd.output_files, "the output file", Output::File),
+        (
+            &cmd.output_directories,
+            "the output directory",
+            Output::Directory,
+        ),
     ] {
         for path in list {
-            if resolve(&workdir, path, what)?.is_empty() {
+            let resolved = resolve(&workdir, path, what)?;
+            if resolved.is_empty() {
                 return Err(invalid(format!("{what} {path:?} is the input root itself")));
+            }
+            if kind == Output::File {
+                files.insert(resolved, path);
+            } else if kind == Output::Directory
+                && let Some(file) = files.get(&resolved)
+            {
+                // One path cannot be both; finding out after the action
+                // ran would waste the run.
+                return Err(invalid(format!(
+                    "the output file {file:?} and the output directory {path:?} are the same \
+                     path; declare it once"
+                )));
             }
         }
     }
@@ -249,5 +290,57 @@ mod tests {
                 .0
                 .contains("no program")
         );
+    }
+
+    fn refusal(cmd: &reapi::Command) -> String {
+        command(cmd).expect_err("refused").0
+    }
+
+    #[test]
+    fn an_empty_program_is_not_an_empty_argument_list() {
+        let empty_program = reapi::Command {
+            arguments: vec![String::new()],
+            ..Default::default()
+        };
+        let why = refusal(&empty_program);
+        assert!(why.contains("arguments[0]) is an empty string"), "{why}");
+        assert!(!why.contains("arguments is empty"), "{why}");
+    }
+
+    #[test]
+    fn nul_in_an_environment_value_is_named_as_such() {
+        let env = |name: &str, value: &str| reapi::Command {
+            arguments: vec!["true".into()],
+            environment_variables: vec![reapi::command::EnvironmentVariable {
+                name: name.into(),
+                value: value.into(),
+            }],
+            ..Default::default()
+        };
+        let why = refusal(&env("PATH", "/bin\0/usr/bin"));
+        assert!(
+            why.contains("value of the environment variable \"PATH\""),
+            "{why}"
+        );
+        assert!(!why.contains("empty name"), "{why}");
+        assert!(refusal(&env("A=B", "x")).contains("empty name, or '='"));
+        assert_eq!(command(&env("PATH", "/bin")), Ok(()));
+    }
+
+    #[test]
+    fn one_path_cannot_be_an_output_file_and_an_output_directory() {
+        let outputs = |files: &[&str], dirs: &[&str]| reapi::Command {
+            arguments: vec!["true".into()],
+            working_directory: "pkg".into(),
+            output_files: files.iter().map(|s| (*s).to_owned()).collect(),
+            output_directories: dirs.iter().map(|s| (*s).to_owned()).collect(),
+            ..Default::default()
+        };
+        let why = refusal(&outputs(&["out/a"], &["out/./a"]));
+        assert!(why.contains("are the same path"), "{why}");
+        assert!(refusal(&outputs(&["x", "out"], &["../pkg/out"])).contains("same path"));
+        assert_eq!(command(&outputs(&["out/a"], &["out/b"])), Ok(()));
+        // A file inside an output directory is allowed.
+        assert_eq!(command(&outputs(&["out/a"], &["out"])), Ok(()));
     }
 }
