@@ -142,6 +142,9 @@ struct AgentArgs {
     /// CPUs one action may use, e.g. 2 or 0.5 [default: no limit].
     #[arg(long, env = "OUTPOST_ACTION_CPU_LIMIT")]
     action_cpu_limit: Option<f64>,
+    /// Bytes one action's outputs may total, stdout and stderr included [default: 4GiB].
+    #[arg(long, env = "OUTPOST_ACTION_OUTPUT_LIMIT")]
+    action_output_limit: Option<ByteSize>,
     /// Log filter [default: info].
     #[arg(long, env = "OUTPOST_LOG")]
     log: Option<String>,
@@ -198,6 +201,7 @@ impl AgentArgs {
         if self.action_cpu_limit.is_some() {
             config.action_cpu_limit = self.action_cpu_limit;
         }
+        overlay(&mut config.action_output_limit, self.action_output_limit);
         overlay(&mut config.log, self.log.clone());
         if self.token_file.is_some() {
             config.token_file = self.token_file.clone();

@@ -133,6 +133,11 @@ impl Cache {
         })
     }
 
+    /// The cache's bound: the most input bytes one action may need.
+    pub fn max_bytes(&self) -> u64 {
+        self.inner.max_bytes
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.inner.state.lock().unwrap_or_else(|e| e.into_inner())
     }

@@ -42,6 +42,10 @@ pub struct Config {
     pub action_pids_limit: u64,
     /// CPUs one action may use (e.g. 2 or 0.5); no limit when unset.
     pub action_cpu_limit: Option<f64>,
+    /// Bytes one action's outputs may total, stdout and stderr included (a
+    /// sparse file counts by its length); checked before anything is
+    /// uploaded.
+    pub action_output_limit: ByteSize,
     /// Log filter.
     pub log: String,
     /// File whose first line is this agent's token for the coordinator.
@@ -74,6 +78,7 @@ impl Default for Config {
             action_memory_limit: None,
             action_pids_limit: 8192,
             action_cpu_limit: None,
+            action_output_limit: ByteSize(4 << 30),
             log: "info".to_owned(),
             token_file: None,
             tls_ca: None,

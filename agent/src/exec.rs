@@ -27,6 +27,9 @@ pub struct Executor {
     pub actions_dir: PathBuf,
     /// How commands are started: the reaper or the sandbox stub.
     pub isolation: std::sync::Arc<Isolation>,
+    /// The most bytes one action's outputs (stdout and stderr included)
+    /// may total (`action_output_limit`).
+    pub output_limit: u64,
 }
 
 /// What the lease produced.
@@ -36,6 +39,10 @@ pub struct Ran {
     /// Why the action ended the way it did, when the agent knows more than
     /// the exit code says (e.g. killed for using too much memory).
     pub message: String,
+    /// Not OK when the action ran but its outputs could not all be
+    /// collected (an output of the wrong type); the result is then kept
+    /// but not cached.
+    pub status: Option<tonic_types::pb::Status>,
 }
 
 /// Reports progress to the coordinator.
@@ -255,15 +262,24 @@ impl Executor {
 
         events.stage(fleet::Stage::UploadingOutputs);
         meta.output_upload_start_timestamp = now();
+        let bounds = OutputBounds {
+            total: self.output_limit,
+            blob: self.remote.max_blob_size(),
+        };
         let collected = {
             let root = root.clone();
             tokio::task::spawn_blocking(move || {
+                check_output_sizes(&root, &outputs, &stdout_path, &stderr_path, bounds)?;
                 collect(&root, &outputs, function, &stdout_path, &stderr_path)
             })
             .await
             .map_err(|_| blocking_err())??
         };
-        let Collected { mut result, blobs } = collected;
+        let Collected {
+            mut result,
+            blobs,
+            status,
+        } = collected;
         unless_cancelled(&cancel, remote.upload(blobs)).await?;
         tracing::debug!(
             lease_id = %lease.lease_id,
@@ -281,6 +297,7 @@ impl Executor {
             result,
             timed_out,
             message,
+            status,
         })
     }
 
@@ -301,6 +318,12 @@ impl Executor {
         .await
         .map_err(|_| blocking_err())??;
         let digests: Vec<Digest> = files.iter().map(|(d, _, _)| *d).collect();
+        inputs_fit(
+            files
+                .iter()
+                .map(|(d, p, _)| (*d, p.strip_prefix(root).unwrap_or(p))),
+            self.cache.max_bytes(),
+        )?;
         let paths: Vec<PathBuf> = files
             .iter()
             .filter_map(|(_, p, _)| p.strip_prefix(root).ok().map(Path::to_path_buf))
@@ -563,8 +586,12 @@ impl OutputSpec {
                 .collect()
         };
         if !command.output_paths.is_empty() {
+            // A path listed twice is one output, collected once.
+            let mut seen = std::collections::HashSet::new();
+            let mut paths = resolve(&command.output_paths)?;
+            paths.retain(|(_, p)| seen.insert(p.clone()));
             return Ok(OutputSpec {
-                paths: resolve(&command.output_paths)?,
+                paths,
                 files: Vec::new(),
                 directories: Vec::new(),
             });
@@ -587,11 +614,139 @@ impl OutputSpec {
 struct Collected {
     result: reapi::ActionResult,
     blobs: HashMap<Digest, Blob>,
+    /// FAILED_PRECONDITION naming the outputs of the wrong type, if any.
+    status: Option<tonic_types::pb::Status>,
+}
+
+/// Refuses an action whose inputs cannot all be in the input cache at
+/// once (`max` bytes): one larger than the cache, or all of them together.
+fn inputs_fit<'a>(files: impl Iterator<Item = (Digest, &'a Path)>, max: u64) -> Result<(), Error> {
+    let mut seen = std::collections::HashSet::new();
+    let mut total = 0u64;
+    for (d, path) in files {
+        if d.size > max {
+            return Err(Error::TooLarge(format!(
+                "input {} ({d}, {} bytes) is larger than this agent's input cache of {} ({max} \
+                 bytes); raise cache_size on the agents or make the input smaller",
+                path.display(),
+                d.size,
+                outpost_proto::units::ByteSize(max)
+            )));
+        }
+        if seen.insert(d) {
+            total = total.saturating_add(d.size);
+        }
+    }
+    if total > max {
+        return Err(Error::TooLarge(format!(
+            "the action's inputs total {total} bytes, more than this agent's input cache of {} \
+             ({max} bytes) holds; raise cache_size on the agents or make the inputs smaller",
+            outpost_proto::units::ByteSize(max)
+        )));
+    }
+    Ok(())
+}
+
+/// What one action may upload.
+#[derive(Clone, Copy)]
+struct OutputBounds {
+    /// All outputs together, stdout and stderr included.
+    total: u64,
+    /// One blob: the largest the coordinator's CAS accepts, once known.
+    blob: Option<u64>,
+}
+
+/// Adds up the outputs' sizes (a sparse file counts by its length, which
+/// is what would be read and uploaded) and refuses them, before anything
+/// is hashed or uploaded, when one is over the CAS's bound or all of them
+/// over the agent's.
+fn check_output_sizes(
+    root: &Path,
+    spec: &OutputSpec,
+    stdout: &Path,
+    stderr: &Path,
+    bounds: OutputBounds,
+) -> Result<(), Error> {
+    let mut total = 0u64;
+    let mut count = |name: &str, size: u64| -> Result<(), Error> {
+        if let Some(max) = bounds.blob
+            && size > max
+        {
+            return Err(Error::TooLarge(format!(
+                "output {name:?} is {size} bytes, larger than the largest blob the coordinator's \
+                 CAS accepts ({} = {max} bytes); make the output smaller or raise max_cas_size \
+                 on the coordinator",
+                outpost_proto::units::ByteSize(max)
+            )));
+        }
+        total = total.saturating_add(size);
+        if total > bounds.total {
+            return Err(Error::TooLarge(format!(
+                "output {name:?} ({size} bytes) brings the action's outputs to {total} bytes, \
+                 over this agent's action_output_limit of {} ({} bytes); make the outputs \
+                 smaller or raise action_output_limit on the agents",
+                outpost_proto::units::ByteSize(bounds.total),
+                bounds.total
+            )));
+        }
+        Ok(())
+    };
+    for (name, path) in [("stdout", stdout), ("stderr", stderr)] {
+        let size = std::fs::metadata(path).map_or(0, |m| m.len());
+        count(name, size)?;
+    }
+    for (name, rel) in spec.all() {
+        if symlinked_parent(root, rel).is_some() {
+            // `collect` refuses it without reading it.
+            continue;
+        }
+        let path = root.join(rel);
+        let Ok(meta) = std::fs::symlink_metadata(&path) else {
+            continue;
+        };
+        if meta.is_file() {
+            count(name, meta.len())?;
+            continue;
+        }
+        if !meta.is_dir() {
+            continue;
+        }
+        let mut stack = vec![path.clone()];
+        while let Some(dir) = stack.pop() {
+            let entries = std::fs::read_dir(&dir).map_err(|e| output_error(&dir, e))?;
+            for entry in entries {
+                let entry =
+                    entry.map_err(|e| Error::local(format!("listing {}", dir.display()), e))?;
+                let Ok(meta) = std::fs::symlink_metadata(entry.path()) else {
+                    continue;
+                };
+                if meta.is_dir() {
+                    stack.push(entry.path());
+                } else if meta.is_file() {
+                    let inside = entry.path();
+                    let inside = inside.strip_prefix(&path).unwrap_or(&inside);
+                    count(&format!("{name}/{}", inside.display()), meta.len())?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A failure to read what the action left: an output it made unreadable is
+/// the action's fault, anything else the agent's disk.
+fn output_error(path: &Path, e: std::io::Error) -> Error {
+    if e.kind() == std::io::ErrorKind::PermissionDenied {
+        let name = path.file_name().unwrap_or_default().to_string_lossy();
+        return Error::BadInput(format!(
+            "the action left its output {name:?} unreadable ({e}); outputs must stay readable"
+        ));
+    }
+    Error::local(format!("reading {}", path.display()), e)
 }
 
 fn hash_file(path: &Path, function: Function) -> Result<Digest, Error> {
-    let mut file = std::fs::File::open(path)
-        .map_err(|e| Error::local(format!("reading {}", path.display()), e))?;
+    let mut file = std::fs::File::open(path).map_err(|e| output_error(path, e))?;
     let mut hasher = function.hasher();
     // Sized to the file (most outputs, stdout and stderr are small): a
     // 1 MiB buffer for each would cost more to map and zero than to hash.
@@ -636,7 +791,7 @@ fn directory(
     children: &mut HashMap<Digest, reapi::Directory>,
 ) -> Result<(reapi::Directory, Digest), Error> {
     let mut entries: Vec<(String, PathBuf)> = std::fs::read_dir(dir)
-        .map_err(|e| Error::local(format!("listing {}", dir.display()), e))?
+        .map_err(|e| output_error(dir, e))?
         .map(|e| {
             let e = e.map_err(|err| Error::local(format!("listing {}", dir.display()), err))?;
             Ok((utf8_name(&e.file_name(), dir)?, e.path()))
@@ -706,6 +861,9 @@ fn collect(
 ) -> Result<Collected, Error> {
     let mut result = reapi::ActionResult::default();
     let mut blobs = HashMap::new();
+    // Outputs of the wrong type: the action ran, so its exit code, stdout,
+    // stderr and other outputs are kept, and the client is told.
+    let mut wrong_type = Vec::new();
     let lists = [
         (Kind::Path, &spec.paths),
         (Kind::File, &spec.files),
@@ -739,9 +897,10 @@ fn collect(
                 }
             } else if meta.is_dir() {
                 if matches!(kind, Kind::File) {
-                    return Err(Error::BadInput(format!(
-                        "output file {name:?} is a directory"
-                    )));
+                    wrong_type.push(format!(
+                        "output file {name:?} is a directory; declare it as an output directory"
+                    ));
+                    continue;
                 }
                 let mut children = HashMap::new();
                 let (root_dir, root_digest) =
@@ -761,9 +920,10 @@ fn collect(
                 });
             } else if meta.is_file() {
                 if matches!(kind, Kind::Directory) {
-                    return Err(Error::BadInput(format!(
-                        "output directory {name:?} is a file"
-                    )));
+                    wrong_type.push(format!(
+                        "output directory {name:?} is a file; declare it as an output file"
+                    ));
+                    continue;
                 }
                 let digest = hash_file(&path, function)?;
                 blobs.insert(digest, Blob::File(path.clone()));
@@ -777,13 +937,25 @@ fn collect(
             }
         }
     }
+    for problem in &wrong_type {
+        append_note(stderr, problem);
+    }
     let stdout_digest = hash_file(stdout, function)?;
     let stderr_digest = hash_file(stderr, function)?;
     blobs.insert(stdout_digest, Blob::File(stdout.to_owned()));
     blobs.insert(stderr_digest, Blob::File(stderr.to_owned()));
     result.stdout_digest = Some(stdout_digest.to_proto());
     result.stderr_digest = Some(stderr_digest.to_proto());
-    Ok(Collected { result, blobs })
+    let status = (!wrong_type.is_empty()).then(|| tonic_types::pb::Status {
+        code: tonic::Code::FailedPrecondition as i32,
+        message: wrong_type.join("; "),
+        details: Vec::new(),
+    });
+    Ok(Collected {
+        result,
+        blobs,
+        status,
+    })
 }
 
 #[cfg(test)]
@@ -804,5 +976,142 @@ mod tests {
         assert_eq!(normalize(wd, ".").expect("ok"), PathBuf::from("a/b"));
         assert!(normalize(wd, "../../../etc").is_err());
         assert!(normalize(wd, "/etc/passwd").is_err());
+    }
+
+    /// An action directory: `root/` with what `make` leaves there, and
+    /// empty stdout and stderr files beside it.
+    fn ran(make: impl FnOnce(&Path)) -> (tempfile::TempDir, PathBuf, PathBuf, PathBuf) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path().join("root");
+        std::fs::create_dir(&root).expect("mkdir");
+        make(&root);
+        let (stdout, stderr) = (dir.path().join("stdout"), dir.path().join("stderr"));
+        std::fs::write(&stdout, "out\n").expect("write");
+        std::fs::write(&stderr, "").expect("write");
+        (dir, root, stdout, stderr)
+    }
+
+    fn spec(paths: &[&str], files: &[&str], directories: &[&str]) -> OutputSpec {
+        let command = reapi::Command {
+            output_paths: paths.iter().map(|p| (*p).to_owned()).collect(),
+            output_files: files.iter().map(|p| (*p).to_owned()).collect(),
+            output_directories: directories.iter().map(|p| (*p).to_owned()).collect(),
+            ..Default::default()
+        };
+        OutputSpec::of(&command, Path::new("")).expect("valid")
+    }
+
+    #[test]
+    fn an_output_of_the_wrong_type_keeps_the_rest_of_the_result() {
+        let (_dir, root, stdout, stderr) = ran(|root| {
+            std::fs::create_dir(root.join("file-but-dir")).expect("mkdir");
+            std::fs::write(root.join("dir-but-file"), "x").expect("write");
+            std::fs::write(root.join("fine"), "y").expect("write");
+        });
+        let outputs = spec(&[], &["file-but-dir", "fine"], &["dir-but-file"]);
+        let collected =
+            collect(&root, &outputs, Function::Sha256, &stdout, &stderr).expect("collected");
+        let status = collected.status.expect("a status");
+        assert_eq!(status.code, tonic::Code::FailedPrecondition as i32);
+        assert!(
+            status
+                .message
+                .contains("output file \"file-but-dir\" is a directory"),
+            "{}",
+            status.message
+        );
+        assert!(
+            status
+                .message
+                .contains("output directory \"dir-but-file\" is a file"),
+            "{}",
+            status.message
+        );
+        let result = collected.result;
+        let files: Vec<&str> = result
+            .output_files
+            .iter()
+            .map(|f| f.path.as_str())
+            .collect();
+        assert_eq!(files, ["fine"]);
+        assert!(result.stdout_digest.is_some() && result.stderr_digest.is_some());
+        let note = std::fs::read_to_string(&stderr).expect("read");
+        assert!(note.contains("outpost: output file"), "{note}");
+    }
+
+    #[test]
+    fn an_output_path_given_twice_is_collected_once() {
+        let outputs = spec(&["a", "./a", "b"], &[], &[]);
+        let names: Vec<&str> = outputs.all().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["a", "b"]);
+    }
+
+    fn bounds(total: u64, blob: Option<u64>) -> OutputBounds {
+        OutputBounds { total, blob }
+    }
+
+    #[test]
+    fn outputs_are_measured_by_length_before_anything_is_read() {
+        let (_dir, root, stdout, stderr) = ran(|root| {
+            // Sparse: 4 GiB long, nothing on disk.
+            let f = std::fs::File::create(root.join("sparse")).expect("create");
+            f.set_len(4 << 30).expect("truncate");
+            std::fs::create_dir_all(root.join("tree/sub")).expect("mkdir");
+            std::fs::write(root.join("tree/sub/leaf"), vec![0u8; 3000]).expect("write");
+        });
+        let sparse = spec(&["sparse"], &[], &[]);
+        let err = check_output_sizes(&root, &sparse, &stdout, &stderr, bounds(1 << 30, None))
+            .expect_err("over the agent's bound");
+        assert_eq!(err.fault(), outpost_proto::fleet::Fault::Action);
+        let text = err.to_string();
+        for words in [
+            "\"sparse\"",
+            "4294967296 bytes",
+            "action_output_limit of 1GiB",
+        ] {
+            assert!(text.contains(words), "{words}: {text}");
+        }
+        let err = check_output_sizes(
+            &root,
+            &sparse,
+            &stdout,
+            &stderr,
+            bounds(u64::MAX, Some(1 << 20)),
+        )
+        .expect_err("over the CAS's bound");
+        let text = err.to_string();
+        for words in ["\"sparse\"", "4294967296 bytes", "1MiB", "max_cas_size"] {
+            assert!(text.contains(words), "{words}: {text}");
+        }
+        // Files inside an output directory count, named by their path.
+        let tree = spec(&["tree"], &[], &[]);
+        let err = check_output_sizes(&root, &tree, &stdout, &stderr, bounds(2000, None))
+            .expect_err("over");
+        assert!(err.to_string().contains("\"tree/sub/leaf\""), "{err}");
+        check_output_sizes(&root, &tree, &stdout, &stderr, bounds(4000, Some(3000)))
+            .expect("within both bounds");
+        // stdout counts too.
+        let none = spec(&[], &[], &[]);
+        assert!(check_output_sizes(&root, &none, &stdout, &stderr, bounds(2, None)).is_err());
+    }
+
+    #[test]
+    fn inputs_must_fit_the_input_cache() {
+        let small = Function::Sha256.digest_of(&[1u8; 600]);
+        let other = Function::Sha256.digest_of(&[2u8; 600]);
+        let big = Function::Sha256.digest_of(&[3u8; 2000]);
+        let at = |d: Digest, p: &'static str| (d, Path::new(p));
+        inputs_fit([at(small, "a"), at(small, "copy-of-a")].into_iter(), 1000)
+            .expect("one blob counted once");
+        let err = inputs_fit([at(small, "a"), at(big, "pkg/big")].into_iter(), 1000)
+            .expect_err("one input too large");
+        assert_eq!(err.fault(), outpost_proto::fleet::Fault::Action);
+        let text = err.to_string();
+        for words in ["pkg/big", "2000 bytes", "1000 bytes", "cache_size"] {
+            assert!(text.contains(words), "{words}: {text}");
+        }
+        let err = inputs_fit([at(small, "a"), at(other, "b")].into_iter(), 1000)
+            .expect_err("together too large");
+        assert!(err.to_string().contains("total 1200 bytes"), "{err}");
     }
 }

@@ -282,6 +282,7 @@ pub fn capabilities(
         isolation: isolation.kinds(),
         toolchains,
         isolation_detail: isolation.describe(),
+        max_input_bytes: config.cache_size.0,
     }
 }
 

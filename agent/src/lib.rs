@@ -162,6 +162,7 @@ impl Agent {
             cache,
             actions_dir,
             isolation: Arc::clone(&isolation),
+            output_limit: config.action_output_limit.0,
         });
         let metrics = metrics::Metrics::new(isolation.spawner_starts());
         let metrics_listener = match config.metrics_listen {
@@ -179,6 +180,9 @@ impl Agent {
                 version: env!("CARGO_PKG_VERSION").to_owned(),
                 capabilities: None,
                 running_leases: Vec::new(),
+                // New at every start: tells the coordinator a restart from
+                // a reconnect.
+                process_id: format!("{:032x}", rand::random::<u128>()),
             },
             capabilities,
             executor,

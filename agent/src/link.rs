@@ -275,6 +275,8 @@ impl Link {
                     retryable: false,
                     timed_out: ran.timed_out,
                     message: ran.message,
+                    fault: fleet::Fault::Unspecified as i32,
+                    status: ran.status,
                 },
                 Err(Error::Cancelled) => {
                     metrics.finished("cancelled");
@@ -282,14 +284,9 @@ impl Link {
                     return;
                 }
                 Err(e) => {
-                    tracing::warn!(lease_id = %id, error = %e, "action could not run");
-                    fleet::LeaseResult {
-                        lease_id: id.clone(),
-                        retryable: e.retryable(),
-                        outcome: Some(fleet::lease_result::Outcome::Error(error_status(&e))),
-                        timed_out: false,
-                        message: String::new(),
-                    }
+                    let fault = e.fault();
+                    tracing::warn!(lease_id = %id, error = %e, fault = fault.as_str_name(), "action could not run");
+                    lease_error(id.clone(), &e)
                 }
             };
             metrics.finished(outcome_of(&message));
@@ -352,9 +349,22 @@ fn describe(s: &tonic::Status) -> String {
     format!("{} ({:?})", s.message(), s.code())
 }
 
+/// The result of a lease that ended in `e`, with whose fault it was.
+fn lease_error(lease_id: String, e: &Error) -> fleet::LeaseResult {
+    fleet::LeaseResult {
+        lease_id,
+        retryable: e.retryable(),
+        outcome: Some(fleet::lease_result::Outcome::Error(error_status(e))),
+        timed_out: false,
+        message: String::new(),
+        fault: e.fault() as i32,
+        status: None,
+    }
+}
+
 /// The status the client sees for an action that could not run.
 fn error_status(e: &Error) -> tonic_types::pb::Status {
-    let (code, details) = match e {
+    let details = match e {
         Error::MissingInput(digests) => {
             let failure = tonic_types::pb::PreconditionFailure {
                 violations: digests
@@ -366,19 +376,15 @@ fn error_status(e: &Error) -> tonic_types::pb::Status {
                     })
                     .collect(),
             };
-            (
-                tonic::Code::FailedPrecondition,
-                vec![prost_types::Any {
-                    type_url: outpost_proto::type_url::PRECONDITION_FAILURE.into(),
-                    value: failure.encode_to_vec(),
-                }],
-            )
+            vec![prost_types::Any {
+                type_url: outpost_proto::type_url::PRECONDITION_FAILURE.into(),
+                value: failure.encode_to_vec(),
+            }]
         }
-        Error::BadInput(_) => (tonic::Code::InvalidArgument, Vec::new()),
-        _ => (tonic::Code::Unavailable, Vec::new()),
+        _ => Vec::new(),
     };
     tonic_types::pb::Status {
-        code: code as i32,
+        code: e.code() as i32,
         message: e.to_string(),
         details,
     }

@@ -34,6 +34,8 @@ pub struct Remote {
     instance_name: String,
     /// Bytes per batch call: below the coordinator's advertised limit.
     batch_total: Arc<AtomicU64>,
+    /// The largest blob the coordinator's CAS takes; 0 until it says.
+    max_blob: Arc<AtomicU64>,
 }
 
 /// Something to upload: bytes in memory or a file on disk.
@@ -52,6 +54,7 @@ impl Remote {
             bytestream: ByteStreamClient::new(channel.clone()).max_decoding_message_size(max),
             instance_name: instance_name.to_owned(),
             batch_total: Arc::new(AtomicU64::new(BATCH_TOTAL)),
+            max_blob: Arc::new(AtomicU64::new(0)),
         }
     }
 
@@ -64,7 +67,13 @@ impl Remote {
         BATCH_BLOB.min(self.batch_limit())
     }
 
-    /// Asks the coordinator for its batch limit and stays below it.
+    /// The largest blob the coordinator's CAS takes, once it said.
+    pub fn max_blob_size(&self) -> Option<u64> {
+        Some(self.max_blob.load(Ordering::Relaxed)).filter(|&m| m > 0)
+    }
+
+    /// Asks the coordinator for its batch limit and its largest blob, and
+    /// stays below them.
     pub async fn learn_limits(&self, channel: Channel) {
         let mut caps = reapi::capabilities_client::CapabilitiesClient::new(channel);
         let asked = caps.get_capabilities(reapi::GetCapabilitiesRequest::default());
@@ -73,10 +82,12 @@ impl Remote {
         else {
             return;
         };
-        let advertised = response
-            .into_inner()
-            .cache_capabilities
-            .map_or(0, |c| c.max_batch_total_size_bytes);
+        let cache = response.into_inner().cache_capabilities.unwrap_or_default();
+        self.max_blob.store(
+            u64::try_from(cache.max_cas_blob_size_bytes).unwrap_or(0),
+            Ordering::Relaxed,
+        );
+        let advertised = cache.max_batch_total_size_bytes;
         if let Ok(limit) = u64::try_from(advertised)
             && limit > 0
         {
@@ -166,14 +177,14 @@ impl Remote {
                 0 => {}
                 5 => return Err(Error::MissingInput(vec![digest])),
                 code => {
-                    return Err(Error::Retryable(format!(
+                    return Err(Error::Transient(format!(
                         "reading {digest} failed with code {code}"
                     )));
                 }
             }
             let actual = function.digest_of(&r.data);
             if actual != digest {
-                return Err(Error::Retryable(format!(
+                return Err(Error::Transient(format!(
                     "the coordinator sent wrong bytes for {digest}"
                 )));
             }
@@ -208,7 +219,7 @@ impl Remote {
         }
         let actual = digest.function.digest_of(&data);
         if actual != digest {
-            return Err(Error::Retryable(format!(
+            return Err(Error::Transient(format!(
                 "the coordinator sent wrong bytes for {digest}"
             )));
         }
@@ -265,7 +276,7 @@ impl Remote {
         let (_, hasher, n) = state.expect("present");
         let actual = hasher.finish_with_size(n);
         if actual != digest {
-            return Err(Error::Retryable(format!(
+            return Err(Error::Transient(format!(
                 "the coordinator sent wrong bytes for {digest}"
             )));
         }
@@ -354,7 +365,7 @@ impl Remote {
             if let Some(s) = r.status
                 && s.code != 0
             {
-                return Err(Error::Retryable(format!(
+                return Err(Error::Transient(format!(
                     "uploading an output failed: {}",
                     s.message
                 )));
@@ -410,9 +421,29 @@ impl Remote {
         reader
             .await
             .map_err(|_| Error::Retryable("an upload task failed".into()))??;
-        result.map_err(|s| Error::remote("uploading an output", s))?;
+        result.map_err(|s| refused_upload(digest, self.max_blob_size(), s))?;
         Ok(())
     }
+}
+
+/// Why a blob's upload failed: a CAS that refuses a blob for its size
+/// (over `max_blob`, when known) refuses it everywhere, which is the
+/// action's fault; anything else may pass.
+fn refused_upload(digest: Digest, max_blob: Option<u64>, s: tonic::Status) -> Error {
+    let over_bound = max_blob.is_some_and(|max| digest.size > max);
+    // Coordinators that do not advertise their bound say it in the refusal
+    // (RESOURCE_EXHAUSTED is also a full disk, which passes).
+    let refused_for_size = s.code() == tonic::Code::ResourceExhausted
+        && (over_bound || s.message().contains("larger than"));
+    if refused_for_size {
+        return Error::TooLarge(format!(
+            "output blob {digest} ({} bytes) is larger than the coordinator's CAS accepts: {}; \
+             make the output smaller or raise max_cas_size on the coordinator",
+            digest.size,
+            s.message()
+        ));
+    }
+    Error::remote("uploading an output", s)
 }
 
 fn read_full(source: &mut dyn Read, buf: &mut [u8]) -> std::io::Result<usize> {
@@ -433,4 +464,30 @@ async fn read_file(path: &Path) -> Result<Bytes, Error> {
         .await
         .map(Bytes::from)
         .map_err(|e| Error::local(format!("reading {}", path.display()), e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use outpost_proto::fleet::Fault;
+
+    #[test]
+    fn a_blob_refused_for_its_size_is_the_actions_fault() {
+        let digest = Function::Sha256.digest_of(&[0u8; 4096]);
+        // An older coordinator says why in its message only.
+        let said = tonic::Status::resource_exhausted(format!(
+            "blob {digest} is larger than the CAS size bound of 1024 bytes"
+        ));
+        let e = refused_upload(digest, None, said);
+        assert_eq!(e.fault(), Fault::Action, "{e}");
+        assert!(e.to_string().contains("4096 bytes"), "{e}");
+        // A known bound decides.
+        let e = refused_upload(digest, Some(1024), tonic::Status::resource_exhausted("no"));
+        assert_eq!(e.fault(), Fault::Action, "{e}");
+        // A full disk on the coordinator, or a broken stream, passes.
+        let full = tonic::Status::resource_exhausted("no space left on the storage device");
+        assert_eq!(refused_upload(digest, None, full).fault(), Fault::Transient);
+        let e = refused_upload(digest, Some(1 << 20), tonic::Status::unavailable("reset"));
+        assert_eq!(e.fault(), Fault::Transient, "{e}");
+    }
 }

@@ -57,6 +57,7 @@ async fn agent(
             ..Default::default()
         }),
         running_leases: Vec::new(),
+        process_id: format!("{:032x}", rand::random::<u128>()),
     })))
     .await?;
     let mut inbound = FleetClient::new(channel)

@@ -48,6 +48,8 @@ impl Capabilities for CapabilitiesService {
                     reapi::symlink_absolute_path_strategy::Value::Allowed as i32,
                 supported_compressors: vec![zstd],
                 supported_batch_update_compressors: vec![zstd],
+                max_cas_blob_size_bytes: i64::try_from(self.ctx.cas.max_blob_size())
+                    .unwrap_or(i64::MAX),
             }),
             execution_capabilities: Some(reapi::ExecutionCapabilities {
                 digest_function: Function::Sha256.to_proto() as i32,
