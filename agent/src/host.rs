@@ -143,6 +143,24 @@ fn version_in(line: &str) -> Option<String> {
         .map(str::to_owned)
 }
 
+/// The upstream part of a distribution's version (`12.2.0` of Debian's
+/// `12.2.0-14+deb12u1`), when the two differ.
+fn upstream_version(version: &str) -> Option<&str> {
+    let end = version
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(version.len());
+    let upstream = version[..end].trim_end_matches('.');
+    (upstream != version && upstream.contains('.')).then_some(upstream)
+}
+
+/// The values a `NAME-version` property is offered with: the full version
+/// and, where a distribution added its own suffix, the upstream one too.
+fn version_values(version: &str) -> Vec<&str> {
+    std::iter::once(version)
+        .chain(upstream_version(version))
+        .collect()
+}
+
 fn compilers() -> HashMap<String, String> {
     COMPILERS
         .iter()
@@ -256,7 +274,9 @@ pub fn capabilities(
         }
     }
     for (name, version) in &toolchains {
-        properties.push(prop(&format!("{name}-version"), version));
+        for value in version_values(version) {
+            properties.push(prop(&format!("{name}-version"), value));
+        }
     }
     for gpu in &gpus {
         properties.push(prop("gpu-model", &gpu.model));
@@ -305,6 +325,21 @@ mod tests {
             Some("1.22.1")
         );
         assert_eq!(version_in("no version here"), None);
+    }
+
+    #[test]
+    fn distribution_versions_are_offered_with_their_upstream_version() {
+        let line = "gcc (Debian 12.2.0-14+deb12u1) 12.2.0";
+        let full = version_in(line).expect("a version");
+        assert_eq!(full, "12.2.0-14+deb12u1");
+        assert_eq!(version_values(&full), ["12.2.0-14+deb12u1", "12.2.0"]);
+        assert_eq!(
+            version_values("14.0.0-1ubuntu1.1"),
+            ["14.0.0-1ubuntu1.1", "14.0.0"]
+        );
+        assert_eq!(version_values("1.95.0"), ["1.95.0"]);
+        assert_eq!(version_values("21.0.2+13"), ["21.0.2+13", "21.0.2"]);
+        assert_eq!(version_values("12-ea"), ["12-ea"]);
     }
 
     #[test]
