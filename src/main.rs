@@ -43,6 +43,9 @@ enum Command {
     /// Try Outpost on this machine: a coordinator on 127.0.0.1:8980 with its
     /// data in ./outpost-data and a local agent, and the .bazelrc lines to
     /// use them.
+    #[command(mut_arg("listen", |a| a.help(
+        "Address to serve gRPC and HTTP on [default: 127.0.0.1:8980]"
+    )))]
     Up(CoordinatorArgs),
 }
 

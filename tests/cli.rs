@@ -165,3 +165,31 @@ fn a_foreign_or_newer_data_directory_is_refused() {
     assert_ne!(code, 0);
     assert!(err.contains("reads data format 1 only"), "{err}");
 }
+
+#[test]
+fn up_help_shows_the_address_up_listens_on() {
+    let dir = tempdir();
+    let (code, help, err) = outpost(&["up", "--help"], dir.path());
+    assert_eq!(code, 0, "{err}");
+    assert!(help.contains("[default: 127.0.0.1:8980]"), "{help}");
+    assert!(!help.contains("0.0.0.0"), "{help}");
+    let (_, help, _) = outpost(&["coordinator", "--help"], dir.path());
+    assert!(help.contains("[default: 0.0.0.0:8980]"), "{help}");
+    let (code, config, err) = outpost(&["up", "--print-config"], dir.path());
+    assert_eq!(code, 0, "{err}");
+    assert!(config.contains("listen: 127.0.0.1:8980"), "{config}");
+}
+
+#[test]
+fn a_missing_config_file_is_reported_once() {
+    let dir = tempdir();
+    for role in ["coordinator", "agent"] {
+        let (code, _, err) = outpost(
+            &[role, "--print-config", "--config", "missing.yaml"],
+            dir.path(),
+        );
+        assert_eq!(code, 2, "{role}: {err}");
+        assert!(err.contains("missing.yaml"), "{role}: {err}");
+        assert_eq!(err.matches("os error 2").count(), 1, "{role}: {err}");
+    }
+}
