@@ -15,6 +15,7 @@ use outpost_proto::reapi::capabilities_server::CapabilitiesServer;
 use outpost_proto::reapi::content_addressable_storage_server::ContentAddressableStorageServer;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
+use tokio_stream::StreamExt as _;
 use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
 use tonic::transport::server::TcpIncoming;
@@ -140,13 +141,7 @@ impl Coordinator {
             // their operations during the shutdown grace.
             scheduler_stop.clone(),
         );
-        {
-            let (scheduler, shutdown) = (scheduler.clone(), shutdown.clone());
-            tokio::spawn(async move {
-                shutdown.cancelled().await;
-                scheduler.begin_shutdown().await;
-            });
-        }
+
         let timeouts = Timeouts {
             default: self.config.default_action_timeout.0,
             max: self.config.max_action_timeout.0,
@@ -209,7 +204,7 @@ impl Coordinator {
                     .max_encoding_message_size(64 << 20),
             );
         let scheduler_for_pages = scheduler.clone();
-        let scheduler_for_ready = scheduler;
+        let scheduler_for_ready = scheduler.clone();
         let store = self.store.clone();
         let scrape = move || {
             let metrics = Arc::clone(&metrics);
@@ -276,16 +271,35 @@ impl Coordinator {
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(20)))
             .add_routes(routes);
-        let stopped = shutdown.clone().cancelled_owned();
+        let grace = self.config.shutdown_grace.0;
+        // On shutdown the listener closes at once, but connections stay
+        // served while clients wait on running actions (agents must still
+        // upload their outputs); then every connection is told to go away.
+        let stopped = {
+            let (shutdown, scheduler) = (shutdown.clone(), scheduler.clone());
+            async move {
+                shutdown.cancelled().await;
+                tracing::info!(
+                    ?grace,
+                    "shutting down: waiting for clients of running actions"
+                );
+                let _ = tokio::time::timeout(grace, scheduler.shut_down_when_idle()).await;
+            }
+        };
         let server: std::pin::Pin<Box<dyn Future<Output = _> + Send>> =
             match &self.tls {
-                None => Box::pin(router.serve_with_incoming_shutdown(incoming, stopped)),
-                Some(tls) => Box::pin(router.serve_with_incoming_shutdown(
-                    tls.incoming(incoming, shutdown.clone()),
+                None => Box::pin(router.serve_with_incoming_shutdown(
+                    accept_until(incoming, shutdown.clone()),
                     stopped,
                 )),
+                Some(tls) => Box::pin(
+                    router.serve_with_incoming_shutdown(
+                        tls.incoming(incoming, shutdown.clone())
+                            .chain(tokio_stream::pending()),
+                        stopped,
+                    ),
+                ),
             };
-        let grace = self.config.shutdown_grace.0;
         tokio::select! {
             served = server => served.context("the gRPC server failed")?,
             () = async {
@@ -305,6 +319,32 @@ impl Coordinator {
         tracing::info!("stopped");
         Ok(())
     }
+}
+
+/// Accepted connections until `shutdown`, when the listener closes; the
+/// stream then stays open without yielding, so the server keeps serving the
+/// connections it has until it is told to stop.
+fn accept_until(
+    mut tcp: TcpIncoming,
+    shutdown: CancellationToken,
+) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                next = tcp.next() => match next {
+                    Some(conn) => {
+                        if tx.send(conn).await.is_err() {
+                            return;
+                        }
+                    }
+                    None => return,
+                },
+            }
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx).chain(tokio_stream::pending())
 }
 
 /// Lets a request through when its token has the role its path needs,

@@ -241,9 +241,12 @@ impl Scheduler {
     }
 
     /// Starts shutting down: work in flight goes on while clients wait on
-    /// it; then agents' streams close.
-    pub async fn begin_shutdown(&self) {
-        let _ = self.tx.send(state::Msg::Stopping).await;
+    /// it; then agents' streams close and this returns.
+    pub async fn shut_down_when_idle(&self) {
+        let (idle, rx) = oneshot::channel();
+        if self.tx.send(state::Msg::Stopping { idle }).await.is_ok() {
+            let _ = rx.await;
+        }
     }
 
     /// A snapshot for status pages and tests.

@@ -56,9 +56,11 @@ pub enum Msg {
         reply: oneshot::Sender<Result<(), Status>>,
     },
     /// The coordinator is shutting down: once no client waits on an
-    /// unfinished operation, agents' streams are closed so the server can
-    /// stop before its grace period ends.
-    Stopping,
+    /// unfinished operation, agents' streams are closed and `idle` fires,
+    /// so the server can stop before its grace period ends.
+    Stopping {
+        idle: oneshot::Sender<()>,
+    },
     /// An operation's result is stored; tell its clients.
     Completed {
         name: String,
@@ -192,8 +194,8 @@ struct State {
     /// The fleet changed in a way that may leave queued actions with no
     /// agent that could ever run them.
     fleet_shrank: bool,
-    /// Shutting down (see `Msg::Stopping`).
-    stopping: bool,
+    /// Shutting down (see `Msg::Stopping`): told once no client waits.
+    stopping: Option<oneshot::Sender<()>>,
     recent: std::collections::VecDeque<super::RecentAction>,
 }
 
@@ -227,7 +229,7 @@ pub async fn run(
         drained: HashSet::new(),
         quarantined: HashMap::new(),
         fleet_shrank: true,
-        stopping: false,
+        stopping: None,
         recent: std::collections::VecDeque::new(),
     };
     let mut tick = tokio::time::interval(TICK);
@@ -344,8 +346,8 @@ impl State {
                 let _ = reply.send(self.snapshot());
             }
             Msg::Completed { name, response } => self.complete(&name, *response),
-            Msg::Stopping => {
-                self.stopping = true;
+            Msg::Stopping { idle } => {
+                self.stopping = Some(idle);
                 self.release_agents_when_idle();
             }
             Msg::SetDraining {
@@ -610,7 +612,7 @@ impl State {
         let Some(op) = self.ops.get(name) else {
             return Err(Status::not_found(format!(
                 "operation {} is not known",
-                outpost_proto::quote::quoted(&name)
+                outpost_proto::quote::quoted(name)
             )));
         };
         if op.done_at.is_some() {
@@ -1315,13 +1317,16 @@ impl State {
     /// operation, ends every agent's stream (agents keep what they run and
     /// reconnect to the next coordinator), so the server can stop.
     fn release_agents_when_idle(&mut self) {
-        if !self.stopping
+        if self.stopping.is_none()
             || self
                 .ops
                 .values()
                 .any(|op| op.done_at.is_none() && op.waiters > 0)
         {
             return;
+        }
+        if let Some(idle) = self.stopping.take() {
+            let _ = idle.send(());
         }
         let mut released = 0;
         for agent in self.agents.values_mut() {
