@@ -148,6 +148,9 @@ struct AgentArgs {
     /// Bytes one action's outputs may total, stdout and stderr included [default: 4GiB].
     #[arg(long, env = "OUTPOST_ACTION_OUTPUT_LIMIT")]
     action_output_limit: Option<ByteSize>,
+    /// Size of a sandboxed action's /tmp (a tmpfs; 0: on disk, unbounded) [default: 1GiB].
+    #[arg(long, env = "OUTPOST_ACTION_TMP_SIZE")]
+    action_tmp_size: Option<ByteSize>,
     /// Log filter [default: info].
     #[arg(long, env = "OUTPOST_LOG")]
     log: Option<String>,
@@ -205,6 +208,7 @@ impl AgentArgs {
             config.action_cpu_limit = self.action_cpu_limit;
         }
         overlay(&mut config.action_output_limit, self.action_output_limit);
+        overlay(&mut config.action_tmp_size, self.action_tmp_size);
         overlay(&mut config.log, self.log.clone());
         if self.token_file.is_some() {
             config.token_file = self.token_file.clone();

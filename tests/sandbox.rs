@@ -124,6 +124,12 @@ fn chown_tree(p: &Path) {
 
 impl Fleet {
     async fn start(user: As, extra: &[&str]) -> Fleet {
+        Fleet::start_after(user, extra, "").await
+    }
+
+    /// Starts the agent from a shell that first runs `prelude` (which
+    /// ends with `;`), e.g. to open descriptors the agent inherits.
+    async fn start_after(user: As, extra: &[&str], prelude: &str) -> Fleet {
         let dir = tempdir();
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
             .expect("chmod");
@@ -135,10 +141,16 @@ impl Fleet {
         );
         let work_dir = dir.path().join("agent");
         let (agent, cgroups) = match user {
-            As::Root => (
-                Agent::start(&server.endpoint(), &work_dir, extra),
-                Vec::new(),
-            ),
+            As::Root => {
+                let mut cmd = Command::new("sh");
+                cmd.arg("-c")
+                    .arg(format!("{prelude} exec \"$0\" \"$@\""))
+                    .arg(OUTPOST);
+                (
+                    Agent::start_with(cmd, &server.endpoint(), &work_dir, extra),
+                    Vec::new(),
+                )
+            }
             As::Unprivileged => {
                 std::fs::create_dir(&work_dir).expect("work dir");
                 chown_tree(&work_dir);
@@ -151,7 +163,7 @@ impl Fleet {
                 let mut cmd = Command::new("sh");
                 cmd.arg("-c")
                     .arg(format!(
-                        "{join}exec setpriv --reuid={NOBODY} --regid={NOBODY} --clear-groups \"$0\" \"$@\""
+                        "{prelude} {join}exec setpriv --reuid={NOBODY} --regid={NOBODY} --clear-groups \"$0\" \"$@\""
                     ))
                     .arg(OUTPOST);
                 (
@@ -583,6 +595,264 @@ ln -s {w}/agent-id leak",
     assert_eq!(ran.result.output_symlinks.len(), 1);
 }
 
+/// The status and message of a run the agent refused as the action's fault.
+fn refused_as_bad_input(ran: &Ran, what: &str) -> String {
+    let status = ran.response.status.clone().unwrap_or_default();
+    assert_eq!(
+        status.code,
+        tonic::Code::InvalidArgument as i32,
+        "{what}: {status:?}\nstderr: {}",
+        ran.stderr
+    );
+    status.message
+}
+
+async fn nothing_is_made_on_the_host_through_input_symlinks(user: As) {
+    let mut f = Fleet::start(user, &[]).await;
+    let host = f.dir.path().join("host-target");
+    std::fs::create_dir(&host).expect("mkdir");
+    // Writable by either agent: only the agent's care keeps it empty.
+    chown_tree(&host);
+    let link = vec![("l".to_owned(), host.display().to_string())];
+
+    let mut output = ActionSpec::shell("true");
+    output.symlinks = link.clone();
+    output.output_paths = vec!["l/x/y".into()];
+    let ran = f.run(&output).await;
+    let message = refused_as_bad_input(&ran, "an output under a symlink");
+    assert!(message.contains("symlink"), "{message}");
+
+    let mut workdir = ActionSpec::shell("echo x > here");
+    workdir.symlinks = link.clone();
+    workdir.working_directory = "l/w".into();
+    let ran = f.run(&workdir).await;
+    refused_as_bad_input(&ran, "a working directory under a symlink");
+    workdir.working_directory = "l".into();
+    let ran = f.run(&workdir).await;
+    refused_as_bad_input(&ran, "a working directory that is a symlink");
+
+    let made: Vec<_> = std::fs::read_dir(&host)
+        .expect("list")
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert!(made.is_empty(), "made on the host: {made:?}");
+
+    // Pointed at the agent's own cache, where a later action's input goes.
+    let data = Bytes::from(format!("a later input {}\n", rand::random::<u64>()));
+    let d = Function::Sha256.digest_of(&data);
+    let entry = format!("{}-{}-{}", d.function, d.hash_hex(), d.size);
+    let cache = f.work_dir().join("cache");
+    let mut poison = ActionSpec::shell("true");
+    poison.symlinks = vec![("c".into(), cache.display().to_string())];
+    poison.output_paths = vec![format!("c/{entry}/x")];
+    let ran = f.run(&poison).await;
+    refused_as_bad_input(&ran, "an output under a symlink to the cache");
+    assert!(!cache.join(&entry).exists(), "made in the agent's cache");
+    let mut later = ActionSpec::shell("cat in.txt");
+    later.inputs = vec![("in.txt".into(), data.clone())];
+    let ran = f.run(&later).await;
+    assert_eq!(ran.result.exit_code, 0, "{}", ran.stderr);
+    assert_eq!(ran.stdout.as_bytes(), &data[..]);
+}
+
+async fn descriptors_the_agent_inherited_do_not_reach_actions(user: As) {
+    let mut f = Fleet::start_after(user, &[], "exec 7</ 8</etc/os-release;").await;
+    let spec = script(
+        "t dir-fd 'test -e /proc/self/fd/7'
+t file-fd 'cat <&8'
+t host-root 'cd /proc/self/fd/7 && ls run'
+t any-fd 'ls /proc/self/fd | grep -qvx \"[0-3]\"'
+ls /proc/self/fd | tr '\\n' ' '",
+    );
+    let ran = f
+        .refuses(spec, &["dir-fd", "file-fd", "host-root", "any-fd"])
+        .await;
+    assert_eq!(ran.result.exit_code, 0, "{}", ran.stderr);
+}
+
+/// A host user that is neither root nor the unprivileged agent's.
+const OTHER_USER: u32 = 4242;
+
+/// Runs `script` with `sh` as [`OTHER_USER`]; whether it succeeded.
+fn as_other_user(script: &str) -> bool {
+    Command::new("setpriv")
+        .args([
+            &format!("--reuid={OTHER_USER}"),
+            &format!("--regid={OTHER_USER}"),
+            "--clear-groups",
+            "sh",
+            "-c",
+            script,
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("setpriv")
+        .success()
+}
+
+/// Files below `dir` named `name` (the host's view, as root).
+fn find_named(dir: &Path, name: &str) -> Vec<PathBuf> {
+    common::files_under(dir)
+        .into_iter()
+        .filter(|p| p.file_name().is_some_and(|n| n == name))
+        .collect()
+}
+
+async fn set_uid_files_reach_no_other_host_user(user: As) {
+    let mut f = Fleet::start(user, &[]).await;
+    let mut spec = script(
+        "cp /bin/sh suid-sh && chmod 4755 suid-sh
+cp /bin/sh /tmp/suid-tmp && chmod 4755 /tmp/suid-tmp
+chmod 4755 /proc/self/fd/1
+t execroot-suid 'grep \" /execroot \" /proc/self/mountinfo | grep -qv nosuid'
+t tmp-suid 'grep \" /tmp \" /proc/self/mountinfo | grep -qv nosuid'
+touch ready; sleep 3",
+    );
+    spec.output_paths = vec!["suid-sh".into()];
+    let action = f.client.upload_action(&spec).await;
+    let (stream, _) = f.client.start_execute(&action).await;
+    let work_dir = f.work_dir();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let ready = loop {
+        if let Some(p) = find_named(&work_dir.join("actions"), "ready").pop() {
+            break p;
+        }
+        assert!(Instant::now() < deadline, "the action never got ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let root = ready.parent().expect("the action's root");
+    let suid = root.join("suid-sh");
+    let meta = std::fs::metadata(&suid).expect("the action's set-uid file");
+    assert_ne!(meta.permissions().mode() & 0o4000, 0, "made set-uid");
+    for (what, path) in [
+        ("the set-uid output", suid.clone()),
+        ("the action's stdout", root.with_file_name("stdout")),
+        ("the work dir", work_dir.join("agent-id")),
+    ] {
+        assert!(
+            !as_other_user(&format!("stat '{}'", path.display())),
+            "another host user reaches {what} at {}",
+            path.display()
+        );
+    }
+    assert!(
+        find_named(&work_dir, "suid-tmp").is_empty(),
+        "the action's /tmp is on the host"
+    );
+    let (_, response) = common::follow(stream).await.expect("the action's response");
+    let result = response.result.clone().unwrap_or_default();
+    let stdout = f.output(result.stdout_digest.as_ref()).await;
+    assert!(
+        stdout.contains("execroot-suid: refused") && stdout.contains("tmp-suid: refused"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("ESCAPED"), "{stdout}");
+    assert_eq!(result.output_files.len(), 1, "{response:?}");
+    let mode = result.output_files[0]
+        .node_properties
+        .as_ref()
+        .and_then(|p| p.unix_mode)
+        .unwrap_or(0);
+    assert_eq!(mode & 0o6000, 0, "a set-uid bit in the result");
+}
+
+/// A Python helper for system calls a shell cannot make.
+const SYSCALLS_PY: &str = r#"import ctypes, os, socket, sys
+NR = {
+    "x86_64": {"add_key": 248, "keyctl": 250, "io_uring_setup": 425},
+    "aarch64": {"add_key": 217, "keyctl": 219, "io_uring_setup": 425},
+}[os.uname().machine]
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+params = ctypes.create_string_buffer(256)
+call = sys.argv[1]
+if call == "vsock":
+    socket.socket(40, socket.SOCK_STREAM)
+    sys.exit(0)
+args = {
+    "add_key": (b"user", b"outpost", b"v", 1, ctypes.c_long(-3)),
+    "keyctl": (0, ctypes.c_long(-4), 0),
+    "io_uring_setup": (1, params),
+}[call]
+sys.exit(0 if libc.syscall(NR[call], *args) >= 0 else 1)
+"#;
+
+async fn host_kernel_state_is_out_of_reach(user: As) {
+    let mut f = Fleet::start(user, &[]).await;
+    let mut spec = script(
+        "t proc-keys 'grep -q . /proc/keys'
+t add-key 'python3 sys.py add_key'
+t user-keyring 'python3 sys.py keyctl'
+t io-uring 'python3 sys.py io_uring_setup'
+t nested-userns 'unshare --user true'
+t vsock 'python3 sys.py vsock'
+t core 'test \"$(ulimit -c)\" != 0'
+t core-hard 'ulimit -c unlimited'
+t prlimit-init 'prlimit --pid 1 --nofile=16:16'
+t cmdline 'grep -q . /proc/cmdline'
+t locks 'grep -q . /proc/locks'
+t timer-list 'grep -q . /proc/timer_list'
+t vmallocinfo 'grep -q . /proc/vmallocinfo'
+t slabinfo 'grep -q . /proc/slabinfo'
+t kpageflags 'test -n \"$(head -c 8 /proc/kpageflags)\"'
+t boot-id 'grep -q . /proc/sys/kernel/random/boot_id'
+python3 sys.py nothing-at-all 2>/dev/null; ulimit -n 64 && echo own-limits: ok",
+    );
+    spec.inputs = vec![("sys.py".into(), Bytes::from_static(SYSCALLS_PY.as_bytes()))];
+    let ran = f
+        .refuses(
+            spec,
+            &[
+                "proc-keys",
+                "add-key",
+                "user-keyring",
+                "io-uring",
+                "nested-userns",
+                "vsock",
+                "core",
+                "core-hard",
+                "prlimit-init",
+                "cmdline",
+                "locks",
+                "timer-list",
+                "vmallocinfo",
+                "slabinfo",
+                "kpageflags",
+                "boot-id",
+            ],
+        )
+        .await;
+    assert!(ran.stdout.contains("own-limits: ok"), "{}", ran.stdout);
+}
+
+async fn a_full_tmp_fails_only_its_action(user: As) {
+    let mut f = Fleet::start(user, &["--action-tmp-size", "8MiB", "--slots", "2"]).await;
+    let ran = f
+        .run(&ActionSpec::shell(
+            "head -c 4000000 /dev/zero > /tmp/fits && echo fits
+head -c 4000000 /dev/zero > /dev/shm/fits && echo shm-fits
+head -c 20000000 /dev/zero > /tmp/big",
+        ))
+        .await;
+    assert_eq!(ran.response.status.as_ref().map_or(0, |s| s.code), 0);
+    assert_ne!(ran.result.exit_code, 0, "wrote past /tmp's size");
+    assert!(ran.stdout.contains("fits\nshm-fits\n"), "{}", ran.stdout);
+    assert!(
+        ran.stderr.contains("No space left on device"),
+        "{}",
+        ran.stderr
+    );
+    let work_dir = f.work_dir();
+    let big = find_named(&work_dir, "big");
+    assert!(big.is_empty(), "/tmp is on the agent's disk: {big:?}");
+    let after = f
+        .run(&ActionSpec::shell("echo x > /tmp/small && cat /tmp/small"))
+        .await;
+    assert_eq!(after.stdout, "x\n", "{}", after.stderr);
+}
+
 macro_rules! both {
     ($($name:ident),* $(,)?) => {
         mod as_root {
@@ -615,6 +885,11 @@ both!(
     a_memory_hog_is_killed_and_reported_as_oom,
     daemons_die_with_their_action,
     symlinks_in_the_input_tree_stay_inside,
+    nothing_is_made_on_the_host_through_input_symlinks,
+    descriptors_the_agent_inherited_do_not_reach_actions,
+    set_uid_files_reach_no_other_host_user,
+    host_kernel_state_is_out_of_reach,
+    a_full_tmp_fails_only_its_action,
 );
 
 /// What a shell would give a command, the sandbox gives too: the default

@@ -10,7 +10,7 @@
 //! touch that leaves the link count alone is caught.
 
 use std::collections::HashMap;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -108,7 +108,10 @@ impl Cache {
                 .with_context(|| format!("clearing the input cache {}", dir.display()))?;
         }
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        std::fs::create_dir_all(actions_dir)
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(actions_dir)
             .with_context(|| format!("creating {}", actions_dir.display()))?;
         let probe = dir.join("link-probe");
         std::fs::write(&probe, b"").with_context(|| format!("writing {}", probe.display()))?;

@@ -46,6 +46,10 @@ pub struct Config {
     /// sparse file counts by its length); checked before anything is
     /// uploaded.
     pub action_output_limit: ByteSize,
+    /// What a sandboxed action's `/tmp` (and, apart, its `/dev/shm`) may
+    /// hold: each a tmpfs of this size, counted in the action's memory. 0
+    /// puts `/tmp` on the agent's disk, unbounded.
+    pub action_tmp_size: ByteSize,
     /// Log filter.
     pub log: String,
     /// File whose first line is this agent's token for the coordinator.
@@ -79,6 +83,7 @@ impl Default for Config {
             action_pids_limit: 8192,
             action_cpu_limit: None,
             action_output_limit: ByteSize(4 << 30),
+            action_tmp_size: ByteSize(1 << 30),
             log: "info".to_owned(),
             token_file: None,
             tls_ca: None,

@@ -169,6 +169,18 @@ impl Executor {
         let choice = self.isolation.choose(platform)?;
         let dir = self.actions_dir.join(&lease.lease_id);
         let root = dir.join("root");
+        {
+            use std::os::unix::fs::DirBuilderExt;
+            // Private, as the work directory is.
+            let made = std::fs::DirBuilder::new().mode(0o700).create(&dir);
+            match made {
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+                }
+                other => other,
+            }
+            .map_err(|e| Error::local("creating the action's directory", e))?;
+        }
         let mut cleanup = Cleanup {
             dir: dir.clone(),
             cache: self.cache.clone(),
@@ -180,7 +192,6 @@ impl Executor {
         meta.input_fetch_completed_timestamp = now();
 
         let workdir_rel = normalize(Path::new(""), &command.working_directory)?;
-        let workdir = root.join(&workdir_rel);
         let outputs = OutputSpec::of(&command, &workdir_rel)?;
         let mut writable: Vec<PathBuf> = vec![workdir_rel.clone()];
         writable.extend(
@@ -197,17 +208,17 @@ impl Executor {
         };
         {
             let root = root.clone();
-            let workdir = workdir.clone();
+            let workdir = workdir_rel.clone();
             let parents: Vec<PathBuf> = outputs
                 .all()
                 .filter_map(|(_, p)| p.parent().map(Path::to_path_buf))
                 .collect();
+            // Never through a symlink of the input tree: that would make
+            // directories wherever it points, on the host.
             let make = move || -> Result<(), Error> {
-                std::fs::create_dir_all(&workdir)
-                    .map_err(|e| Error::local("creating the working directory", e))?;
+                make_dirs(&root, &workdir, "the working directory")?;
                 for p in parents {
-                    std::fs::create_dir_all(root.join(p))
-                        .map_err(|e| Error::local("creating output directories", e))?;
+                    make_dirs(&root, &p, "an output's directory")?;
                 }
                 Ok(())
             };
@@ -551,6 +562,21 @@ fn lay_out_directories(
         }
     }
     Ok(files)
+}
+
+/// Makes `root/rel` for the action (`what`), never through a symlink or a
+/// file of its input tree: if one is in the way, the action is at fault.
+fn make_dirs(root: &Path, rel: &Path, what: &str) -> Result<(), Error> {
+    use outpost_sandbox::dirs;
+    dirs::make_beneath(root, rel).map_err(|e| match e {
+        dirs::Error::NotADirectory { .. } | dirs::Error::NotPlain { .. } => {
+            Error::BadInput(format!("cannot make {what} {}: {e}", rel.display()))
+        }
+        dirs::Error::Io { source, .. } => Error::local(
+            format!("creating {what} {}", rel.display()),
+            std::io::Error::from(source),
+        ),
+    })
 }
 
 /// Joins `rel` onto `base` lexically; `..` may climb but never above the

@@ -98,6 +98,8 @@ struct Sandbox {
     host_paths: Vec<PathBuf>,
     /// Changed by a configuration reload; each action takes a copy.
     limits: std::sync::RwLock<Limits>,
+    /// Bytes of each action's `/tmp` tmpfs; 0 for `/tmp` on disk.
+    tmp_size: std::sync::atomic::AtomicU64,
     limiter: cgroup::Limiter,
     /// What the probe found Landlock enforced.
     landlock: String,
@@ -306,6 +308,10 @@ impl Isolation {
         #[cfg(target_os = "linux")]
         if let Some(s) = &self.sandbox {
             *s.limits.write().unwrap_or_else(|e| e.into_inner()) = limits_of(config);
+            s.tmp_size.store(
+                config.action_tmp_size.0,
+                std::sync::atomic::Ordering::Relaxed,
+            );
         }
         #[cfg(not(target_os = "linux"))]
         let _ = config;
@@ -488,6 +494,15 @@ impl Isolation {
         if let Some(advice) = sandbox.limiter.advice() {
             tracing::info!("{advice}");
         }
+        if sandbox.limiter.rlimits_only() {
+            tracing::warn!(
+                "memory is not enforced: no cgroup with the memory controller is writable by \
+                 this agent, so action_memory_limit becomes a per-process address-space limit \
+                 (RLIMIT_AS), which several processes together, or files in /dev/shm and /tmp, \
+                 exceed; run the agent with a delegated cgroup (systemd Delegate=yes, see \
+                 docs/isolation.md) to bound an action's memory"
+            );
+        }
         sandbox.landlock = landlock;
         Ok(())
     }
@@ -584,6 +599,7 @@ impl Sandbox {
         Ok(Sandbox {
             host_paths,
             limits,
+            tmp_size: std::sync::atomic::AtomicU64::new(config.action_tmp_size.0),
             limiter,
             landlock: String::new(),
         })
@@ -617,6 +633,8 @@ impl Sandbox {
         spec.read_only = layout.read_only.clone();
         spec.host_paths = self.host_paths.clone();
         spec.tmp = tmp;
+        let tmp_size = self.tmp_size.load(std::sync::atomic::Ordering::Relaxed);
+        spec.tmp_size = (tmp_size > 0).then_some(tmp_size);
         spec.scratch = scratch;
         spec.network = network;
         spec.cgroup_procs = group.procs_files();

@@ -65,6 +65,13 @@ fn prepare_work_dir(dir: &Path) -> anyhow::Result<PathBuf> {
     std::fs::create_dir_all(dir)
         .with_context(|| format!("creating the work directory {}", dir.display()))?;
     let dir = std::fs::canonicalize(dir)?;
+    // Private to the agent: no other user of the host reaches an action's
+    // files (a set-uid program one made, say), the cache or the agent's id.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("making the work directory {} private", dir.display()))?;
+    }
     let mark = dir.join(WORK_DIR_MARK);
     if !mark.exists() {
         let nonempty = std::fs::read_dir(&dir)?.next().is_some();
@@ -92,6 +99,7 @@ pub const RELOADABLE: &[&str] = &[
     "action_memory_limit",
     "action_pids_limit",
     "action_cpu_limit",
+    "action_tmp_size",
 ];
 
 /// A started agent: work directory, cache and isolation ready, not yet
@@ -249,6 +257,7 @@ impl Control {
             action_memory_limit: new.action_memory_limit,
             action_pids_limit: new.action_pids_limit,
             action_cpu_limit: new.action_cpu_limit,
+            action_tmp_size: new.action_tmp_size,
             ..old.clone()
         };
         self.inner.isolation.set_limits(&running);

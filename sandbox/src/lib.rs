@@ -3,6 +3,8 @@
 //!
 //! - [`spec`]: what to run and how to isolate it, written by the agent and
 //!   read by the stub.
+//! - [`dirs`]: directories made through paths an action chose, never
+//!   through a symlink.
 //! - [`linux`]: the Linux sandbox (namespaces, read-only bind mounts,
 //!   Landlock, cgroups); the agent starts it as `outpost __sandbox`.
 //! - [`reaper`]: `outpost __reap`, the stub in front of actions that run
@@ -16,6 +18,7 @@
 // says why it is sound.
 #![allow(unsafe_code)]
 
+pub mod dirs;
 #[cfg(target_os = "linux")]
 pub mod linux;
 pub mod reaper;

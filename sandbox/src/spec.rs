@@ -40,8 +40,12 @@ pub struct Spec {
     pub read_only: Vec<PathBuf>,
     /// Host paths made visible read-only at the same place: the toolchain.
     pub host_paths: Vec<PathBuf>,
-    /// A host directory that becomes the private, writable `/tmp`.
+    /// A host directory that becomes the private, writable `/tmp` when
+    /// `tmp_size` is unset.
     pub tmp: PathBuf,
+    /// Bytes the action's `/tmp` (and, apart, its `/dev/shm`) may hold:
+    /// each a tmpfs of that size, so writing past it fails with ENOSPC.
+    pub tmp_size: Option<u64>,
     /// An empty host directory the stub builds the new root on.
     pub scratch: PathBuf,
     /// Keep the host's network (otherwise: a private loopback only).
@@ -87,6 +91,9 @@ impl Spec {
             put("host", p.as_os_str());
         }
         put("tmp", self.tmp.as_os_str());
+        if let Some(size) = self.tmp_size {
+            put("tmp_size", OsStr::new(&size.to_string()));
+        }
         put("scratch", self.scratch.as_os_str());
         if self.network {
             put("network", OsStr::new("1"));
@@ -134,6 +141,7 @@ impl Spec {
                 "read_only" => spec.read_only.push(value.into()),
                 "host" => spec.host_paths.push(value.into()),
                 "tmp" => spec.tmp = value.into(),
+                "tmp_size" => spec.tmp_size = number(&value)?,
                 "scratch" => spec.scratch = value.into(),
                 "network" => spec.network = true,
                 "cgroup" => spec.cgroup_procs.push(value.into()),
@@ -218,6 +226,7 @@ mod tests {
             read_only: vec!["src".into()],
             host_paths: vec!["/usr".into(), "/etc/ssl".into()],
             tmp: "/w/actions/1/tmp".into(),
+            tmp_size: Some(64 << 20),
             scratch: "/w/actions/1/sysroot".into(),
             network: true,
             cgroup_procs: vec!["/sys/fs/cgroup/x/cgroup.procs".into()],

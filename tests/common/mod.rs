@@ -393,6 +393,8 @@ pub struct ActionSpec {
     pub inputs: Vec<(String, Bytes)>,
     /// Symlinks in the input root: (name, target).
     pub symlinks: Vec<(String, String)>,
+    /// `Command.working_directory`.
+    pub working_directory: String,
 }
 
 impl ActionSpec {
@@ -493,6 +495,7 @@ impl Client {
                 })
                 .collect(),
             output_paths: spec.output_paths.clone(),
+            working_directory: spec.working_directory.clone(),
             ..Default::default()
         };
         let root = input_tree(&spec.inputs, &spec.symlinks, "", &mut uploads);

@@ -152,15 +152,23 @@ impl Limiter {
         limiter
     }
 
-    /// For logs and the fleet page: `cgroup v2 (memory, pids, cpu)`.
+    /// For logs and the fleet page: `cgroup v2 (memory, pids, cpu)`, or
+    /// `rlimits only (memory not enforced)`.
     pub fn describe(&self) -> String {
         let (version, controllers): (&str, Vec<Controller>) = match &self.tree {
             Tree::V2(_, cs) => ("v2", cs.clone()),
             Tree::V1(dirs) => ("v1", dirs.iter().map(|(c, _)| *c).collect()),
-            Tree::None => return "rlimits".to_owned(),
+            Tree::None => return "rlimits only (memory not enforced)".to_owned(),
         };
         let names: Vec<&str> = controllers.into_iter().map(Controller::name).collect();
         format!("cgroup {version} ({})", names.join(", "))
+    }
+
+    /// Whether action limits fall back to rlimits: memory is then bounded
+    /// per process (RLIMIT_AS), which neither several processes together
+    /// nor files in a tmpfs respect.
+    pub fn rlimits_only(&self) -> bool {
+        matches!(self.tree, Tree::None)
     }
 
     /// Advice when joining an action's cgroup may stall for an RCU grace
@@ -550,7 +558,10 @@ mod tests {
         // Whatever the host offers, detection must not fail or panic.
         let l = Limiter::detect(&format!("outpost-unit-{}", std::process::id()));
         let d = l.describe();
-        assert!(d.starts_with("cgroup v") || d == "rlimits", "{d}");
+        assert!(
+            d.starts_with("cgroup v") || d.starts_with("rlimits only"),
+            "{d}"
+        );
         let limits = Limits {
             memory_bytes: Some(256 << 20),
             pids: Some(100),

@@ -7,8 +7,10 @@
 //! limits live in [`cgroup`], which the agent drives.
 
 pub mod cgroup;
+mod fds;
 pub mod launch;
 mod mounts;
 mod restrict;
+mod seccomp;
 pub mod spawner;
 pub mod stub;

@@ -1,7 +1,9 @@
-//! What the action's process does to itself before `exec`: rlimits,
-//! Landlock (best effort: whatever this kernel's ABI enforces), and an
-//! empty capability bounding set, so that even uid 0 inside has no power.
-//! Also loopback, which init brings up in a private network namespace.
+//! What the action's process does to itself before `exec`: rlimits (no
+//! core dumps), a session keyring of its own, Landlock (best effort:
+//! whatever this kernel's ABI enforces), an empty capability bounding set,
+//! so that even uid 0 inside has no power, and the seccomp filter
+//! ([`seccomp`](super::seccomp)). Also loopback, which init brings up in a
+//! private network namespace.
 
 use std::path::{Path, PathBuf};
 
@@ -19,8 +21,10 @@ const LANDLOCK_ABI: ABI = ABI::V6;
 /// Applies every restriction; returns what Landlock enforced.
 pub fn apply(spec: &Spec) -> Result<String, String> {
     rlimits(spec)?;
+    own_keyring();
     let landlock = landlock(spec)?;
     drop_capabilities()?;
+    super::seccomp::apply()?;
     Ok(landlock)
 }
 
@@ -28,6 +32,9 @@ fn rlimits(spec: &Spec) -> Result<(), String> {
     let set = |resource, value: u64, what: &str| {
         setrlimit(resource, value, value).map_err(|e| format!("setting the {what} limit: {e}"))
     };
+    // A crashing tool leaves no core file (of what it had in memory)
+    // behind, and cannot raise the limit again.
+    set(Resource::RLIMIT_CORE, 0, "core file")?;
     if let Some(bytes) = spec.rlimits.memory_bytes {
         set(Resource::RLIMIT_AS, bytes, "memory")?;
     }
@@ -36,6 +43,20 @@ fn rlimits(spec: &Spec) -> Result<(), String> {
         set(Resource::RLIMIT_NPROC, pids, "process")?;
     }
     Ok(())
+}
+
+/// Joins a new, empty session keyring, so that the action holds no key of
+/// the agent's (the seccomp filter then keeps it off keyrings altogether).
+fn own_keyring() {
+    const KEYCTL_JOIN_SESSION_KEYRING: libc::c_long = 1;
+    // SAFETY: keyctl with integer arguments and a null name.
+    unsafe {
+        libc::syscall(
+            libc::SYS_keyctl,
+            KEYCTL_JOIN_SESSION_KEYRING,
+            std::ptr::null::<libc::c_char>(),
+        );
+    }
 }
 
 /// Paths, inside the sandbox, the action may write.

@@ -138,8 +138,8 @@ impl Client {
             .stdin(std::process::Stdio::null())
             .process_group(0);
         // SAFETY: the closure runs in the forked child before exec and calls
-        // only async-signal-safe functions (dup2, fcntl) on descriptors it
-        // owns.
+        // only async-signal-safe functions (dup2, fcntl, close_range) on
+        // descriptors it owns.
         unsafe {
             command.pre_exec(move || {
                 if fd == SOCKET_FD {
@@ -149,6 +149,10 @@ impl Client {
                 } else if libc::dup2(fd, SOCKET_FD) == -1 {
                     return Err(std::io::Error::last_os_error());
                 }
+                // Whatever else the agent holds or inherited (an open
+                // directory of the host's, say) never reaches the spawner,
+                // its stubs or their actions.
+                super::fds::close_from(SOCKET_FD + 1, true);
                 Ok(())
             });
         }
@@ -276,6 +280,9 @@ fn serve() -> Result<(), String> {
         libc::close(SOCKET_FD);
         OwnedFd::from_raw_fd(moved)
     };
+    // Nothing but stdio and the socket, however the spawner was started.
+    super::fds::close_range(SOCKET_FD, moved - 1, false);
+    super::fds::close_from(moved + 1, false);
     let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
     if nix::unistd::getppid() == Pid::from_raw(1) {
         return Ok(());
@@ -731,6 +738,8 @@ fn run_stub(closing: &[RawFd], mode: Mode, warmed: bool, spec_file: &Path, fds: 
             libc::close(h);
         }
     }
+    // The stub starts with its job's descriptors and nothing else.
+    super::fds::close_from(fds.len() as RawFd, false);
     let _ = SigSet::all().thread_unblock();
     let code = match mode {
         Mode::Reap => reap_stub(spec_file),

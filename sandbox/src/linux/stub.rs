@@ -344,6 +344,9 @@ fn action(spec: &Spec, status: &mut Status) -> i32 {
             std::env::set_var(name, value);
         }
     }
+    // The action gets stdio and nothing else (the status pipe, on fd 3,
+    // stays open until the exec).
+    super::fds::close_from(3, true);
     // The Rust runtime ignores SIGPIPE; the action gets the default back
     // (`yes | head` must end `yes` by SIGPIPE, as in a shell).
     // SAFETY: resetting a disposition to the default installs no handler.
