@@ -701,12 +701,8 @@ fn reload_coordinator(
 /// storage, probing the sandbox) must not end it: it is ignored until
 /// `reload::start` installs the real handler.
 fn ignore_sighup_until_reload_is_ready() {
-    use nix::sys::signal::{SigHandler, Signal, signal};
-    // SAFETY: SIG_IGN is no handler function, so nothing runs in signal
-    // context; no other thread exists yet.
-    #[allow(unsafe_code)]
-    let set = unsafe { signal(Signal::SIGHUP, SigHandler::SigIgn) };
-    if let Err(e) = set {
+    // No other thread exists yet.
+    if let Err(e) = outpost_sandbox::signals::ignore(nix::sys::signal::Signal::SIGHUP) {
         eprintln!("outpost: cannot ignore SIGHUP during start-up: {e}");
     }
 }

@@ -109,7 +109,7 @@ impl Fleet for FleetService {
             }
             scheduler.agent_gone(&session).await;
         });
-        let outgoing = tokio_stream::wrappers::ReceiverStream::new(rx);
+        let outgoing = tokio_stream::wrappers::ReceiverStream::new(rx).map(Ok);
         if principal.is_none() {
             return Ok(Response::new(Box::pin(outgoing)));
         }

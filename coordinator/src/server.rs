@@ -399,7 +399,7 @@ fn status_routes(scheduler: Scheduler, cas: Arc<dyn crate::storage::Cas>) -> axu
     async fn snapshot(s: &Scheduler) -> Result<crate::scheduler::Snapshot, Response> {
         s.snapshot()
             .await
-            .map_err(|e| (StatusCode::SERVICE_UNAVAILABLE, e.message().to_owned()).into_response())
+            .map_err(|e| (StatusCode::SERVICE_UNAVAILABLE, e.to_string()).into_response())
     }
     let page = {
         let s = scheduler.clone();
@@ -433,7 +433,7 @@ fn status_routes(scheduler: Scheduler, cas: Arc<dyn crate::storage::Cas>) -> axu
                     StatusCode::OK,
                     format!("{id}: {}\n", if draining { "draining" } else { "ready" }),
                 ),
-                Err(e) => (StatusCode::NOT_FOUND, format!("{}\n", e.message())),
+                Err(e) => (StatusCode::NOT_FOUND, format!("{e}\n")),
             }
         }
     };

@@ -10,6 +10,7 @@
 //! - [`reaper`]: `outpost __reap`, the stub in front of actions that run
 //!   without isolation, so that killing the action kills everything it
 //!   started.
+//! - [`signals`]: signal dispositions the binary sets at start-up.
 //!
 //! It knows nothing of REAPI, protobuf or tokio, and it is the only crate
 //! allowed `unsafe`.
@@ -22,4 +23,5 @@ pub mod dirs;
 #[cfg(target_os = "linux")]
 pub mod linux;
 pub mod reaper;
+pub mod signals;
 pub mod spec;

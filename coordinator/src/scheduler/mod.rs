@@ -17,10 +17,27 @@ use outpost_proto::digest::Digest;
 use outpost_proto::fleet;
 use outpost_proto::reapi;
 use tokio::sync::{mpsc, oneshot, watch};
-use tonic::Status;
 
 use crate::storage::{ActionCache, FleetMemory, Pin};
 use platform::Requirements;
+
+/// Why the scheduler refused a request; the services turn it into a gRPC
+/// status (`service::scheduler_status`).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// No agent could ever run the action, or an agent may not join
+    /// (FAILED_PRECONDITION).
+    #[error("{0}")]
+    Precondition(String),
+    /// A malformed registration (INVALID_ARGUMENT).
+    #[error("{0}")]
+    Invalid(String),
+    /// No such operation or agent (NOT_FOUND).
+    #[error("{0}")]
+    NotFound(String),
+    #[error("the coordinator is shutting down")]
+    ShuttingDown,
+}
 
 /// Tunables, from the coordinator's configuration.
 #[derive(Clone, Debug)]
@@ -113,7 +130,7 @@ pub struct Session {
     pub id: u64,
 }
 
-pub type Outgoing = mpsc::Sender<Result<fleet::CoordinatorMessage, Status>>;
+pub type Outgoing = mpsc::Sender<fleet::CoordinatorMessage>;
 
 #[derive(Clone)]
 pub struct Scheduler {
@@ -145,14 +162,13 @@ impl Scheduler {
     async fn call<T>(
         &self,
         make: impl FnOnce(oneshot::Sender<T>) -> state::Msg,
-    ) -> Result<T, Status> {
+    ) -> Result<T, Error> {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(make(reply))
             .await
-            .map_err(|_| Status::unavailable("the coordinator is shutting down"))?;
-        rx.await
-            .map_err(|_| Status::unavailable("the coordinator is shutting down"))
+            .map_err(|_| Error::ShuttingDown)?;
+        rx.await.map_err(|_| Error::ShuttingDown)
     }
 
     fn waiter(&self, (name, state): (String, watch::Receiver<OpState>)) -> Waiter {
@@ -167,7 +183,7 @@ impl Scheduler {
     }
 
     /// Queues an action (or joins an identical one in flight).
-    pub async fn submit(&self, job: Job) -> Result<Waiter, Status> {
+    pub async fn submit(&self, job: Job) -> Result<Waiter, Error> {
         let attached = self
             .call(|reply| state::Msg::Submit {
                 job: Box::new(job),
@@ -178,7 +194,7 @@ impl Scheduler {
     }
 
     /// Re-attaches to an operation by name.
-    pub async fn attach(&self, name: &str) -> Result<Option<Waiter>, Status> {
+    pub async fn attach(&self, name: &str) -> Result<Option<Waiter>, Error> {
         let name = name.to_owned();
         Ok(self
             .call(|reply| state::Msg::Attach { name, reply })
@@ -186,7 +202,7 @@ impl Scheduler {
             .map(|a| self.waiter(a)))
     }
 
-    pub async fn cancel(&self, name: &str) -> Result<(), Status> {
+    pub async fn cancel(&self, name: &str) -> Result<(), Error> {
         let name = name.to_owned();
         self.call(|reply| state::Msg::Cancel { name, reply })
             .await?
@@ -197,7 +213,7 @@ impl Scheduler {
         &self,
         register: fleet::Register,
         outgoing: Outgoing,
-    ) -> Result<(Session, fleet::Registered), Status> {
+    ) -> Result<(Session, fleet::Registered), Error> {
         self.call(|reply| state::Msg::Join {
             register: Box::new(register),
             outgoing,
@@ -210,14 +226,14 @@ impl Scheduler {
         &self,
         session: &Session,
         message: fleet::agent_message::Kind,
-    ) -> Result<(), Status> {
+    ) -> Result<(), Error> {
         self.tx
             .send(state::Msg::FromAgent {
                 session: session.clone(),
                 message: Box::new(message),
             })
             .await
-            .map_err(|_| Status::unavailable("the coordinator is shutting down"))
+            .map_err(|_| Error::ShuttingDown)
     }
 
     pub async fn agent_gone(&self, session: &Session) {
@@ -230,7 +246,7 @@ impl Scheduler {
     }
 
     /// Stops (or resumes) giving an agent new work; what it runs finishes.
-    pub async fn set_draining(&self, agent_id: &str, draining: bool) -> Result<(), Status> {
+    pub async fn set_draining(&self, agent_id: &str, draining: bool) -> Result<(), Error> {
         let agent_id = agent_id.to_owned();
         self.call(|reply| state::Msg::SetDraining {
             agent_id,
@@ -250,7 +266,7 @@ impl Scheduler {
     }
 
     /// A snapshot for status pages and tests.
-    pub async fn snapshot(&self) -> Result<Snapshot, Status> {
+    pub async fn snapshot(&self) -> Result<Snapshot, Error> {
         self.call(|reply| state::Msg::Snapshot { reply }).await
     }
 }

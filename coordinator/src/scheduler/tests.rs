@@ -73,7 +73,7 @@ fn job(n: u8, build: &str, priority: i32) -> Job {
 
 struct FakeAgent {
     session: Session,
-    rx: mpsc::Receiver<Result<fleet::CoordinatorMessage, Status>>,
+    rx: mpsc::Receiver<fleet::CoordinatorMessage>,
     registered: fleet::Registered,
 }
 
@@ -82,7 +82,7 @@ async fn join(
     id: &str,
     slots: u32,
     running: Vec<String>,
-) -> Result<FakeAgent, Status> {
+) -> Result<FakeAgent, super::super::Error> {
     join_with(s, id, slots, running, |_| {}).await
 }
 
@@ -94,7 +94,7 @@ async fn join_with(
     slots: u32,
     running: Vec<String>,
     adjust: impl FnOnce(&mut fleet::Register),
-) -> Result<FakeAgent, Status> {
+) -> Result<FakeAgent, super::super::Error> {
     let (tx, mut rx) = mpsc::channel(64);
     let mut register = fleet::Register {
         protocol_version: outpost_proto::FLEET_PROTOCOL_VERSION,
@@ -114,9 +114,9 @@ async fn join_with(
     };
     adjust(&mut register);
     let session = s.join(register, tx).await?;
-    let Some(Ok(fleet::CoordinatorMessage {
+    let Some(fleet::CoordinatorMessage {
         kind: Some(ToAgent::Registered(registered)),
-    })) = rx.recv().await
+    }) = rx.recv().await
     else {
         panic!("Registered did not come first");
     };
@@ -133,8 +133,7 @@ impl FakeAgent {
             let msg = tokio::time::timeout(Duration::from_secs(5), self.rx.recv())
                 .await
                 .expect("a lease within 5s")
-                .expect("stream open")
-                .expect("no error");
+                .expect("stream open");
             if let Some(ToAgent::Lease(lease)) = msg.kind {
                 return lease;
             }
@@ -143,9 +142,9 @@ impl FakeAgent {
 
     async fn no_lease(&mut self) {
         let got = tokio::time::timeout(Duration::from_millis(300), self.rx.recv()).await;
-        if let Ok(Some(Ok(fleet::CoordinatorMessage {
+        if let Ok(Some(fleet::CoordinatorMessage {
             kind: Some(ToAgent::Lease(l)),
-        }))) = got
+        })) = got
         {
             panic!("unexpected lease {l:?}");
         }
@@ -285,7 +284,7 @@ async fn an_incompatible_agent_is_refused_with_the_versions() {
         }),
         ..Default::default()
     };
-    let err = f.scheduler.join(register, tx).await.expect_err("refused");
+    let err = Status::from(f.scheduler.join(register, tx).await.expect_err("refused"));
     assert_eq!(err.code(), Code::FailedPrecondition);
     assert!(
         err.message().contains("protocol version 99")
@@ -676,6 +675,7 @@ async fn inputs_go_only_to_agents_whose_cache_holds_them() {
     let Err(err) = f.scheduler.submit(big_job()).await else {
         panic!("queued though no agent's cache holds it");
     };
+    let err = Status::from(err);
     assert_eq!(err.code(), Code::FailedPrecondition);
     assert!(
         err.message().contains("inputs are 5000 bytes")

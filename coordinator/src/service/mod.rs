@@ -68,6 +68,19 @@ pub fn optional_digest(
 }
 
 /// A `google.rpc.Status` for per-item results of batch calls.
+/// A scheduler refusal as the gRPC status clients get.
+impl From<crate::scheduler::Error> for Status {
+    fn from(e: crate::scheduler::Error) -> Status {
+        use crate::scheduler::Error;
+        match e {
+            Error::Precondition(m) => Status::failed_precondition(m),
+            Error::Invalid(m) => Status::invalid_argument(m),
+            Error::NotFound(m) => Status::not_found(m),
+            Error::ShuttingDown => Status::unavailable(e.to_string()),
+        }
+    }
+}
+
 pub fn rpc_status(code: tonic::Code, message: impl Into<String>) -> tonic_types::pb::Status {
     tonic_types::pb::Status {
         code: code as i32,
