@@ -365,3 +365,35 @@ fn bazel_builds_with_a_token() {
     assert!(!ok, "a build without a token succeeded");
     assert!(text.contains("UNAUTHENTICATED"), "{text}");
 }
+
+/// An action that runs longer than `abandon_after` while Bazel waits on
+/// its Execute stream: Bazel is still there, so the operation must not be
+/// abandoned. No retries are allowed, so the action has to finish in the
+/// one attempt, on the one agent.
+#[test]
+fn bazel_gets_the_result_of_an_action_longer_than_abandon_after() {
+    let scratch = tempdir();
+    let Some(bazel) = bazel_in(scratch.path()) else {
+        return;
+    };
+    let server = Coordinator::start(
+        &scratch.path().join("outpost-data"),
+        &["--abandon-after", "3s"],
+    );
+    let agent = Agent::start(
+        &server.endpoint(),
+        &scratch.path().join("agent"),
+        &["--slots", "1"],
+    );
+    let executor = format!("--remote_executor={}", server.endpoint());
+    let summary = bazel.expect_ok(&["build", "//long:long", &executor, "--remote_retries=0"]);
+    assert_eq!(spawns(&summary, "remote"), 1, "{summary}");
+    let out = std::fs::read_to_string(bazel.workspace.join("bazel-bin/long/long.txt"))
+        .expect("the output was downloaded");
+    assert_eq!(out, "finished after 8s\n");
+    assert_eq!(
+        agent.count("running an action"),
+        1,
+        "the action was run more than once"
+    );
+}

@@ -304,20 +304,9 @@ print("no certificate:", call("/grpc.health.v1.Health/Check", False, True))
 
 #[test]
 fn grpc_core_clients_speak_tls_and_mutual_tls_with_tokens() {
-    let python = "/usr/bin/python3";
-    let has_grpc = Command::new(python)
-        .args(["-c", "import grpc"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !has_grpc {
-        let why = "python3-grpcio is not installed (apt-get install python3-grpcio; scripts/test.sh does this)";
-        assert!(
-            std::env::var_os("OUTPOST_REQUIRE_GRPCIO").is_none(),
-            "{why}"
-        );
-        eprintln!("SKIPPED: {why}");
+    let Some(python) = common::grpc_core_python() else {
         return;
-    }
+    };
     let dir = tempdir();
     let d = dir.path();
     let servers = Ca::new(d, "servers");

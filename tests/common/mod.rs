@@ -569,9 +569,20 @@ impl Client {
 
 /// Reads an operation stream to its end.
 pub async fn follow(
+    stream: tonic::Streaming<outpost_proto::longrunning::Operation>,
+) -> Result<(String, reapi::ExecuteResponse), tonic::Status> {
+    follow_timed(stream, std::time::Instant::now(), &mut Vec::new()).await
+}
+
+/// Reads an operation stream to its end, noting when each message came
+/// (seconds since `since`) in `arrivals`.
+pub async fn follow_timed(
     mut stream: tonic::Streaming<outpost_proto::longrunning::Operation>,
+    since: std::time::Instant,
+    arrivals: &mut Vec<f64>,
 ) -> Result<(String, reapi::ExecuteResponse), tonic::Status> {
     while let Some(op) = stream.message().await? {
+        arrivals.push(since.elapsed().as_secs_f64());
         if op.done {
             let response = match op.result {
                 Some(outpost_proto::longrunning::operation::Result::Response(any)) => {
@@ -586,6 +597,26 @@ pub async fn follow(
     Err(tonic::Status::unknown(
         "the operation stream ended before the operation was done",
     ))
+}
+
+/// python3 with gRPC's C core (python3-grpcio), or None (after saying
+/// why) where it is missing and the run does not require it.
+pub fn grpc_core_python() -> Option<&'static str> {
+    let python = "/usr/bin/python3";
+    let has_grpc = Command::new(python)
+        .args(["-c", "import grpc"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has_grpc {
+        let why = "python3-grpcio is not installed (apt-get install python3-grpcio; scripts/test.sh does this)";
+        assert!(
+            std::env::var_os("OUTPOST_REQUIRE_GRPCIO").is_none(),
+            "{why}"
+        );
+        eprintln!("SKIPPED: {why}");
+        return None;
+    }
+    Some(python)
 }
 
 /// Write messages for `data` starting at `offset`.
