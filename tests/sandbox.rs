@@ -798,6 +798,7 @@ t vmallocinfo 'grep -q . /proc/vmallocinfo'
 t slabinfo 'grep -q . /proc/slabinfo'
 t kpageflags 'test -n \"$(head -c 8 /proc/kpageflags)\"'
 t boot-id 'grep -q . /proc/sys/kernel/random/boot_id'
+t cgroup-path 'grep -q outpost /proc/self/cgroup'
 python3 sys.py nothing-at-all 2>/dev/null; ulimit -n 64 && echo own-limits: ok",
     );
     spec.inputs = vec![("sys.py".into(), Bytes::from_static(SYSCALLS_PY.as_bytes()))];
@@ -821,6 +822,7 @@ python3 sys.py nothing-at-all 2>/dev/null; ulimit -n 64 && echo own-limits: ok",
                 "slabinfo",
                 "kpageflags",
                 "boot-id",
+                "cgroup-path",
             ],
         )
         .await;

@@ -39,11 +39,11 @@ fn bind(src: &Path, dst: &Path) -> Result<(), String> {
 
 /// Host-wide files of procfs an action has no business reading: other
 /// users' keys, kernel addresses and memory layout, other containers'
-/// file locks, the host's boot id and kernel command line.
+/// file locks, the host's boot id and kernel command line. (`kcore` needs
+/// CAP_SYS_RAWIO on the host, which no action has.)
 const MASKED_PROC_FILES: &[&str] = &[
     "keys",
     "key-users",
-    "kcore",
     "kpagecount",
     "kpageflags",
     "kpagecgroup",

@@ -3,7 +3,8 @@
 //! Three processes, so that killing one kills all:
 //! 1. the stub joins the action's cgroups, unshares the user, mount, pid,
 //!    ipc, uts (and net) namespaces, maps its own uid and gid, names the
-//!    host and brings up loopback, and forks; it then waits, and on SIGTERM
+//!    host and brings up loopback, enters a cgroup namespace rooted at the
+//!    action's cgroups, and forks; it then waits, and on SIGTERM
 //!    (timeout, cancel) kills the next one. A warm stub (see the spawner)
 //!    entered its namespaces before its action came, and joins the
 //!    cgroups after;
@@ -186,6 +187,10 @@ fn run_spec(spec: &Spec, status: &mut Status, entered: Entered) -> Result<i32, S
     if entered == Entered::No {
         enter(spec.network)?;
     }
+    // A cgroup namespace rooted at the action's cgroups: `/proc/self/cgroup`
+    // shows `/`, not the agent's cgroup path and id.
+    nix::sched::unshare(CloneFlags::CLONE_NEWCGROUP)
+        .map_err(|e| format!("creating the cgroup namespace: {e}"))?;
 
     let waited = block_signals()?;
     // Init reads the end of this pipe if the stub is gone (see `init`).
