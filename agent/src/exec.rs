@@ -159,8 +159,11 @@ impl Executor {
         .await?;
         // The coordinator checked it too; the agent does not rely on that.
         outpost_proto::validate::command(&command).map_err(|e| Error::BadInput(e.to_string()))?;
-        let platform = match &action.platform {
-            Some(p) if !p.properties.is_empty() => &p.properties,
+        // The coordinator's reading of the platform; older coordinators
+        // send none, and then the Action's (or the Command's) own counts.
+        let platform = match (&lease.platform, &action.platform) {
+            (Some(p), _) => &p.properties,
+            (None, Some(p)) if !p.properties.is_empty() => &p.properties,
             _ => command
                 .platform
                 .as_ref()

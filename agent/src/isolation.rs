@@ -319,15 +319,12 @@ impl Isolation {
 
     /// The backend and network an action's platform asks for.
     pub fn choose(&self, platform: &[Property]) -> Result<Choice, Error> {
-        let get = |name: &str| {
-            platform
-                .iter()
-                .find(|p| p.name.eq_ignore_ascii_case(name))
-                .map(|p| p.value.trim().to_owned())
-        };
+        // Read as the coordinator reads it.
+        let parsed = outpost_proto::platform::parse(platform).map_err(Error::BadInput)?;
+        let get = |name: &str| parsed.get(name);
         let kind = match get("workload-isolation-type") {
             None => self.kinds[0],
-            Some(v) => Kind::parse(&v)
+            Some(v) => Kind::parse(v)
                 .filter(|k| self.kinds.contains(k))
                 .ok_or_else(|| {
                     Error::BadInput(format!(

@@ -179,7 +179,7 @@ impl Execution for ExecutionService {
             .or(checked.command.platform.as_ref())
             .map(|p| p.properties.as_slice())
             .unwrap_or_default();
-        let (requirements, config) =
+        let (requirements, platform) =
             platform::requirements(platform).map_err(Status::invalid_argument)?;
         let timeout = match &action.timeout {
             None => self.timeouts.default,
@@ -223,7 +223,7 @@ impl Execution for ExecutionService {
             instance_name: req.instance_name,
             action_digest,
             requirements,
-            config,
+            platform,
             priority,
             invocation,
             timeout,

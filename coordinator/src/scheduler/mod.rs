@@ -64,7 +64,8 @@ pub struct Job {
     pub instance_name: String,
     pub action_digest: Digest,
     pub requirements: Requirements,
-    pub config: Vec<reapi::platform::Property>,
+    /// The platform the agent runs it by (names canonical).
+    pub platform: Vec<reapi::platform::Property>,
     pub priority: i32,
     /// The build it belongs to (`tool_invocation_id`), for fairness.
     pub invocation: String,

@@ -1,64 +1,13 @@
-//! Typed platform properties: what an action asks for, what an agent
-//! offers, and whether one satisfies the other.
-//!
-//! Every property is an exact match (`dockerNetwork=bridge` finds the agents
-//! that allow sandboxed actions the network) unless it is a consumable minimum
-//! (`gpu-count`, `EstimatedCPU`, `EstimatedMemory`, `EstimatedFreeDiskBytes`,
-//! `resources:<name>`) or on the configuration-only list, which is passed to
-//! the agent and never matched. Names of known properties are matched
-//! case-insensitively; values of `OSFamily`, `Arch` and `ISA` are normalised
-//! (`Linux` = `linux`, `x86_64` = `amd64` for Arch, `amd64` = `x86-64` for ISA).
+//! Matching: what an action needs from an agent (`Requirements`), what an
+//! agent offers (`Offer`), whether one satisfies the other, and why nothing
+//! in the fleet does. The vocabulary (known names, their roles, value
+//! normalisation) is `outpost_proto::platform`, shared with the agents.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
-use outpost_proto::quote::quoted;
+use outpost_proto::platform::{self, canonical_name, normalize_value};
 use outpost_proto::reapi::platform::Property;
-
-/// Properties the runner reads; never used to choose an agent.
-pub const CONFIG_ONLY: &[&str] = &[
-    "dockerUser",
-    "dockerRunAsRoot",
-    "dockerInit",
-    "dockerReuse",
-    "recycle-runner",
-    "runner-recycling-key",
-    "runner-recycling-max-wait",
-    "preserve-workspace",
-    "clean-workspace-inputs",
-    "persistentWorkerKey",
-    "persistentWorkerProtocol",
-    "persistent-workers",
-    "supports-workers",
-    "requires-worker-protocol",
-    "default-timeout",
-    "termination-grace-period",
-    "retry",
-    "transient-error-exit-codes",
-    "runner-crashed-exit-codes",
-    "env-overrides",
-    "extra-args",
-];
-
-/// Consumable minimums: property name -> the resource an agent advertises.
-const CONSUMABLE: &[(&str, &str)] = &[
-    ("gpu-count", "gpu-count"),
-    ("EstimatedCPU", "cpu"),
-    ("EstimatedMemory", "memory"),
-    ("EstimatedFreeDiskBytes", "disk"),
-];
-
-/// Exact-match names with a canonical spelling.
-const KNOWN_EXACT: &[&str] = &[
-    "OSFamily",
-    "Arch",
-    "ISA",
-    "Pool",
-    "container-image",
-    "workload-isolation-type",
-    "dockerNetwork",
-    "gpu-model",
-];
 
 /// What an action needs from an agent.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -110,115 +59,18 @@ fn milli_to_string(v: u64) -> String {
     }
 }
 
-fn canonical_name(name: &str) -> Option<&'static str> {
-    KNOWN_EXACT
-        .iter()
-        .chain(CONFIG_ONLY)
-        .chain(CONSUMABLE.iter().map(|(n, _)| n))
-        .find(|known| known.eq_ignore_ascii_case(name))
-        .copied()
-}
-
-/// Normalises a value of a known property.
-pub fn normalize_value(name: &str, value: &str) -> String {
-    let lower = value.trim().to_ascii_lowercase();
-    match name {
-        "OSFamily" => match lower.as_str() {
-            "macos" | "mac" | "osx" => "darwin".to_owned(),
-            _ => lower,
-        },
-        "Arch" => match lower.as_str() {
-            "x86_64" | "x86-64" | "x64" => "amd64".to_owned(),
-            "aarch64" => "arm64".to_owned(),
-            _ => lower,
-        },
-        "ISA" => match lower.as_str() {
-            "x86_64" | "amd64" | "x64" => "x86-64".to_owned(),
-            "arm64" => "aarch64".to_owned(),
-            _ => lower,
-        },
-        _ => value.to_owned(),
-    }
-}
-
-/// Parses an amount: `2`, `1.5`, `500m` (milli), `4GB`, `512MiB`, `1e9`.
-fn parse_amount(name: &str, value: &str) -> Result<u64, String> {
-    let v = value.trim();
-    let bad = || {
-        format!(
-            "platform property {name}={} is not an amount (e.g. 2, 1.5, 500m, 4GB)",
-            quoted(value)
-        )
-    };
-    let units: &[(&str, f64)] = &[
-        ("KiB", 1024.0),
-        ("MiB", 1024.0 * 1024.0),
-        ("GiB", 1024.0 * 1024.0 * 1024.0),
-        ("TiB", 1024.0 * 1024.0 * 1024.0 * 1024.0),
-        ("KB", 1e3),
-        ("MB", 1e6),
-        ("GB", 1e9),
-        ("TB", 1e12),
-        ("m", 0.001),
-    ];
-    let (number, mult) = units
-        .iter()
-        .find_map(|(u, m)| v.strip_suffix(u).map(|n| (n, *m)))
-        .unwrap_or((v, 1.0));
-    let n: f64 = number.trim().parse().map_err(|_| bad())?;
-    if !n.is_finite() || n < 0.0 {
-        return Err(bad());
-    }
-    Ok((n * mult * 1000.0).round() as u64)
-}
-
-/// Longest platform property name and value accepted: real ones are short,
-/// and every one may be quoted back in an error.
-const MAX_NAME: usize = 256;
-const MAX_VALUE: usize = 1024;
-
-/// Splits an action's properties into requirements and configuration-only
-/// properties.
+/// Splits an action's properties into requirements and the platform the
+/// agent runs the action by (every property, names canonical; the
+/// vocabulary is `outpost_proto::platform`).
 pub fn requirements(properties: &[Property]) -> Result<(Requirements, Vec<Property>), String> {
-    let mut req = Requirements::default();
-    let mut config = Vec::new();
-    for p in properties {
-        if p.name.len() > MAX_NAME || p.value.len() > MAX_VALUE {
-            return Err(format!(
-                "platform property {}={} is too long (names up to {MAX_NAME} bytes, values up to {MAX_VALUE})",
-                quoted(&p.name),
-                quoted(&p.value)
-            ));
-        }
-        let known = canonical_name(&p.name);
-        let name = known.unwrap_or(&p.name);
-        if CONFIG_ONLY.contains(&name) {
-            config.push(Property {
-                name: name.to_owned(),
-                value: p.value.clone(),
-            });
-        } else if let Some((_, resource)) = CONSUMABLE.iter().find(|(n, _)| *n == name) {
-            let amount = parse_amount(name, &p.value)?;
-            if req.min.insert((*resource).to_owned(), amount).is_some() {
-                return Err(format!("platform property {name} is given twice"));
-            }
-        } else if let Some(resource) = p.name.strip_prefix("resources:") {
-            let amount = parse_amount(&p.name, &p.value)?;
-            if req.min.insert(resource.to_owned(), amount).is_some() {
-                return Err(format!("platform property {} is given twice", p.name));
-            }
-        } else {
-            let value = normalize_value(name, &p.value);
-            if let Some(old) = req.exact.insert(name.to_owned(), value.clone())
-                && old != value
-            {
-                return Err(format!(
-                    "platform property {name} is given twice ({old:?} and {value:?})"
-                ));
-            }
-        }
-    }
-    Ok((req, config))
+    let parsed = platform::parse(properties)?;
+    Ok((
+        Requirements {
+            exact: parsed.exact,
+            min: parsed.min,
+        },
+        parsed.properties,
+    ))
 }
 
 impl Offer {
@@ -362,7 +214,7 @@ mod tests {
 
     #[test]
     fn exact_minimum_and_config_only() {
-        let (req, config) = requirements(&props(&[
+        let (req, platform) = requirements(&props(&[
             ("osfamily", "Linux"),
             ("Arch", "x86_64"),
             ("EstimatedCPU", "500m"),
@@ -373,14 +225,28 @@ mod tests {
         assert_eq!(req.exact.get("OSFamily").map(String::as_str), Some("linux"));
         assert_eq!(req.exact.get("Arch").map(String::as_str), Some("amd64"));
         assert_eq!(req.min.get("cpu"), Some(&500));
-        assert_eq!(config.len(), 1);
+        assert!(
+            !req.exact.contains_key("dockerUser"),
+            "configuration matched"
+        );
+        // The agent gets every property, by its canonical name.
+        let names: Vec<&str> = platform.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "OSFamily",
+                "Arch",
+                "EstimatedCPU",
+                "gpu-count",
+                "dockerUser"
+            ]
+        );
         assert!(linux_offer().satisfies(&req));
         let (isa_only, _) =
             requirements(&props(&[("OSFamily", "linux"), ("ISA", "x86-64")])).expect("valid");
         assert!(linux_offer().satisfies(&isa_only));
         // The network is matched: only agents that allow it offer bridge.
-        let (bridge, config) = requirements(&props(&[("dockernetwork", "bridge")])).expect("valid");
-        assert!(config.is_empty());
+        let (bridge, _) = requirements(&props(&[("dockernetwork", "bridge")])).expect("valid");
         assert!(!linux_offer().satisfies(&bridge));
     }
 

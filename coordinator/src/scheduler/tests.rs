@@ -59,7 +59,7 @@ fn job(n: u8, build: &str, priority: i32) -> Job {
         instance_name: String::new(),
         action_digest: Function::Sha256.digest_of(&[n]),
         requirements: platform::Requirements::default(),
-        config: Vec::new(),
+        platform: Vec::new(),
         priority,
         invocation: build.to_owned(),
         timeout: Duration::from_secs(60),

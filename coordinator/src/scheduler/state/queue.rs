@@ -102,7 +102,9 @@ impl State {
                 digest_function: op.job.action_digest.function.to_proto() as i32,
                 attempt: op.attempt,
                 timeout: prost_types::Duration::try_from(op.job.timeout).ok(),
-                config: op.job.config.clone(),
+                platform: Some(reapi::Platform {
+                    properties: op.job.platform.clone(),
+                }),
                 queued_at: Some(prost_types::Timestamp::from(op.job.queued_at)),
                 action: op.job.prefetched.action.clone(),
                 command: op.job.prefetched.command.clone(),

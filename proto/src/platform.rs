@@ -1,0 +1,288 @@
+//! The platform property vocabulary the coordinator and the agents share,
+//! so both read an action's platform alike: which names are known (matched
+//! case-insensitively, with their aliases), what role each plays, and how
+//! values are normalised.
+//!
+//! Roles:
+//! - **exact** (`OSFamily`, `Arch`, `ISA`, `Pool`, `workload-isolation-type`,
+//!   `dockerNetwork`, `gpu-model`, labels, and any unknown name): an agent
+//!   must offer the value;
+//! - **consumable minimums** (`gpu-count`, `EstimatedCPU`, `EstimatedMemory`,
+//!   `EstimatedFreeDiskBytes`, `resources:<name>`): an agent must have that
+//!   much free;
+//! - **configuration** (`dockerUser`, `recycle-runner`,
+//!   `persistentWorkerKey`, ...): read by the agent's runner, never matched.
+
+use std::collections::BTreeMap;
+
+use crate::quote::quoted;
+use crate::reapi::platform::Property;
+
+/// Properties the runner reads; never used to choose an agent.
+pub const CONFIG_ONLY: &[&str] = &[
+    "dockerUser",
+    "dockerRunAsRoot",
+    "dockerInit",
+    "dockerReuse",
+    "recycle-runner",
+    "runner-recycling-key",
+    "runner-recycling-max-wait",
+    "preserve-workspace",
+    "clean-workspace-inputs",
+    "persistentWorkerKey",
+    "persistentWorkerProtocol",
+    "persistent-workers",
+    "supports-workers",
+    "requires-worker-protocol",
+    "default-timeout",
+    "termination-grace-period",
+    "retry",
+    "transient-error-exit-codes",
+    "runner-crashed-exit-codes",
+    "env-overrides",
+    "extra-args",
+];
+
+/// Consumable minimums: property name -> the resource an agent advertises.
+pub const CONSUMABLE: &[(&str, &str)] = &[
+    ("gpu-count", "gpu-count"),
+    ("EstimatedCPU", "cpu"),
+    ("EstimatedMemory", "memory"),
+    ("EstimatedFreeDiskBytes", "disk"),
+];
+
+/// Exact-match names with a canonical spelling.
+pub const KNOWN_EXACT: &[&str] = &[
+    "OSFamily",
+    "Arch",
+    "ISA",
+    "Pool",
+    "container-image",
+    "workload-isolation-type",
+    "dockerNetwork",
+    "gpu-model",
+];
+
+/// Names users already write for a known property.
+const ALIASES: &[(&str, &str)] = &[("gpu", "gpu-count"), ("gpus", "gpu-count")];
+
+/// Longest platform property name and value accepted: real ones are short,
+/// and every one may be quoted back in an error.
+pub const MAX_NAME: usize = 256;
+pub const MAX_VALUE: usize = 1024;
+
+/// The canonical spelling of a known property name (any case, or an
+/// alias); `None` for names this vocabulary does not know.
+pub fn canonical_name(name: &str) -> Option<&'static str> {
+    KNOWN_EXACT
+        .iter()
+        .chain(CONFIG_ONLY)
+        .chain(CONSUMABLE.iter().map(|(n, _)| n))
+        .find(|known| known.eq_ignore_ascii_case(name))
+        .copied()
+        .or_else(|| {
+            ALIASES
+                .iter()
+                .find(|(alias, _)| alias.eq_ignore_ascii_case(name))
+                .map(|(_, canonical)| *canonical)
+        })
+}
+
+/// Normalises a value of a known property.
+pub fn normalize_value(name: &str, value: &str) -> String {
+    let lower = value.trim().to_ascii_lowercase();
+    match name {
+        "OSFamily" => match lower.as_str() {
+            "macos" | "mac" | "osx" => "darwin".to_owned(),
+            _ => lower,
+        },
+        "Arch" => match lower.as_str() {
+            "x86_64" | "x86-64" | "x64" => "amd64".to_owned(),
+            "aarch64" => "arm64".to_owned(),
+            _ => lower,
+        },
+        "ISA" => match lower.as_str() {
+            "x86_64" | "amd64" | "x64" => "x86-64".to_owned(),
+            "arm64" => "aarch64".to_owned(),
+            _ => lower,
+        },
+        "workload-isolation-type" => lower,
+        "dockerNetwork" => match lower.as_str() {
+            "" | "none" => "off".to_owned(),
+            _ => lower,
+        },
+        _ => value.to_owned(),
+    }
+}
+
+/// Parses an amount: `2`, `1.5`, `500m` (milli), `4GB`, `512MiB`, `1e9`;
+/// in thousandths, so amounts compare as integers.
+pub fn parse_amount(name: &str, value: &str) -> Result<u64, String> {
+    let v = value.trim();
+    let bad = || {
+        format!(
+            "platform property {name}={} is not an amount (e.g. 2, 1.5, 500m, 4GB)",
+            quoted(value)
+        )
+    };
+    let units: &[(&str, f64)] = &[
+        ("KiB", 1024.0),
+        ("MiB", 1024.0 * 1024.0),
+        ("GiB", 1024.0 * 1024.0 * 1024.0),
+        ("TiB", 1024.0 * 1024.0 * 1024.0 * 1024.0),
+        ("KB", 1e3),
+        ("MB", 1e6),
+        ("GB", 1e9),
+        ("TB", 1e12),
+        ("m", 0.001),
+    ];
+    let (number, mult) = units
+        .iter()
+        .find_map(|(u, m)| v.strip_suffix(u).map(|n| (n, *m)))
+        .unwrap_or((v, 1.0));
+    let n: f64 = number.trim().parse().map_err(|_| bad())?;
+    if !n.is_finite() || n < 0.0 {
+        return Err(bad());
+    }
+    Ok((n * mult * 1000.0).round() as u64)
+}
+
+/// An action's platform read through the vocabulary: names canonical,
+/// values normalised, each property in its role.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Parsed {
+    /// Exact-match properties.
+    pub exact: BTreeMap<String, String>,
+    /// Resource -> minimum amount, in thousandths.
+    pub min: BTreeMap<String, u64>,
+    /// Configuration-only properties, by canonical name.
+    pub config: BTreeMap<String, String>,
+    /// Every property as given, with its name canonical and (for exact
+    /// ones) its value normalised: what the coordinator sends the agent.
+    pub properties: Vec<Property>,
+}
+
+impl Parsed {
+    /// The value of a property of any role, by canonical name (amounts as
+    /// the client wrote them are not kept: use `min`).
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.exact
+            .get(name)
+            .or_else(|| self.config.get(name))
+            .map(String::as_str)
+    }
+
+    /// The configuration-only properties as wire properties.
+    pub fn config_properties(&self) -> Vec<Property> {
+        self.config
+            .iter()
+            .map(|(name, value)| Property {
+                name: name.clone(),
+                value: value.clone(),
+            })
+            .collect()
+    }
+}
+
+/// Reads an action's properties; a property given twice with different
+/// values, a bad amount or an overlong name or value is an error that says
+/// which.
+pub fn parse(properties: &[Property]) -> Result<Parsed, String> {
+    let mut parsed = Parsed::default();
+    for p in properties {
+        if p.name.len() > MAX_NAME || p.value.len() > MAX_VALUE {
+            return Err(format!(
+                "platform property {}={} is too long (names up to {MAX_NAME} bytes, values up to {MAX_VALUE})",
+                quoted(&p.name),
+                quoted(&p.value)
+            ));
+        }
+        let name = canonical_name(&p.name).unwrap_or(&p.name);
+        let mut value = p.value.clone();
+        let twice = |old: &str, new: &str| {
+            format!(
+                "platform property {name} is given twice ({} and {})",
+                quoted(old),
+                quoted(new)
+            )
+        };
+        if CONFIG_ONLY.contains(&name) {
+            if let Some(old) = parsed.config.insert(name.to_owned(), p.value.clone())
+                && old != p.value
+            {
+                return Err(twice(&old, &p.value));
+            }
+        } else if let Some((_, resource)) = CONSUMABLE.iter().find(|(n, _)| *n == name) {
+            let amount = parse_amount(name, &p.value)?;
+            if parsed.min.insert((*resource).to_owned(), amount).is_some() {
+                return Err(format!("platform property {name} is given twice"));
+            }
+        } else if let Some(resource) = p.name.strip_prefix("resources:") {
+            let amount = parse_amount(&p.name, &p.value)?;
+            if parsed.min.insert(resource.to_owned(), amount).is_some() {
+                return Err(format!("platform property {} is given twice", p.name));
+            }
+        } else {
+            value = normalize_value(name, &p.value);
+            if let Some(old) = parsed.exact.insert(name.to_owned(), value.clone())
+                && old != value
+            {
+                return Err(twice(&old, &value));
+            }
+        }
+        parsed.properties.push(Property {
+            name: name.to_owned(),
+            value,
+        });
+    }
+    Ok(parsed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn props(list: &[(&str, &str)]) -> Vec<Property> {
+        list.iter()
+            .map(|(n, v)| Property {
+                name: (*n).to_owned(),
+                value: (*v).to_owned(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn names_are_canonical_whatever_their_case_or_alias() {
+        let parsed = parse(&props(&[
+            ("osfamily", "Linux"),
+            ("WORKLOAD-ISOLATION-TYPE", "Linux-Sandbox"),
+            ("dockernetwork", "none"),
+            ("GPU", "2"),
+            ("dockeruser", "1000:1000"),
+            ("Label", "Value"),
+        ]))
+        .expect("valid");
+        assert_eq!(parsed.get("OSFamily"), Some("linux"));
+        assert_eq!(parsed.get("workload-isolation-type"), Some("linux-sandbox"));
+        assert_eq!(parsed.get("dockerNetwork"), Some("off"));
+        assert_eq!(parsed.min.get("gpu-count"), Some(&2000));
+        assert_eq!(parsed.get("dockerUser"), Some("1000:1000"));
+        // Unknown names are matched exactly as written.
+        assert_eq!(parsed.get("Label"), Some("Value"));
+    }
+
+    #[test]
+    fn contradictions_and_bad_amounts_are_errors() {
+        for list in [
+            vec![("OSFamily", "linux"), ("osfamily", "darwin")],
+            vec![("EstimatedMemory", "lots")],
+            vec![("gpu-count", "1"), ("gpu", "2")],
+            vec![("dockerUser", "a"), ("dockerUser", "b")],
+        ] {
+            assert!(parse(&props(&list)).is_err(), "{list:?}");
+        }
+        let long = "v".repeat(MAX_VALUE + 1);
+        let err = parse(&props(&[("Pool", &long)])).expect_err("too long");
+        assert!(err.contains("too long") && err.len() < 400, "{err}");
+    }
+}
