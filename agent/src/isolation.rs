@@ -333,8 +333,8 @@ impl Isolation {
                     ))
                 })?,
         };
-        let network = match get("dockerNetwork").as_deref() {
-            None | Some("off" | "none" | "") => false,
+        let network = match get("dockerNetwork") {
+            None | Some("off") => false,
             Some("bridge" | "host") => true,
             Some(other) => {
                 return Err(Error::BadInput(format!(
