@@ -16,6 +16,10 @@
 //! 3. the action: rlimits, Landlock and an empty capability bounding set
 //!    ([`restrict`](super::restrict)), then `exec`.
 //!
+//! The stub joins a keyring of its own and installs the seccomp filter
+//! right after entering its namespaces ([`restrict::harden`]), so init and
+//! the action inherit both.
+//!
 //! Each process dies with its parent (`PR_SET_PDEATHSIG`), so the chain
 //! ends when the agent dies too.
 
@@ -109,7 +113,8 @@ enum Entered {
 /// spawner keeps warm: the costliest step (a network namespace above all)
 /// off the action's path. Such a stub takes only actions without network.
 pub fn warm() -> Result<(), String> {
-    enter(false)
+    enter(false)?;
+    restrict::harden()
 }
 
 /// The stub for a spec file, in a process that [`warm`] prepared.
@@ -186,6 +191,7 @@ fn run_spec(spec: &Spec, status: &mut Status, entered: Entered) -> Result<i32, S
     }
     if entered == Entered::No {
         enter(spec.network)?;
+        restrict::harden()?;
     }
     // A cgroup namespace rooted at the action's cgroups: `/proc/self/cgroup`
     // shows `/`, not the agent's cgroup path and id.
