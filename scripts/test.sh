@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test of Outpost: formatting, lints, unit, component and
-# end-to-end tests (the real outpost binary, real Bazel).
+# end-to-end tests (the real outpost binary, real Bazel), then the soak
+# (scripts/soak.sh: Bazel and gRPC's C core against a coordinator and two
+# agents while they are killed, restarted and drained).
 #
 # On a fresh Debian/Ubuntu machine it first installs what the tests need:
 #   bazel-bootstrap  Bazel 4.2.3 for the end-to-end build (needs a JDK, pulled in by apt)
@@ -9,7 +11,8 @@
 #   python3          (Debian's, in /usr/bin: what sandboxed actions can see)
 #                    for the sandbox suite's ptrace attempts
 #   python3-grpcio   gRPC's C core client, for TLS and mutual TLS against
-#                    another TLS/HTTP2 stack (Debian's Bazel cannot do TLS)
+#                    another TLS/HTTP2 stack (Debian's Bazel cannot do TLS),
+#                    long actions and the soak
 #   chromium         headless, to look at the status page
 #   systemd, dpkg    systemd-analyze verify for the rendered units; dpkg-deb and
 #                    dpkg -i for the Debian package (systemd need not be running)
@@ -60,3 +63,6 @@ say "tests"
 OUTPOST_REQUIRE_BAZEL=1 OUTPOST_REQUIRE_CHROMIUM=1 OUTPOST_REQUIRE_SERVICE_TOOLS=1 \
   OUTPOST_REQUIRE_GRPCIO=1 \
   "${runner[@]}" "$@"
+
+say "soak"
+scripts/soak.sh
