@@ -28,6 +28,7 @@ import threading
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.dont_write_bytecode = True  # no __pycache__ in the source tree
 sys.path.insert(0, os.path.join(REPO, "tests"))
 import grpc_core_client as core  # noqa: E402
 
@@ -287,7 +288,11 @@ def bazel_rounds(stop, seed, scratch, coordinator, records):
         pass
     os.makedirs(os.path.join(workspace, "soak"))
     rng = random.Random(seed * 7 + 1)
-    bazel = ["bazel", "--output_user_root=" + os.path.join(scratch, "bazel-root")]
+    bazel = [
+        "bazel",
+        "--output_user_root=" + os.path.join(scratch, "bazel-root"),
+        "--max_idle_secs=60",  # gone soon even if the soak is interrupted
+    ]
     round_ = 0
     while not stop.is_set():
         round_ += 1
