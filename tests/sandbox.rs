@@ -913,6 +913,32 @@ both!(
     a_full_tmp_fails_only_its_action,
 );
 
+/// An unprivileged agent with no cgroup of its own falls back to rlimits,
+/// which do not bound an action's memory: it says so at start-up, and in
+/// the isolation it describes to the coordinator.
+#[tokio::test]
+async fn an_agent_without_cgroups_says_memory_is_not_enforced() {
+    let dir = tempdir();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let server = Coordinator::start(&dir.path().join("data"), &[]);
+    let work_dir = dir.path().join("agent");
+    std::fs::create_dir(&work_dir).expect("work dir");
+    chown_tree(&work_dir);
+    let mut cmd = Command::new("setpriv");
+    cmd.args([
+        &format!("--reuid={NOBODY}"),
+        &format!("--regid={NOBODY}"),
+        "--clear-groups",
+        OUTPOST,
+    ]);
+    let agent = Agent::start_with(cmd, &server.endpoint(), &work_dir, &[]);
+    agent
+        .wait_for("registered with the coordinator", Duration::from_secs(30))
+        .await;
+    assert_eq!(agent.count("memory is not enforced: no cgroup"), 1);
+    assert!(agent.count("limits=rlimits only (memory not enforced)") >= 1);
+}
+
 /// What a shell would give a command, the sandbox gives too: the default
 /// SIGPIPE (so `yes | head` ends quietly), exactly the action's environment,
 /// and its program looked up on the action's own PATH.
