@@ -17,16 +17,16 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cache::Cache;
 use crate::error::Error;
-use crate::isolation::{Isolation, Layout, Prepared};
 use crate::remote::{Blob, Remote};
+use crate::runner::{Run, Runners, Workspace, make_dirs};
 
 pub struct Executor {
     pub agent_id: String,
     pub remote: Remote,
     pub cache: Cache,
     pub actions_dir: PathBuf,
-    /// How commands are started: the reaper or the sandbox stub.
-    pub isolation: std::sync::Arc<Isolation>,
+    /// How commands are run: the backends.
+    pub runners: std::sync::Arc<Runners>,
     /// The most bytes one action's outputs (stdout and stderr included)
     /// may total (`action_output_limit`).
     pub output_limit: u64,
@@ -169,29 +169,15 @@ impl Executor {
                 .as_ref()
                 .map_or(&[][..], |p| &p.properties[..]),
         };
-        let choice = self.isolation.choose(platform)?;
-        let dir = self.actions_dir.join(&lease.lease_id);
-        let root = dir.join("root");
-        {
-            use std::os::unix::fs::DirBuilderExt;
-            // Private, as the work directory is.
-            let made = std::fs::DirBuilder::new().mode(0o700).create(&dir);
-            match made {
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
-                }
-                other => other,
-            }
-            .map_err(|e| Error::local("creating the action's directory", e))?;
-        }
-        let mut cleanup = Cleanup {
-            dir: dir.clone(),
-            cache: self.cache.clone(),
-            linked: Vec::new(),
-        };
+        let options = self.runners.options(platform)?;
+        // Removed however the lease ends.
+        let mut workspace =
+            Workspace::create(&self.actions_dir, &lease.lease_id, self.cache.clone())?;
+        let dir = workspace.dir().to_owned();
+        let root = workspace.root().to_owned();
         let (linked, input_files) =
             unless_cancelled(&cancel, self.materialize(&remote, &root, root_digest, tree)).await?;
-        cleanup.linked = linked;
+        workspace.laid_out(linked);
         meta.input_fetch_completed_timestamp = now();
 
         let workdir_rel = normalize(Path::new(""), &command.working_directory)?;
@@ -204,11 +190,6 @@ impl Executor {
         );
         writable.sort();
         writable.dedup();
-        let read_only = if choice.kind == crate::isolation::Kind::None {
-            Vec::new()
-        } else {
-            crate::isolation::read_only_paths(input_files.iter().map(PathBuf::as_path), &writable)
-        };
         {
             let root = root.clone();
             let workdir = workdir_rel.clone();
@@ -243,34 +224,30 @@ impl Executor {
             .timeout
             .and_then(|t| Duration::try_from(t).ok())
             .unwrap_or(Duration::from_secs(3600));
-        let layout = Layout {
+        let run = Run {
+            argv: &command.arguments,
+            env: command
+                .environment_variables
+                .iter()
+                .map(|v| format!("{}={}", v.name, v.value))
+                .collect(),
             dir: &dir,
             root: &root,
             workdir: &workdir_rel,
             writable,
-            read_only,
+            inputs: &input_files,
+            options,
+            stdout: std::fs::File::create(&stdout_path)
+                .map_err(|e| Error::local("creating the stdout file", e))?,
+            stderr: std::fs::File::create(&stderr_path)
+                .map_err(|e| Error::local("creating the stderr file", e))?,
         };
-        let env = command
-            .environment_variables
-            .iter()
-            .map(|v| format!("{}={}", v.name, v.value))
-            .collect();
-        let prepared = self
-            .isolation
-            .prepare(choice, &command.arguments, env, &layout)?;
         let Finished {
             exit_code,
             timed_out,
             message,
-        } = spawn_and_wait(
-            &self.isolation,
-            prepared,
-            &stdout_path,
-            &stderr_path,
-            timeout,
-            &cancel,
-        )
-        .await?;
+        } = run_to_end(&self.runners, run, &stderr_path, timeout, &cancel).await?;
+        workspace.ran();
         meta.execution_completed_timestamp = now();
         events.exited(exit_code);
 
@@ -306,7 +283,7 @@ impl Executor {
         meta.worker_completed_timestamp = now();
         result.exit_code = exit_code;
         result.execution_metadata = Some(meta);
-        drop(cleanup);
+        drop(workspace);
         Ok(Ran {
             result,
             timed_out,
@@ -379,21 +356,15 @@ struct Finished {
     message: String,
 }
 
-/// Starts a prepared action with its output files, and waits for it, its
-/// timeout or its cancellation.
-async fn spawn_and_wait(
-    isolation: &Isolation,
-    prepared: Prepared,
-    stdout: &Path,
+/// Starts `run` and waits for it, its timeout or its cancellation.
+async fn run_to_end(
+    runners: &Runners,
+    run: Run<'_>,
     stderr: &Path,
     timeout: Duration,
     cancel: &CancellationToken,
 ) -> Result<Finished, Error> {
-    let out =
-        std::fs::File::create(stdout).map_err(|e| Error::local("creating the stdout file", e))?;
-    let err =
-        std::fs::File::create(stderr).map_err(|e| Error::local("creating the stderr file", e))?;
-    let mut started = isolation.start(prepared, out, err)?;
+    let mut started = runners.start(run).await?;
     let (exit_code, timed_out) = tokio::select! {
         code = started.wait() => (code?, false),
         () = tokio::time::sleep(timeout) => {
@@ -422,57 +393,6 @@ fn append_note(stderr: &Path, note: &str) {
     use std::io::Write;
     if let Ok(mut f) = std::fs::OpenOptions::new().append(true).open(stderr) {
         let _ = writeln!(f, "outpost: {note}");
-    }
-}
-
-/// Removes an action's directory when the lease ends, however it ends, and
-/// re-checks the cache entries it linked.
-struct Cleanup {
-    dir: PathBuf,
-    cache: Cache,
-    linked: Vec<Digest>,
-}
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        let dir = std::mem::take(&mut self.dir);
-        let cache = self.cache.clone();
-        let linked = std::mem::take(&mut self.linked);
-        let work = move || {
-            remove_tree(&dir);
-            for d in linked {
-                cache.restamp(&d);
-            }
-        };
-        match tokio::runtime::Handle::try_current() {
-            Ok(handle) => {
-                handle.spawn_blocking(work);
-            }
-            Err(_) => work(),
-        }
-    }
-}
-
-/// Deletes a tree even if the action made parts of it read-only.
-fn remove_tree(dir: &Path) {
-    if std::fs::remove_dir_all(dir).is_ok() || !dir.exists() {
-        return;
-    }
-    fn unlock(p: &Path) {
-        if let Ok(meta) = std::fs::symlink_metadata(p)
-            && meta.is_dir()
-        {
-            let _ = std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755));
-            if let Ok(entries) = std::fs::read_dir(p) {
-                for e in entries.flatten() {
-                    unlock(&e.path());
-                }
-            }
-        }
-    }
-    unlock(dir);
-    if let Err(e) = std::fs::remove_dir_all(dir) {
-        tracing::warn!(dir = %dir.display(), error = %e, "cannot remove an action directory");
     }
 }
 
@@ -565,21 +485,6 @@ fn lay_out_directories(
         }
     }
     Ok(files)
-}
-
-/// Makes `root/rel` for the action (`what`), never through a symlink or a
-/// file of its input tree: if one is in the way, the action is at fault.
-fn make_dirs(root: &Path, rel: &Path, what: &str) -> Result<(), Error> {
-    use outpost_sandbox::dirs;
-    dirs::make_beneath(root, rel).map_err(|e| match e {
-        dirs::Error::NotADirectory { .. } | dirs::Error::NotPlain { .. } => {
-            Error::BadInput(format!("cannot make {what} {}: {e}", rel.display()))
-        }
-        dirs::Error::Io { source, .. } => Error::local(
-            format!("creating {what} {}", rel.display()),
-            std::io::Error::from(source),
-        ),
-    })
 }
 
 /// Joins `rel` onto `base` lexically; `..` may climb but never above the

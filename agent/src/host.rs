@@ -249,7 +249,7 @@ pub fn capabilities(
     config: &Config,
     slots: u32,
     work_dir: &Path,
-    isolation: &crate::isolation::Isolation,
+    runners: &crate::runner::Offers,
 ) -> fleet::Capabilities {
     let (arch, isa) = arch();
     let gpus = gpus();
@@ -259,10 +259,10 @@ pub fn capabilities(
         prop("Arch", arch),
         prop("ISA", isa),
     ];
-    for kind in isolation.kinds() {
-        properties.push(prop("workload-isolation-type", &kind));
+    for kind in &runners.kinds {
+        properties.push(prop("workload-isolation-type", kind));
     }
-    for value in isolation.network_values() {
+    for value in &runners.networks {
         properties.push(prop("dockerNetwork", value));
     }
     if let Some(pool) = &config.pool {
@@ -299,9 +299,9 @@ pub fn capabilities(
         disk_bytes: disk,
         os_version: os_version(),
         gpus,
-        isolation: isolation.kinds(),
+        isolation: runners.kinds.clone(),
         toolchains,
-        isolation_detail: isolation.describe(),
+        isolation_detail: runners.detail.clone(),
         max_input_bytes: config.cache_size.0,
     }
 }
@@ -355,21 +355,13 @@ mod tests {
     #[test]
     fn this_host_is_described() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let config = Config {
-            isolation: vec!["none".to_owned()],
-            ..Config::default()
+        let config = Config::default();
+        let offers = crate::runner::Offers {
+            kinds: vec!["none".to_owned()],
+            networks: vec!["off", "bridge"],
+            detail: "none".to_owned(),
         };
-        let isolation = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime")
-            .block_on(crate::isolation::Isolation::new(
-                &config,
-                dir.path(),
-                "test",
-            ))
-            .expect("none always works");
-        let caps = capabilities(&config, 2, dir.path(), &isolation);
+        let caps = capabilities(&config, 2, dir.path(), &offers);
         let has = |k: &str| caps.properties.iter().any(|p| p.name == k);
         assert!(has("OSFamily") && has("Arch") && has("ISA"));
         assert!(caps.cpus >= 1 && caps.memory_bytes > 0 && caps.disk_bytes > 0);

@@ -4,21 +4,20 @@
 //! ([`cache`]), and uploads their results ([`remote`]). It opens no
 //! listening port.
 //!
-//! Start at [`Agent::start`]. Every command runs behind a stub of `outpost-sandbox`
-//! ([`isolation`]): the Linux sandbox, or the reaper for `none`; either way
-//! a timeout or cancellation kills everything it started.
+//! Start at [`Agent::start`]. Every command runs through the [`runner`]
+//! seam, behind a stub of `outpost-sandbox`: the Linux sandbox, or the
+//! reaper for `none`; either way a timeout or cancellation kills everything
+//! it started.
 
 pub mod cache;
 pub mod config;
 pub mod error;
 pub mod exec;
 pub mod host;
-pub mod isolation;
 pub mod link;
 pub mod metrics;
 pub mod remote;
-#[cfg(target_os = "linux")]
-mod spawn;
+pub mod runner;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -102,7 +101,7 @@ pub const RELOADABLE: &[&str] = &[
     "action_tmp_size",
 ];
 
-/// A started agent: work directory, cache and isolation ready, not yet
+/// A started agent: work directory, cache and runners ready, not yet
 /// connected.
 pub struct Agent {
     link: link::Link,
@@ -120,12 +119,12 @@ struct ControlInner {
     config: std::sync::Mutex<Config>,
     slots: u32,
     work_dir: PathBuf,
-    isolation: Arc<isolation::Isolation>,
+    runners: Arc<runner::Runners>,
     capabilities: tokio::sync::watch::Sender<fleet::Capabilities>,
 }
 
 impl Agent {
-    /// Prepares the work directory, the input cache and isolation (proving
+    /// Prepares the work directory, the input cache and the runners (proving
     /// a configured sandbox works), and describes the host.
     pub async fn start(config: Config) -> anyhow::Result<Agent> {
         config.validate()?;
@@ -142,8 +141,9 @@ impl Agent {
             let _ = std::fs::remove_dir_all(&actions_dir);
         }
         let cache = cache::Cache::open(work_dir.join("cache"), &actions_dir, config.cache_size.0)?;
-        let isolation = Arc::new(isolation::Isolation::new(&config, &work_dir, &id).await?);
-        let capabilities = host::capabilities(&config, slots, &work_dir, &isolation);
+        let runners =
+            Arc::new(runner::Runners::new(&config, &work_dir, &id, host::memory_bytes()).await?);
+        let capabilities = host::capabilities(&config, slots, &work_dir, &runners.offers());
         tracing::info!(
             agent_id = %id,
             slots,
@@ -169,10 +169,10 @@ impl Agent {
             remote: remote::Remote::new(channel.clone(), ""),
             cache,
             actions_dir,
-            isolation: Arc::clone(&isolation),
+            runners: Arc::clone(&runners),
             output_limit: config.action_output_limit.0,
         });
-        let metrics = metrics::Metrics::new(isolation.spawner_starts());
+        let metrics = metrics::Metrics::new(runners.spawner_starts());
         let metrics_listener = match config.metrics_listen {
             Some(addr) => Some(metrics::bind(addr).await?),
             None => None,
@@ -205,7 +205,7 @@ impl Agent {
                 config: std::sync::Mutex::new(config),
                 slots,
                 work_dir,
-                isolation,
+                runners,
                 capabilities: capabilities_tx,
             }),
         };
@@ -260,12 +260,17 @@ impl Control {
             action_tmp_size: new.action_tmp_size,
             ..old.clone()
         };
-        self.inner.isolation.set_limits(&running);
+        self.inner.runners.set_limits(&running);
         if running.labels != old.labels || running.pool != old.pool {
             let inner = Arc::clone(&self.inner);
             let config = running.clone();
             let capabilities = tokio::task::spawn_blocking(move || {
-                host::capabilities(&config, inner.slots, &inner.work_dir, &inner.isolation)
+                host::capabilities(
+                    &config,
+                    inner.slots,
+                    &inner.work_dir,
+                    &inner.runners.offers(),
+                )
             })
             .await
             .context("describing the host")?;

@@ -184,6 +184,17 @@ impl Parsed {
     }
 }
 
+/// Properties from `(name, value)` pairs, as tests and tools write them.
+pub fn from_pairs(pairs: &[(&str, &str)]) -> Vec<Property> {
+    pairs
+        .iter()
+        .map(|(name, value)| Property {
+            name: (*name).to_owned(),
+            value: (*value).to_owned(),
+        })
+        .collect()
+}
+
 /// Reads an action's properties; a property given twice with different
 /// values, a bad amount or an overlong name or value is an error that says
 /// which.
@@ -242,14 +253,7 @@ pub fn parse(properties: &[Property]) -> Result<Parsed, String> {
 mod tests {
     use super::*;
 
-    fn props(list: &[(&str, &str)]) -> Vec<Property> {
-        list.iter()
-            .map(|(n, v)| Property {
-                name: (*n).to_owned(),
-                value: (*v).to_owned(),
-            })
-            .collect()
-    }
+    use super::from_pairs as props;
 
     #[test]
     fn names_are_canonical_whatever_their_case_or_alias() {

@@ -191,14 +191,7 @@ mod tests {
     use super::*;
     use std::collections::HashMap;
 
-    fn props(list: &[(&str, &str)]) -> Vec<Property> {
-        list.iter()
-            .map(|(n, v)| Property {
-                name: (*n).to_owned(),
-                value: (*v).to_owned(),
-            })
-            .collect()
-    }
+    use outpost_proto::platform::from_pairs as props;
 
     fn linux_offer() -> Offer {
         Offer::new(
