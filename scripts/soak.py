@@ -152,6 +152,7 @@ class Coordinator:
     def restart(self, how):
         """Stops it (SIGTERM or SIGKILL) and starts it again on the same port."""
         DISRUPTIONS.add("coordinator")
+        began = time.monotonic()
         if how == "SIGTERM":
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -164,8 +165,10 @@ class Coordinator:
             self.proc.kill()
             self.proc.wait()
         DISRUPTIONS.add("coordinator")
+        stopped = time.monotonic() - began
         self.start()
         DISRUPTIONS.add("coordinator")
+        say("coordinator stopped after %.1f s, listening again after %.1f s" % (stopped, time.monotonic() - began))
 
     def stop(self):
         if self.proc and self.proc.poll() is None:
