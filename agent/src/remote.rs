@@ -365,10 +365,13 @@ impl Remote {
             if let Some(s) = r.status
                 && s.code != 0
             {
-                return Err(Error::Transient(format!(
-                    "uploading an output failed: {}",
-                    s.message
-                )));
+                let status = tonic::Status::new(tonic::Code::from(s.code), s.message);
+                return Err(
+                    match r.digest.and_then(|d| Digest::from_proto(&d, function).ok()) {
+                        Some(digest) => refused_upload(digest, self.max_blob_size(), status),
+                        None => Error::remote("uploading outputs", status),
+                    },
+                );
             }
         }
         Ok(())
