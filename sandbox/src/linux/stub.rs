@@ -194,9 +194,12 @@ fn run_spec(spec: &Spec, status: &mut Status, entered: Entered) -> Result<i32, S
         restrict::harden()?;
     }
     // A cgroup namespace rooted at the action's cgroups: `/proc/self/cgroup`
-    // shows `/`, not the agent's cgroup path and id.
-    nix::sched::unshare(CloneFlags::CLONE_NEWCGROUP)
-        .map_err(|e| format!("creating the cgroup namespace: {e}"))?;
+    // shows `/`, not the agent's cgroup path and id. (A kernel without
+    // cgroup namespaces says EINVAL: only that is left out there.)
+    match nix::sched::unshare(CloneFlags::CLONE_NEWCGROUP) {
+        Ok(()) | Err(Errno::EINVAL) => {}
+        Err(e) => return Err(format!("creating the cgroup namespace: {e}")),
+    }
 
     let waited = block_signals()?;
     // Init reads the end of this pipe if the stub is gone (see `init`).
