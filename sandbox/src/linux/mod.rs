@@ -11,6 +11,15 @@ mod fds;
 pub mod launch;
 mod mounts;
 mod restrict;
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 mod seccomp;
+/// No filter is written for other architectures: the sandbox refuses to
+/// start there rather than run actions without one.
+#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+mod seccomp {
+    pub fn apply() -> Result<(), String> {
+        Err("linux-sandbox has a seccomp filter for x86-64 and arm64 only".into())
+    }
+}
 pub mod spawner;
 pub mod stub;

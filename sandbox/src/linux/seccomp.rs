@@ -30,6 +30,7 @@ fn arg_high(i: u32) -> u32 {
 }
 
 const AUDIT_ARCH_X86_64: u32 = 0xc000_003e;
+#[cfg(target_arch = "x86_64")]
 const AUDIT_ARCH_I386: u32 = 0x4000_0003;
 #[cfg(target_arch = "aarch64")]
 const AUDIT_ARCH_AARCH64: u32 = 0xc000_00b7;
