@@ -7,6 +7,10 @@
 //! - **exact** (`OSFamily`, `Arch`, `ISA`, `Pool`, `workload-isolation-type`,
 //!   `dockerNetwork`, `gpu-model`, labels, and any unknown name): an agent
 //!   must offer the value;
+//! - **capabilities** (`container-image`): never matched by value; an agent
+//!   with Docker runs any image, so naming an image requires
+//!   `workload-isolation-type=docker`, and implies it when the action names
+//!   no isolation;
 //! - **consumable minimums** (`gpu-count`, `EstimatedCPU`, `EstimatedMemory`,
 //!   `EstimatedFreeDiskBytes`, `resources:<name>`): an agent must have that
 //!   much free;
@@ -51,13 +55,19 @@ pub const CONSUMABLE: &[(&str, &str)] = &[
     ("EstimatedFreeDiskBytes", "disk"),
 ];
 
+/// Capabilities: read by the agent, matched by what they need of it rather
+/// than by value.
+pub const CAPABILITY: &[&str] = &["container-image"];
+
+/// The isolation a `container-image` needs.
+pub const CONTAINER_ISOLATION: &str = "docker";
+
 /// Exact-match names with a canonical spelling.
 pub const KNOWN_EXACT: &[&str] = &[
     "OSFamily",
     "Arch",
     "ISA",
     "Pool",
-    "container-image",
     "workload-isolation-type",
     "dockerNetwork",
     "gpu-model",
@@ -76,6 +86,7 @@ pub const MAX_VALUE: usize = 1024;
 pub fn canonical_name(name: &str) -> Option<&'static str> {
     KNOWN_EXACT
         .iter()
+        .chain(CAPABILITY)
         .chain(CONFIG_ONLY)
         .chain(CONSUMABLE.iter().map(|(n, _)| n))
         .find(|known| known.eq_ignore_ascii_case(name))
@@ -157,6 +168,9 @@ pub struct Parsed {
     pub min: BTreeMap<String, u64>,
     /// Configuration-only properties, by canonical name.
     pub config: BTreeMap<String, String>,
+    /// Capabilities (`container-image`), by canonical name: what they
+    /// require is in `exact`.
+    pub capability: BTreeMap<String, String>,
     /// Every property as given, with its name canonical and (for exact
     /// ones) its value normalised: what the coordinator sends the agent.
     pub properties: Vec<Property>,
@@ -169,6 +183,7 @@ impl Parsed {
         self.exact
             .get(name)
             .or_else(|| self.config.get(name))
+            .or_else(|| self.capability.get(name))
             .map(String::as_str)
     }
 
@@ -223,6 +238,19 @@ pub fn parse(properties: &[Property]) -> Result<Parsed, String> {
             {
                 return Err(twice(&old, &p.value));
             }
+        } else if CAPABILITY.contains(&name) {
+            value = p.value.trim().to_owned();
+            if value.is_empty() {
+                continue;
+            }
+            if name == "container-image" {
+                image_reference(&value)?;
+            }
+            if let Some(old) = parsed.capability.insert(name.to_owned(), value.clone())
+                && old != value
+            {
+                return Err(twice(&old, &value));
+            }
         } else if let Some((_, resource)) = CONSUMABLE.iter().find(|(n, _)| *n == name) {
             let amount = parse_amount(name, &p.value)?;
             if parsed.min.insert((*resource).to_owned(), amount).is_some() {
@@ -246,7 +274,66 @@ pub fn parse(properties: &[Property]) -> Result<Parsed, String> {
             value,
         });
     }
+    if let Some(image) = parsed.capability.get("container-image") {
+        match parsed.exact.get("workload-isolation-type") {
+            None => {
+                parsed.exact.insert(
+                    "workload-isolation-type".to_owned(),
+                    CONTAINER_ISOLATION.to_owned(),
+                );
+            }
+            Some(kind) if kind == CONTAINER_ISOLATION => {}
+            Some(kind) => {
+                return Err(format!(
+                    "platform property container-image={} runs the action in a container, \
+                     which workload-isolation-type={kind} does not give; drop \
+                     workload-isolation-type or set it to {CONTAINER_ISOLATION}",
+                    quoted(image)
+                ));
+            }
+        }
+    }
     Ok(parsed)
+}
+
+/// The image a `container-image` value names, without its `docker://`
+/// scheme: `NAME[:TAG]` or `NAME@sha256:HEX`. Only the shape is checked
+/// here; the engine judges the name.
+pub fn image_reference(value: &str) -> Result<&str, String> {
+    let bad = |why: &str| {
+        format!(
+            "platform property container-image={} {why} (write docker://NAME[:TAG] or \
+             docker://NAME@sha256:DIGEST)",
+            quoted(value)
+        )
+    };
+    let image = match value.split_once("://") {
+        Some(("docker", rest)) => rest,
+        Some((scheme, _)) => {
+            return Err(bad(&format!(
+                "has scheme {} where docker is known",
+                quoted(scheme)
+            )));
+        }
+        None => value,
+    };
+    if image.is_empty() {
+        return Err(bad("names no image"));
+    }
+    if image
+        .chars()
+        .any(|c| c.is_whitespace() || c.is_control() || c == '\\')
+    {
+        return Err(bad("is not an image name"));
+    }
+    if let Some((_, digest)) = image.split_once('@')
+        && !digest
+            .strip_prefix("sha256:")
+            .is_some_and(|h| h.len() == 64 && h.chars().all(|c| c.is_ascii_hexdigit()))
+    {
+        return Err(bad("has a digest that is not sha256:<64 hex digits>"));
+    }
+    Ok(image)
 }
 
 #[cfg(test)]
@@ -273,6 +360,46 @@ mod tests {
         assert_eq!(parsed.get("dockerUser"), Some("1000:1000"));
         // Unknown names are matched exactly as written.
         assert_eq!(parsed.get("Label"), Some("Value"));
+    }
+
+    #[test]
+    fn a_container_image_is_a_capability_that_needs_docker() {
+        let parsed = parse(&props(&[("Container-Image", " docker://gcc:12 ")])).expect("an image");
+        assert_eq!(parsed.get("container-image"), Some("docker://gcc:12"));
+        // Never matched by value: any agent with Docker runs any image.
+        assert!(!parsed.exact.contains_key("container-image"));
+        assert_eq!(parsed.get("workload-isolation-type"), Some("docker"));
+        let pinned = format!("docker://gcc@sha256:{}", "a".repeat(64));
+        let explicit = parse(&props(&[
+            ("container-image", &pinned),
+            ("workload-isolation-type", "Docker"),
+        ]))
+        .expect("docker named explicitly");
+        assert_eq!(explicit.get("workload-isolation-type"), Some("docker"));
+        let err = parse(&props(&[
+            ("container-image", "docker://gcc:12"),
+            ("workload-isolation-type", "linux-sandbox"),
+        ]))
+        .expect_err("another isolation");
+        assert!(
+            err.contains("workload-isolation-type=linux-sandbox")
+                && err.contains("set it to docker"),
+            "{err}"
+        );
+        for bad in [
+            "oci://gcc",
+            "docker://",
+            "docker://gcc@sha256:beef",
+            "docker://a b",
+        ] {
+            let err = parse(&props(&[("container-image", bad)])).expect_err(bad);
+            assert!(err.contains("docker://NAME"), "{err}");
+        }
+        assert_eq!(image_reference("gcc:12"), Ok("gcc:12"));
+        assert_eq!(image_reference("docker://gcc"), Ok("gcc"));
+        // An empty value names no image and asks for nothing.
+        let none = parse(&props(&[("container-image", "")])).expect("empty");
+        assert_eq!(none.get("workload-isolation-type"), None);
     }
 
     #[test]

@@ -141,7 +141,7 @@ pub fn explain_unsatisfiable(req: &Requirements, input_bytes: u64, offers: &[&Of
                 .filter_map(|o| o.exact.get(k))
                 .flatten()
                 .collect();
-            reasons.push(if offered.is_empty() {
+            let mut reason = if offered.is_empty() {
                 format!("no agent offers {k} (required {k}={v})")
             } else {
                 let list: Vec<String> = offered.iter().map(|o| format!("{k}={o}")).collect();
@@ -149,7 +149,14 @@ pub fn explain_unsatisfiable(req: &Requirements, input_bytes: u64, offers: &[&Of
                     "no agent offers {k}={v} (the fleet offers {})",
                     list.join(", ")
                 )
-            });
+            };
+            if k == "workload-isolation-type" && v == platform::CONTAINER_ISOLATION {
+                reason.push_str(
+                    "; an action naming a container-image runs only on agents with Docker \
+                     (isolation docker in their configuration)",
+                );
+            }
+            reasons.push(reason);
         }
     }
     for (k, v) in &req.min {
@@ -277,6 +284,55 @@ mod tests {
         .expect("valid");
         assert_eq!(req.min.get("memory"), Some(&4_000_000_000_000));
         assert_eq!(req.min.get("licenses"), Some(&2000));
+    }
+
+    #[test]
+    fn a_container_image_matches_any_agent_with_docker() {
+        let docker = Offer::new(
+            &props(&[
+                ("OSFamily", "linux"),
+                ("workload-isolation-type", "linux-sandbox"),
+                ("workload-isolation-type", "docker"),
+            ]),
+            &HashMap::new(),
+        );
+        let sandbox_only = linux_offer();
+        // Whatever image: the agent does not advertise images.
+        for image in [
+            "docker://gcc:12",
+            "ubuntu:24.04",
+            "docker://anything/else:1",
+        ] {
+            let (req, platform) =
+                requirements(&props(&[("container-image", image)])).expect("valid");
+            assert!(!req.exact.contains_key("container-image"), "{req}");
+            assert!(docker.satisfies(&req), "{image}");
+            assert!(!sandbox_only.satisfies(&req), "{image}");
+            // The agent still gets the image.
+            assert!(
+                platform
+                    .iter()
+                    .any(|p| p.name == "container-image" && p.value == image)
+            );
+            let why = explain_unsatisfiable(&req, 0, &[&sandbox_only]);
+            assert!(
+                why.contains("workload-isolation-type=docker")
+                    && why.contains("agents with Docker"),
+                "{why}"
+            );
+        }
+        let (explicit, _) = requirements(&props(&[
+            ("container-image", "docker://gcc:12"),
+            ("workload-isolation-type", "docker"),
+        ]))
+        .expect("valid");
+        assert!(docker.satisfies(&explicit));
+        let err = requirements(&props(&[
+            ("container-image", "docker://gcc:12"),
+            ("workload-isolation-type", "none"),
+        ]))
+        .expect_err("container-image with another isolation");
+        assert!(err.contains("workload-isolation-type=none"), "{err}");
     }
 
     #[test]
