@@ -123,7 +123,7 @@ struct AgentArgs {
     /// Serve /metrics, /healthz and /readyz on HOST:PORT [default: no port].
     #[arg(long, env = "OUTPOST_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
-    /// Isolation backends, the default first: linux-sandbox, none [default: linux-sandbox on Linux].
+    /// Isolation backends, the default first: linux-sandbox, docker, none [default: linux-sandbox on Linux].
     #[arg(long, env = "OUTPOST_ISOLATION", value_delimiter = ',')]
     isolation: Vec<String>,
     /// Let sandboxed actions that ask (dockerNetwork=bridge) use the host's network.
@@ -151,6 +151,28 @@ struct AgentArgs {
     /// Size of a sandboxed action's /tmp (a tmpfs; 0: on disk, unbounded) [default: 1GiB].
     #[arg(long, env = "OUTPOST_ACTION_TMP_SIZE")]
     action_tmp_size: Option<ByteSize>,
+    /// The Docker engine's socket, for isolation docker [default: /var/run/docker.sock].
+    #[arg(long, env = "OUTPOST_DOCKER_SOCKET")]
+    docker_socket: Option<PathBuf>,
+    /// Image of Docker actions that name no container-image, e.g. docker://gcc:12 [default: none].
+    #[arg(long, env = "OUTPOST_DOCKER_DEFAULT_IMAGE")]
+    docker_default_image: Option<String>,
+    /// When to pull an action's image: missing, always, never [default: missing].
+    #[arg(long, env = "OUTPOST_DOCKER_PULL_POLICY")]
+    docker_pull_policy: Option<outpost_agent::config::PullPolicy>,
+    /// An image pattern actions may run, e.g. 'gcc:*' (repeatable) [default: any image].
+    #[arg(
+        long = "docker-allowed-image",
+        env = "OUTPOST_DOCKER_ALLOWED_IMAGES",
+        value_delimiter = ','
+    )]
+    docker_allowed_images: Vec<String>,
+    /// Let containers that ask (dockerNetwork=bridge) have the bridge network.
+    #[arg(long, env = "OUTPOST_DOCKER_NETWORK")]
+    docker_network: Option<bool>,
+    /// Let actions run as root in their container (dockerRunAsRoot=true).
+    #[arg(long, env = "OUTPOST_DOCKER_ALLOW_ROOT")]
+    docker_allow_root: Option<bool>,
     /// Log filter [default: info].
     #[arg(long, env = "OUTPOST_LOG")]
     log: Option<String>,
@@ -209,6 +231,16 @@ impl AgentArgs {
         }
         overlay(&mut config.action_output_limit, self.action_output_limit);
         overlay(&mut config.action_tmp_size, self.action_tmp_size);
+        overlay(&mut config.docker_socket, self.docker_socket.clone());
+        if self.docker_default_image.is_some() {
+            config.docker_default_image = self.docker_default_image.clone();
+        }
+        overlay(&mut config.docker_pull_policy, self.docker_pull_policy);
+        if !self.docker_allowed_images.is_empty() {
+            config.docker_allowed_images = self.docker_allowed_images.clone();
+        }
+        overlay(&mut config.docker_network, self.docker_network);
+        overlay(&mut config.docker_allow_root, self.docker_allow_root);
         overlay(&mut config.log, self.log.clone());
         if self.token_file.is_some() {
             config.token_file = self.token_file.clone();

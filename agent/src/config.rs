@@ -27,8 +27,8 @@ pub struct Config {
     /// then listens on no port at all).
     pub metrics_listen: Option<std::net::SocketAddr>,
     /// Isolation backends actions may ask for (`workload-isolation-type`);
-    /// the first is used when an action does not say. `linux-sandbox` or
-    /// `none`.
+    /// the first is used when an action does not say. `linux-sandbox`,
+    /// `docker` or `none`.
     pub isolation: Vec<String>,
     /// Let sandboxed actions that ask for it (`dockerNetwork=bridge`) use
     /// the host's network; otherwise they get a private loopback only.
@@ -50,6 +50,24 @@ pub struct Config {
     /// hold: each a tmpfs of this size, counted in the action's memory. 0
     /// puts `/tmp` on the agent's disk, unbounded.
     pub action_tmp_size: ByteSize,
+    /// The Docker engine's socket (isolation `docker`).
+    pub docker_socket: PathBuf,
+    /// The image of actions that run in Docker without naming a
+    /// `container-image`; such actions are refused when unset.
+    pub docker_default_image: Option<String>,
+    /// When images are pulled: `missing` (only when not on this host),
+    /// `always` (before every action), `never` (only local images run).
+    pub docker_pull_policy: PullPolicy,
+    /// Images actions may run, as patterns of the whole reference (`*`
+    /// matches any run of characters, e.g. `gcc:*`, `registry.example/*`);
+    /// empty allows any image.
+    pub docker_allowed_images: Vec<String>,
+    /// Let containers that ask for it (`dockerNetwork=bridge`) have the
+    /// engine's bridge network; otherwise they have no network at all.
+    pub docker_network: bool,
+    /// Let actions run as root in their container (`dockerRunAsRoot=true`,
+    /// or a `dockerUser` of uid 0).
+    pub docker_allow_root: bool,
     /// Log filter.
     pub log: String,
     /// File whose first line is this agent's token for the coordinator.
@@ -64,7 +82,35 @@ pub struct Config {
 }
 
 /// The isolation backends this build knows.
-pub const ISOLATION_KINDS: &[&str] = &["linux-sandbox", "none"];
+pub const ISOLATION_KINDS: &[&str] = &["linux-sandbox", "docker", "none"];
+
+/// When the Docker backend pulls an action's image.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PullPolicy {
+    /// Only when the engine does not have it.
+    #[default]
+    Missing,
+    /// Before every action (a moving tag is followed).
+    Always,
+    /// Never: only images already on the host run.
+    Never,
+}
+
+impl std::str::FromStr for PullPolicy {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<PullPolicy, String> {
+        match s {
+            "missing" => Ok(PullPolicy::Missing),
+            "always" => Ok(PullPolicy::Always),
+            "never" => Ok(PullPolicy::Never),
+            _ => Err(format!(
+                "docker pull policy {s:?} is not one of missing, always, never"
+            )),
+        }
+    }
+}
 
 impl Default for Config {
     fn default() -> Self {
@@ -84,6 +130,12 @@ impl Default for Config {
             action_cpu_limit: None,
             action_output_limit: ByteSize(4 << 30),
             action_tmp_size: ByteSize(1 << 30),
+            docker_socket: PathBuf::from("/var/run/docker.sock"),
+            docker_default_image: None,
+            docker_pull_policy: PullPolicy::Missing,
+            docker_allowed_images: Vec::new(),
+            docker_network: false,
+            docker_allow_root: false,
             log: "info".to_owned(),
             token_file: None,
             tls_ca: None,
@@ -130,8 +182,8 @@ impl Config {
                     ISOLATION_KINDS.join(", ")
                 );
             }
-            if kind == "linux-sandbox" && !cfg!(target_os = "linux") {
-                anyhow::bail!("isolation linux-sandbox needs Linux; use none on this host");
+            if (kind == "linux-sandbox" || kind == "docker") && !cfg!(target_os = "linux") {
+                anyhow::bail!("isolation {kind} needs Linux; use none on this host");
             }
         }
         if let Some(cpus) = self.action_cpu_limit
@@ -146,6 +198,16 @@ impl Config {
                     p.display()
                 );
             }
+        }
+        if let Some(image) = &self.docker_default_image {
+            outpost_proto::platform::image_reference(image)
+                .map_err(|e| anyhow::anyhow!("docker_default_image: {e}"))?;
+        }
+        if !self.docker_socket.is_absolute() {
+            anyhow::bail!(
+                "docker_socket {} must be an absolute path",
+                self.docker_socket.display()
+            );
         }
         for label in &self.labels {
             match label.split_once('=') {
@@ -202,7 +264,7 @@ mod tests {
             ..Config::default()
         };
         assert!(c.validate().is_err());
-        for isolation in [vec![], vec!["docker".to_owned()]] {
+        for isolation in [vec![], vec!["podman".to_owned()]] {
             let c = Config {
                 isolation,
                 ..Config::default()
@@ -214,5 +276,18 @@ mod tests {
             ..Config::default()
         };
         assert!(c.validate().is_err());
+        let c = Config {
+            docker_default_image: Some("oci://gcc".into()),
+            ..Config::default()
+        };
+        assert!(c.validate().is_err());
+        let c = Config {
+            isolation: vec!["docker".into()],
+            docker_default_image: Some("docker://gcc:12".into()),
+            docker_pull_policy: "never".parse().expect("a policy"),
+            ..Config::default()
+        };
+        c.validate().expect("docker is known");
+        assert!("sometimes".parse::<PullPolicy>().is_err());
     }
 }

@@ -172,7 +172,7 @@ impl Agent {
             runners: Arc::clone(&runners),
             output_limit: config.action_output_limit.0,
         });
-        let metrics = metrics::Metrics::new(runners.spawner_starts());
+        let metrics = metrics::Metrics::new(runners.spawner_starts(), runners.docker_metrics());
         let metrics_listener = match config.metrics_listen {
             Some(addr) => Some(metrics::bind(addr).await?),
             None => None,

@@ -31,9 +31,30 @@ pub struct Metrics {
 
 impl Metrics {
     /// `spawner_starts`: the isolation's count of spawner processes
-    /// started (Linux), registered as `outpost_agent_spawner_starts`.
-    pub fn new(spawner_starts: Option<Counter>) -> Arc<Metrics> {
+    /// started (Linux), registered as `outpost_agent_spawner_starts`;
+    /// `docker`: the Docker backend's counters, where it runs.
+    pub fn new(
+        spawner_starts: Option<Counter>,
+        docker: Option<crate::runner::DockerMetrics>,
+    ) -> Arc<Metrics> {
         let mut registry = Registry::with_prefix("outpost_agent");
+        if let Some(docker) = docker {
+            registry.register(
+                "docker_containers",
+                "Containers started for actions",
+                docker.containers,
+            );
+            registry.register(
+                "docker_pulls",
+                "Image look-ups by outcome: hit (the engine had it), miss (pulled), failed",
+                docker.pulls,
+            );
+            registry.register(
+                "docker_pull_seconds",
+                "Seconds spent pulling images",
+                docker.pull_seconds,
+            );
+        }
         if let Some(starts) = spawner_starts {
             registry.register(
                 "spawner_starts",

@@ -220,6 +220,7 @@ impl LinuxSandbox {
                 options: super::RunOptions {
                     kind: Kind::LinuxSandbox,
                     network: false,
+                    container: None,
                 },
                 stdout,
                 stderr,

@@ -1,7 +1,7 @@
 //! How the agent runs an action: the one seam every way of running goes
 //! through. Nothing outside this module names a backend.
 //!
-//! - A [`Backend`] per isolation kind (`none`, `linux-sandbox`), set up and
+//! - A [`Backend`] per isolation kind (`none`, `linux-sandbox`, `docker`), set up and
 //!   probed when the agent starts, starts a command in a workspace and
 //!   hands back a [`Process`] (wait, stop, finish).
 //! - A [`Workspace`] is an action's directory with an explicit lifecycle:
@@ -20,6 +20,8 @@
 //! to running actions unisolated on its own.
 
 #[cfg(target_os = "linux")]
+mod docker;
+#[cfg(target_os = "linux")]
 mod linux_sandbox;
 mod none;
 mod options;
@@ -37,11 +39,22 @@ use outpost_proto::reapi::platform::Property;
 use crate::config::Config;
 use crate::error::Error;
 
-pub use options::RunOptions;
+pub use options::{ContainerOptions, RunOptions};
 pub use workspace::{Workspace, make_dirs, remove_tree};
 
 #[cfg(target_os = "linux")]
+pub use docker::Metrics as DockerMetrics;
+#[cfg(target_os = "linux")]
 pub use linux_sandbox::DEFAULT_SANDBOX_MOUNTS;
+
+/// The Docker backend's counters (none off Linux).
+#[cfg(not(target_os = "linux"))]
+#[derive(Clone)]
+pub struct DockerMetrics {
+    pub containers: prometheus_client::metrics::counter::Counter,
+    pub pulls: prometheus_client::metrics::counter::Counter,
+    pub pull_seconds: prometheus_client::metrics::counter::Counter,
+}
 
 /// The isolation kinds this build knows, by their
 /// `workload-isolation-type` names.
@@ -49,10 +62,11 @@ pub use linux_sandbox::DEFAULT_SANDBOX_MOUNTS;
 pub enum Kind {
     None,
     LinuxSandbox,
+    Docker,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 2] = [Kind::None, Kind::LinuxSandbox];
+    pub const ALL: [Kind; 3] = [Kind::None, Kind::LinuxSandbox, Kind::Docker];
 
     pub fn parse(s: &str) -> Option<Kind> {
         Kind::ALL.into_iter().find(|k| k.name() == s)
@@ -62,6 +76,7 @@ impl Kind {
         match self {
             Kind::None => "none",
             Kind::LinuxSandbox => "linux-sandbox",
+            Kind::Docker => "docker",
         }
     }
 }
@@ -125,6 +140,9 @@ pub struct Runners {
     /// Forks the stubs (Linux), shared by the backends.
     #[cfg(target_os = "linux")]
     spawner: Option<std::sync::Arc<spawner::Spawner>>,
+    /// The Docker backend's counters, when it is one of the backends.
+    #[cfg(target_os = "linux")]
+    docker: Option<DockerMetrics>,
 }
 
 impl Runners {
@@ -170,6 +188,7 @@ impl Runners {
                     .context("starting the spawner process")?,
             );
             let mut backends: Vec<Box<dyn Backend>> = Vec::new();
+            let mut docker_metrics = None;
             for kind in kinds {
                 match kind {
                     Kind::None => backends.push(Box::new(none::Unisolated::new(
@@ -183,11 +202,17 @@ impl Runners {
                             backends.push(Box::new(sandbox));
                         }
                     }
+                    Kind::Docker => {
+                        let backend = docker::Docker::set_up(config, agent_id).await?;
+                        docker_metrics = Some(backend.metrics.clone());
+                        backends.push(Box::new(backend));
+                    }
                 }
             }
             Ok(Runners {
                 backends,
                 spawner: Some(spawner),
+                docker: docker_metrics,
             })
         }
         #[cfg(not(target_os = "linux"))]
@@ -202,10 +227,21 @@ impl Runners {
                     Kind::LinuxSandbox => {
                         anyhow::bail!("isolation linux-sandbox needs Linux; use none on this host")
                     }
+                    Kind::Docker => {
+                        anyhow::bail!("isolation docker needs Linux; use none on this host")
+                    }
                 }
             }
             Ok(Runners { backends })
         }
+    }
+
+    /// The Docker backend's counters, where it runs, for the metrics.
+    pub fn docker_metrics(&self) -> Option<DockerMetrics> {
+        #[cfg(target_os = "linux")]
+        return self.docker.clone();
+        #[cfg(not(target_os = "linux"))]
+        None
     }
 
     /// Spawner processes started so far (Linux), for the metrics.

@@ -7,7 +7,7 @@ use super::{Kind, Runners};
 use crate::error::Error;
 
 /// How one action runs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RunOptions {
     /// The backend (`workload-isolation-type`; the agent's default when the
     /// action names none).
@@ -15,6 +15,39 @@ pub struct RunOptions {
     /// The host's network (`dockerNetwork=bridge`) rather than a private
     /// loopback.
     pub network: bool,
+    /// What a container needs (`docker` only).
+    pub container: Option<ContainerOptions>,
+}
+
+/// The container an action asks for.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ContainerOptions {
+    /// `container-image` without its `docker://`; the agent's
+    /// `docker_default_image` when the action names none.
+    pub image: Option<String>,
+    /// `dockerUser`: `UID[:GID]` or a name the image knows.
+    pub user: Option<String>,
+    /// `dockerRunAsRoot=true`.
+    pub run_as_root: bool,
+    /// `dockerInit=true`: an init process that reaps orphans.
+    pub init: bool,
+    /// Bytes of memory (`EstimatedMemory`).
+    pub memory: Option<u64>,
+    /// Thousandths of a CPU (`EstimatedCPU`).
+    pub cpu_millis: Option<u64>,
+}
+
+/// A yes/no platform value.
+fn flag(name: &str, value: Option<&str>) -> Result<bool, Error> {
+    match value.map(str::trim) {
+        None => Ok(false),
+        Some(v) if v.eq_ignore_ascii_case("true") => Ok(true),
+        Some(v) if v.eq_ignore_ascii_case("false") || v.is_empty() => Ok(false),
+        Some(v) => Err(Error::BadInput(format!(
+            "platform property {name}={} is not true or false",
+            outpost_proto::quote::quoted(v)
+        ))),
+    }
 }
 
 impl RunOptions {
@@ -44,6 +77,13 @@ impl RunOptions {
         })?;
         let network = match parsed.get("dockerNetwork") {
             None | Some("off") => false,
+            Some("host") if backend.kind() == Kind::Docker => {
+                return Err(Error::BadInput(
+                    "dockerNetwork=host is refused: a container gets the network as \
+                     dockerNetwork=bridge at most"
+                        .into(),
+                ));
+            }
             Some("bridge" | "host") => true,
             Some(other) => {
                 return Err(Error::BadInput(format!(
@@ -57,9 +97,33 @@ impl RunOptions {
                     .into(),
             ));
         }
+        let container = (backend.kind() == Kind::Docker)
+            .then(|| -> Result<ContainerOptions, Error> {
+                Ok(ContainerOptions {
+                    image: parsed
+                        .get("container-image")
+                        .map(|v| {
+                            outpost_proto::platform::image_reference(v)
+                                .map(str::to_owned)
+                                .map_err(Error::BadInput)
+                        })
+                        .transpose()?,
+                    user: parsed
+                        .get("dockerUser")
+                        .map(str::trim)
+                        .filter(|u| !u.is_empty())
+                        .map(str::to_owned),
+                    run_as_root: flag("dockerRunAsRoot", parsed.get("dockerRunAsRoot"))?,
+                    init: flag("dockerInit", parsed.get("dockerInit"))?,
+                    memory: parsed.min.get("memory").map(|m| m / 1000),
+                    cpu_millis: parsed.min.get("cpu").copied(),
+                })
+            })
+            .transpose()?;
         Ok(RunOptions {
             kind: backend.kind(),
             network,
+            container,
         })
     }
 }
@@ -97,6 +161,8 @@ mod tests {
                 .collect(),
             #[cfg(target_os = "linux")]
             spawner: None,
+            #[cfg(target_os = "linux")]
+            docker: None,
         }
     }
 
@@ -139,5 +205,66 @@ mod tests {
         let closed = runners(vec![(Kind::LinuxSandbox, false)]);
         assert_eq!(closed.offers().networks, vec!["off"]);
         assert_eq!(closed.offers().kinds, vec!["linux-sandbox"]);
+    }
+
+    #[test]
+    fn a_container_image_runs_in_docker_with_what_the_action_asks() {
+        let both = runners(vec![(Kind::LinuxSandbox, false), (Kind::Docker, true)]);
+        let pick = |p: &[(&str, &str)]| both.options(&props(p));
+        // No isolation named: the image chooses Docker, not the default.
+        let options = pick(&[
+            ("container-image", "docker://gcc:12"),
+            ("dockerUser", "1000:1000"),
+            ("dockerInit", "True"),
+            ("EstimatedMemory", "512MiB"),
+            ("EstimatedCPU", "1.5"),
+        ])
+        .expect("docker");
+        assert_eq!(options.kind, Kind::Docker);
+        assert_eq!(
+            options.container,
+            Some(ContainerOptions {
+                image: Some("gcc:12".into()),
+                user: Some("1000:1000".into()),
+                run_as_root: false,
+                init: true,
+                memory: Some(512 << 20),
+                cpu_millis: Some(1500),
+            })
+        );
+        // Docker named, no image: the agent's default image.
+        let options = pick(&[("workload-isolation-type", "docker")]).expect("docker");
+        assert_eq!(options.container, Some(ContainerOptions::default()));
+        // Other backends get no container.
+        assert_eq!(pick(&[]).expect("default").container, None);
+        let err = pick(&[
+            ("container-image", "docker://gcc:12"),
+            ("workload-isolation-type", "linux-sandbox"),
+        ])
+        .expect_err("an image with another isolation");
+        assert!(err.to_string().contains("set it to docker"), "{err}");
+        assert!(
+            pick(&[("container-image", "gcc"), ("dockerNetwork", "bridge")])
+                .expect("bridge allowed")
+                .network
+        );
+        let err = pick(&[("container-image", "gcc"), ("dockerNetwork", "host")])
+            .expect_err("host refused");
+        assert!(
+            err.to_string().contains("dockerNetwork=host is refused"),
+            "{err}"
+        );
+        let err = pick(&[("container-image", "gcc"), ("dockerRunAsRoot", "maybe")])
+            .expect_err("not a flag");
+        assert!(err.to_string().contains("not true or false"), "{err}");
+        // An agent without Docker refuses an image outright.
+        let sandboxed = runners(vec![(Kind::LinuxSandbox, false)]);
+        let err = sandboxed
+            .options(&props(&[("container-image", "docker://gcc:12")]))
+            .expect_err("no docker");
+        assert!(
+            err.to_string().contains("workload-isolation-type=docker"),
+            "{err}"
+        );
     }
 }
