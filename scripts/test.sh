@@ -16,6 +16,8 @@
 #   chromium         headless, to look at the status page
 #   systemd, dpkg    systemd-analyze verify for the rendered units; dpkg-deb and
 #                    dpkg -i for the Debian package (systemd need not be running)
+#   debootstrap      builds the Docker tests' toolchain image (scripts/test-image.sh)
+#                    from the machine's apt mirror: no registry is reachable
 #   cargo-nextest    the test runner (falls back to cargo test if it cannot be installed)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -39,6 +41,7 @@ command -v setpriv >/dev/null 2>&1 || missing+=(util-linux)
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
 command -v dpkg-deb >/dev/null 2>&1 || missing+=(dpkg)
+command -v debootstrap >/dev/null 2>&1 || missing+=(debootstrap)
 if [ ${#missing[@]} -gt 0 ]; then
   apt_install "${missing[@]}"
 fi
@@ -58,10 +61,15 @@ cargo fmt --all -- --check
 say "cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
 
+say "docker test image"
+# The Docker engine runs on the project's machines; tests/docker.rs needs
+# the local toolchain image (built once, about a minute).
+scripts/test-image.sh
+
 say "tests"
 # The end-to-end Bazel, browser, gRPC core and service tests must run, not skip, here.
 OUTPOST_REQUIRE_BAZEL=1 OUTPOST_REQUIRE_CHROMIUM=1 OUTPOST_REQUIRE_SERVICE_TOOLS=1 \
-  OUTPOST_REQUIRE_GRPCIO=1 \
+  OUTPOST_REQUIRE_GRPCIO=1 OUTPOST_REQUIRE_DOCKER=1 \
   "${runner[@]}" "$@"
 
 say "soak"

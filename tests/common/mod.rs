@@ -567,6 +567,40 @@ impl Client {
     }
 }
 
+/// An action run to its end, with its stdout and stderr as text.
+pub struct Ran {
+    pub response: reapi::ExecuteResponse,
+    pub result: reapi::ActionResult,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Client {
+    /// Uploads and runs `spec` (no cache lookup); fetches its output.
+    pub async fn run(&mut self, spec: &ActionSpec) -> Ran {
+        let action = self.upload_action(spec).await;
+        let (_, response) = self.execute(&action, true).await.expect("execute");
+        let result = response.result.clone().unwrap_or_default();
+        let stdout = self.text(result.stdout_digest.as_ref()).await;
+        let stderr = self.text(result.stderr_digest.as_ref()).await;
+        Ran {
+            response,
+            result,
+            stdout,
+            stderr,
+        }
+    }
+
+    /// A blob as text; empty when there is none.
+    pub async fn text(&mut self, digest: Option<&reapi::Digest>) -> String {
+        let Some(d) = digest else {
+            return String::new();
+        };
+        let d = Digest::from_proto(d, Function::Sha256).expect("digest");
+        String::from_utf8_lossy(&self.download(&d).await.expect("download")).into_owned()
+    }
+}
+
 /// Reads an operation stream to its end.
 pub async fn follow(
     stream: tonic::Streaming<outpost_proto::longrunning::Operation>,
