@@ -559,3 +559,120 @@ async fn hostile_actions_are_contained() {
     ok(&ran);
     assert_eq!(ran.stdout, "the original input\nthe original input\n");
 }
+
+/// The value of a sample in the agent's `/metrics` (0 when absent).
+fn agent_metric(addr: &str, series: &str) -> f64 {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect to the agent's metrics");
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .expect("send");
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply).expect("read");
+    reply
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .map_or(0.0, |v| v.trim().parse().expect("a number"))
+}
+
+/// Real Bazel (Debian's 4.2.3) builds and tests the example workspace with
+/// every action in a container: the agent offers only Docker, and its
+/// count of containers started equals Bazel's count of remote actions.
+#[test]
+fn bazel_builds_and_tests_with_every_action_in_a_container() {
+    if !docker_ready() {
+        return;
+    }
+    if Command::new("bazel").arg("help").output().is_err() {
+        let why =
+            "bazel is not installed (apt-get install bazel-bootstrap; scripts/test.sh does this)";
+        assert!(std::env::var_os("OUTPOST_REQUIRE_BAZEL").is_none(), "{why}");
+        eprintln!("SKIPPED: {why}");
+        return;
+    }
+    let scratch = tempdir();
+    let workspace = scratch.path().join("workspace");
+    let status = Command::new("cp")
+        .arg("-a")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/bazel-workspace"))
+        .arg(&workspace)
+        .status()
+        .expect("cp");
+    assert!(status.success());
+    for entry in std::fs::read_dir(&workspace).expect("workspace").flatten() {
+        if entry.file_name().to_string_lossy().starts_with("bazel-") {
+            std::fs::remove_file(entry.path()).expect("remove a bazel-* symlink");
+        }
+    }
+    let server = Coordinator::start(&scratch.path().join("data"), &[]);
+    let metrics = format!("127.0.0.1:{}", common::free_port());
+    let _agent = Agent::start(
+        &server.endpoint(),
+        &scratch.path().join("agent"),
+        &[
+            "--isolation",
+            "docker",
+            "--slots",
+            "2",
+            "--metrics-listen",
+            &metrics,
+        ],
+    );
+    let bazel = |args: &[&str]| {
+        let output = Command::new("bazel")
+            .arg(format!(
+                "--output_user_root={}",
+                scratch.path().join("bazel-root").display()
+            ))
+            .args(args)
+            .current_dir(&workspace)
+            .output()
+            .expect("run bazel");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        eprintln!("{text}");
+        (output.status.success(), text)
+    };
+    let (ok, text) = bazel(&[
+        "test",
+        "//...",
+        &format!("--remote_executor={}", server.endpoint()),
+        &format!("--remote_default_exec_properties=container-image=docker://{IMAGE}"),
+        "--remote_timeout=600",
+        "--color=no",
+        "--curses=no",
+        "--noshow_progress",
+        "--jobs=4",
+    ]);
+    let _ = bazel(&["shutdown"]);
+    assert!(ok, "bazel test failed (output above)");
+    let summary = text
+        .lines()
+        .find(|l| l.contains(" processes: "))
+        .expect("bazel printed a process summary");
+    let remote: f64 = summary
+        .split(" processes: ")
+        .nth(1)
+        .expect("summary")
+        .trim_end_matches('.')
+        .split(", ")
+        .filter_map(|part| part.strip_suffix(" remote"))
+        .map(|n| n.parse::<f64>().expect("a count"))
+        .sum();
+    assert!(remote >= 30.0, "every action ran remotely: {summary}");
+    assert_eq!(
+        agent_metric(&metrics, "outpost_agent_docker_containers_total"),
+        remote,
+        "one container per remote action: {summary}"
+    );
+    assert_eq!(
+        agent_metric(
+            &metrics,
+            "outpost_agent_docker_pulls_total{outcome=\"hit\"}"
+        ),
+        remote
+    );
+}
