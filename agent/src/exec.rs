@@ -510,6 +510,36 @@ struct OutputSpec {
     paths: Vec<(String, PathBuf)>,
     files: Vec<(String, PathBuf)>,
     directories: Vec<(String, PathBuf)>,
+    /// How output directories are reported: as a Tree, as Directory blobs,
+    /// or both (`Command.output_directory_format`).
+    format: DirectoryFormat,
+}
+
+/// Which forms of an output directory the client wants.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct DirectoryFormat {
+    tree: bool,
+    directories: bool,
+}
+
+impl DirectoryFormat {
+    fn of(command: &reapi::Command) -> DirectoryFormat {
+        use reapi::command::OutputDirectoryFormat as F;
+        match F::try_from(command.output_directory_format).unwrap_or(F::TreeOnly) {
+            F::TreeOnly => DirectoryFormat {
+                tree: true,
+                directories: false,
+            },
+            F::DirectoryOnly => DirectoryFormat {
+                tree: false,
+                directories: true,
+            },
+            F::TreeAndDirectory => DirectoryFormat {
+                tree: true,
+                directories: true,
+            },
+        }
+    }
 }
 
 impl OutputSpec {
@@ -528,12 +558,14 @@ impl OutputSpec {
                 paths,
                 files: Vec::new(),
                 directories: Vec::new(),
+                format: DirectoryFormat::of(command),
             });
         }
         Ok(OutputSpec {
             paths: Vec::new(),
             files: resolve(&command.output_files)?,
             directories: resolve(&command.output_directories)?,
+            format: DirectoryFormat::of(command),
         })
     }
 
@@ -766,6 +798,41 @@ fn directory(
     Ok((out, digest))
 }
 
+/// An output directory in the forms the client asked for: a Tree blob,
+/// every Directory as a blob of its own, or both. A digest is reported
+/// only for what is uploaded.
+fn output_directory(
+    name: &str,
+    (root, root_digest): (reapi::Directory, Digest),
+    children: HashMap<Digest, reapi::Directory>,
+    format: DirectoryFormat,
+    blobs: &mut HashMap<Digest, Blob>,
+) -> reapi::OutputDirectory {
+    let mut out = reapi::OutputDirectory {
+        path: name.to_owned(),
+        ..Default::default()
+    };
+    if format.directories {
+        for (digest, dir) in
+            std::iter::once((root_digest, &root)).chain(children.iter().map(|(d, c)| (*d, c)))
+        {
+            blobs.insert(digest, Blob::Bytes(dir.encode_to_vec().into()));
+        }
+        out.root_directory_digest = Some(root_digest.to_proto());
+    }
+    if format.tree {
+        let tree = reapi::Tree {
+            root: Some(root),
+            children: children.into_values().collect(),
+        };
+        let bytes = bytes::Bytes::from(tree.encode_to_vec());
+        let tree_digest = root_digest.function.digest_of(&bytes);
+        blobs.insert(tree_digest, Blob::Bytes(bytes));
+        out.tree_digest = Some(tree_digest.to_proto());
+    }
+    out
+}
+
 enum Kind {
     Path,
     File,
@@ -839,19 +906,13 @@ fn collect(
                 let mut children = HashMap::new();
                 let (root_dir, root_digest) =
                     directory(&path, function, &mut blobs, &mut children)?;
-                let tree = reapi::Tree {
-                    root: Some(root_dir),
-                    children: children.into_values().collect(),
-                };
-                let bytes = bytes::Bytes::from(tree.encode_to_vec());
-                let tree_digest = function.digest_of(&bytes);
-                blobs.insert(tree_digest, Blob::Bytes(bytes));
-                result.output_directories.push(reapi::OutputDirectory {
-                    path: name.clone(),
-                    tree_digest: Some(tree_digest.to_proto()),
-                    is_topologically_sorted: false,
-                    root_directory_digest: Some(root_digest.to_proto()),
-                });
+                result.output_directories.push(output_directory(
+                    name,
+                    (root_dir, root_digest),
+                    children,
+                    spec.format,
+                    &mut blobs,
+                ));
             } else if meta.is_file() {
                 if matches!(kind, Kind::Directory) {
                     wrong_type.push(format!(
@@ -933,6 +994,61 @@ mod tests {
             ..Default::default()
         };
         OutputSpec::of(&command, Path::new("")).expect("valid")
+    }
+
+    /// The Directory blob `digest` names among `blobs`.
+    fn directory_blob(blobs: &HashMap<Digest, Blob>, digest: &reapi::Digest) -> reapi::Directory {
+        let d = Digest::from_proto_opt(Some(digest), Function::Sha256).expect("digest");
+        let Some(Blob::Bytes(bytes)) = blobs.get(&d) else {
+            panic!("directory {d} is not uploaded");
+        };
+        assert_eq!(Function::Sha256.digest_of(bytes), d);
+        reapi::Directory::decode(bytes.clone()).expect("a Directory")
+    }
+
+    #[test]
+    fn output_directories_come_in_the_forms_asked_for() {
+        use reapi::command::OutputDirectoryFormat as F;
+        let (_dir, root, stdout, stderr) = ran(|root| {
+            std::fs::create_dir_all(root.join("out/a/b")).expect("mkdir");
+            std::fs::write(root.join("out/a/b/leaf"), "leaf").expect("write");
+            std::fs::write(root.join("out/top"), "top").expect("write");
+        });
+        for format in [F::TreeOnly, F::DirectoryOnly, F::TreeAndDirectory] {
+            let command = reapi::Command {
+                output_paths: vec!["out".into()],
+                output_directory_format: format as i32,
+                ..Default::default()
+            };
+            let outputs = OutputSpec::of(&command, Path::new("")).expect("valid");
+            let collected =
+                collect(&root, &outputs, Function::Sha256, &stdout, &stderr).expect("collected");
+            let out = &collected.result.output_directories[0];
+            assert_eq!(
+                out.tree_digest.is_some(),
+                format != F::DirectoryOnly,
+                "{format:?}"
+            );
+            assert_eq!(
+                out.root_directory_digest.is_some(),
+                format != F::TreeOnly,
+                "{format:?}"
+            );
+            if let Some(root_digest) = &out.root_directory_digest {
+                // Every Directory of the tree is a blob of its own.
+                let top = directory_blob(&collected.blobs, root_digest);
+                assert_eq!(top.files[0].name, "top");
+                let a = directory_blob(
+                    &collected.blobs,
+                    top.directories[0].digest.as_ref().expect("a"),
+                );
+                let b = directory_blob(
+                    &collected.blobs,
+                    a.directories[0].digest.as_ref().expect("b"),
+                );
+                assert_eq!(b.files[0].name, "leaf");
+            }
+        }
     }
 
     #[test]

@@ -395,6 +395,8 @@ pub struct ActionSpec {
     pub symlinks: Vec<(String, String)>,
     /// `Command.working_directory`.
     pub working_directory: String,
+    /// `Command.output_directory_format` (0: TREE_ONLY).
+    pub output_directory_format: i32,
 }
 
 impl ActionSpec {
@@ -496,6 +498,7 @@ impl Client {
                 .collect(),
             output_paths: spec.output_paths.clone(),
             working_directory: spec.working_directory.clone(),
+            output_directory_format: spec.output_directory_format,
             ..Default::default()
         };
         let root = input_tree(&spec.inputs, &spec.symlinks, "", &mut uploads);

@@ -90,6 +90,14 @@ async fn referenced_blobs(
         "stderr_digest",
     )?);
     for dir in &result.output_directories {
+        if let Some(root) = optional_digest(
+            dir.root_directory_digest.as_ref(),
+            function,
+            "root_directory_digest",
+        )? && !directory_blobs(ctx, root, &mut blobs).await?
+        {
+            return Ok(None);
+        }
         let Some(tree_digest) = optional_digest(dir.tree_digest.as_ref(), function, "tree_digest")?
         else {
             continue;
@@ -125,6 +133,45 @@ async fn referenced_blobs(
     Ok(Some(blobs))
 }
 
+/// Adds the Directory blobs under `root` (itself included) and the files
+/// they name to `blobs`; false if a Directory is gone or is not one.
+async fn directory_blobs(
+    ctx: &Context,
+    root: Digest,
+    blobs: &mut Vec<Digest>,
+) -> Result<bool, Status> {
+    let mut seen = std::collections::HashSet::new();
+    let mut stack = vec![root];
+    while let Some(digest) = stack.pop() {
+        if !seen.insert(digest) {
+            continue;
+        }
+        let Some(bytes) = ctx.cas.read_all(digest).await.map_err(storage_status)? else {
+            return Ok(false);
+        };
+        let Ok(directory) = reapi::Directory::decode(bytes) else {
+            tracing::warn!(%digest, "an action result names a directory that does not decode; treating it as a miss");
+            return Ok(false);
+        };
+        blobs.push(digest);
+        for file in &directory.files {
+            blobs.extend(optional_digest(
+                file.digest.as_ref(),
+                digest.function,
+                "directory file digest",
+            )?);
+        }
+        for child in &directory.directories {
+            stack.extend(optional_digest(
+                child.digest.as_ref(),
+                digest.function,
+                "directory digest",
+            )?);
+        }
+    }
+    Ok(true)
+}
+
 fn validate_result(result: &reapi::ActionResult, function: Function) -> Result<(), Status> {
     let check_path = |path: &str, field: &str| {
         if path.is_empty() || path.starts_with('/') || path.contains('\0') {
@@ -141,16 +188,23 @@ fn validate_result(result: &reapi::ActionResult, function: Function) -> Result<(
     }
     for d in &result.output_directories {
         check_path(&d.path, "output_directories")?;
-        required_digest(
+        // A Tree, the root Directory (DIRECTORY_ONLY), or both.
+        let tree = optional_digest(
             d.tree_digest.as_ref(),
             function,
             "output_directories.tree_digest",
         )?;
-        optional_digest(
+        let root = optional_digest(
             d.root_directory_digest.as_ref(),
             function,
             "root_directory_digest",
         )?;
+        if tree.is_none() && root.is_none() {
+            return Err(Status::invalid_argument(format!(
+                "output_directories {}: neither tree_digest nor root_directory_digest is set",
+                outpost_proto::quote::quoted(&d.path)
+            )));
+        }
     }
     for s in result
         .output_symlinks
