@@ -194,6 +194,11 @@ impl Coordinator {
                 crate::execution::inputs::Policy {
                     allow_escaping_symlinks: self.config.allow_escaping_symlinks,
                 },
+                self.config
+                    .instances
+                    .iter()
+                    .map(|(name, i)| (name.clone(), i.default_properties()))
+                    .collect(),
             )))
             .add_service(OperationsServer::new(OperationsService::new(
                 scheduler.clone(),

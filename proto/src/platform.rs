@@ -199,6 +199,26 @@ impl Parsed {
     }
 }
 
+/// `own` with every property of `defaults` it does not name itself (by
+/// canonical name): an instance's default platform under an action's own.
+pub fn with_defaults(own: &[Property], defaults: &[Property]) -> Vec<Property> {
+    let canonical = |p: &Property| {
+        canonical_name(&p.name)
+            .map(str::to_owned)
+            .unwrap_or_else(|| p.name.clone())
+    };
+    let named: std::collections::HashSet<String> = own.iter().map(canonical).collect();
+    own.iter()
+        .cloned()
+        .chain(
+            defaults
+                .iter()
+                .filter(|d| !named.contains(&canonical(d)))
+                .cloned(),
+        )
+        .collect()
+}
+
 /// Properties from `(name, value)` pairs, as tests and tools write them.
 pub fn from_pairs(pairs: &[(&str, &str)]) -> Vec<Property> {
     pairs
@@ -400,6 +420,21 @@ mod tests {
         // An empty value names no image and asks for nothing.
         let none = parse(&props(&[("container-image", "")])).expect("empty");
         assert_eq!(none.get("workload-isolation-type"), None);
+    }
+
+    #[test]
+    fn an_actions_own_values_win_over_defaults() {
+        let merged = with_defaults(
+            &props(&[("pool", "mine"), ("OSFamily", "linux")]),
+            &props(&[
+                ("Pool", "default"),
+                ("workload-isolation-type", "linux-sandbox"),
+            ]),
+        );
+        let parsed = parse(&merged).expect("no contradiction");
+        assert_eq!(parsed.get("Pool"), Some("mine"));
+        assert_eq!(parsed.get("workload-isolation-type"), Some("linux-sandbox"));
+        assert_eq!(parsed.get("OSFamily"), Some("linux"));
     }
 
     #[test]

@@ -73,6 +73,32 @@ pub struct Config {
     /// PEM CA certificates; when set, every client and agent must present
     /// a certificate one of them signed (mutual TLS).
     pub tls_client_ca: Option<PathBuf>,
+    /// Settings per instance name (`instance_name` of REAPI requests);
+    /// names not listed behave as the default instance.
+    pub instances: std::collections::BTreeMap<String, Instance>,
+}
+
+/// What one instance name changes.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Instance {
+    /// Platform properties merged into every action executed on this
+    /// instance name; an action's own value of a property wins. For
+    /// clients that can choose an instance name but no properties.
+    pub default_platform: std::collections::BTreeMap<String, String>,
+}
+
+impl Instance {
+    /// `default_platform` as wire properties.
+    pub fn default_properties(&self) -> Vec<outpost_proto::reapi::platform::Property> {
+        self.default_platform
+            .iter()
+            .map(|(name, value)| outpost_proto::reapi::platform::Property {
+                name: name.clone(),
+                value: value.clone(),
+            })
+            .collect()
+    }
 }
 
 impl Default for Config {
@@ -100,6 +126,7 @@ impl Default for Config {
             tls_cert: None,
             tls_key: None,
             tls_client_ca: None,
+            instances: std::collections::BTreeMap::new(),
         }
     }
 }
@@ -179,6 +206,10 @@ impl Config {
                 "max_cas_size {} is below the 1MiB minimum",
                 self.max_cas_size
             )));
+        }
+        for (name, instance) in &self.instances {
+            outpost_proto::platform::parse(&instance.default_properties())
+                .map_err(|e| Error::Invalid(format!("instances.{name}.default_platform: {e}")))?;
         }
         self.tls_files()?;
         Ok(())

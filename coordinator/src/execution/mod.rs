@@ -36,6 +36,8 @@ pub struct ExecutionService {
     scheduler: Scheduler,
     timeouts: Timeouts,
     policy: inputs::Policy,
+    /// Default platform properties per instance name.
+    defaults: std::collections::HashMap<String, Vec<outpost_proto::reapi::platform::Property>>,
 }
 
 impl ExecutionService {
@@ -44,12 +46,14 @@ impl ExecutionService {
         scheduler: Scheduler,
         timeouts: Timeouts,
         policy: inputs::Policy,
+        defaults: std::collections::HashMap<String, Vec<outpost_proto::reapi::platform::Property>>,
     ) -> Self {
         ExecutionService {
             ctx,
             scheduler,
             timeouts,
             policy,
+            defaults,
         }
     }
 }
@@ -179,6 +183,14 @@ impl Execution for ExecutionService {
             .or(checked.command.platform.as_ref())
             .map(|p| p.properties.as_slice())
             .unwrap_or_default();
+        let merged;
+        let platform = match self.defaults.get(&req.instance_name) {
+            Some(defaults) => {
+                merged = outpost_proto::platform::with_defaults(platform, defaults);
+                &merged[..]
+            }
+            None => platform,
+        };
         let (requirements, platform) =
             platform::requirements(platform).map_err(Status::invalid_argument)?;
         let timeout = match &action.timeout {
