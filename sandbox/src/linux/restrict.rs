@@ -46,7 +46,7 @@ fn rlimits(spec: &Spec) -> Result<(), String> {
 
 /// In the stub, once it entered its namespaces (for a warm stub: before
 /// its action comes, so neither step is on the action's way; loading the
-/// filter costs about 0.2 ms): joins a new, empty session keyring, so that
+/// filter costs about 0.1 ms): joins a new, empty session keyring, so that
 /// the sandbox holds no key of the agent's, then installs the seccomp
 /// filter, which keeps it off keyrings altogether. The stub, init and the
 /// action all run under the filter.

@@ -131,76 +131,123 @@ const JEQ: u32 = libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K;
 const JSET: u32 = libc::BPF_JMP | libc::BPF_JSET | libc::BPF_K;
 const JGE: u32 = libc::BPF_JMP | libc::BPF_JGE | libc::BPF_K;
 
-/// `nr == call` → `action`; otherwise on to what follows.
-fn deny(call: u32, action: u32) -> Vec<sock_filter> {
-    vec![load(NR), jump(JEQ, call, 0, 1), ret(action)]
+/// Where a conditional jump goes: on to the next instruction, or to a
+/// labelled one further down.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum To {
+    Next,
+    Allow,
+    Eperm,
+    Enosys,
+    Eafnosupport,
+    CheckClone,
+    CheckSocket,
+    CheckPrlimit,
+    PrlimitHigh,
 }
 
-/// `nr == call && arg & mask` → `action`.
-fn deny_flag(call: u32, arg: u32, mask: u32, action: u32) -> Vec<sock_filter> {
-    vec![
-        load(NR),
-        jump(JEQ, call, 0, 3),
-        load(arg_low(arg)),
-        jump(JSET, mask, 0, 1),
-        ret(action),
-    ]
+enum Op {
+    Insn(sock_filter),
+    Jump(u32, u32, To, To),
+    Label(To),
 }
 
-/// `nr == call && arg == value` (its low 32 bits) → `action`.
-fn deny_value(call: u32, arg: u32, value: u32, action: u32) -> Vec<sock_filter> {
-    vec![
-        load(NR),
-        jump(JEQ, call, 0, 3),
-        load(arg_low(arg)),
-        jump(JEQ, value, 0, 1),
-        ret(action),
-    ]
+/// Resolves labels into the forward offsets BPF jumps take (each under
+/// 256: a section is short).
+fn assemble(ops: &[Op]) -> Vec<sock_filter> {
+    let mut at = Vec::new();
+    let mut pos = 0usize;
+    for op in ops {
+        match op {
+            Op::Label(l) => at.push((*l, pos)),
+            _ => pos += 1,
+        }
+    }
+    let mut out = Vec::with_capacity(pos);
+    for op in ops {
+        match op {
+            Op::Label(_) => {}
+            Op::Insn(i) => out.push(*i),
+            Op::Jump(code, k, jt, jf) => {
+                let here = out.len() + 1;
+                let offset = |to: To| match to {
+                    To::Next => 0,
+                    label => {
+                        let (_, target) = at
+                            .iter()
+                            .find(|(l, _)| *l == label)
+                            .expect("every label a section jumps to is in it");
+                        let forward = target.checked_sub(here).expect("BPF jumps go forward");
+                        u8::try_from(forward).expect("a section is short")
+                    }
+                };
+                out.push(sock_filter {
+                    code: *code as u16,
+                    jt: offset(*jt),
+                    jf: offset(*jf),
+                    k: *k,
+                });
+            }
+        }
+    }
+    out
 }
 
-/// `prlimit64(pid, resource, new, old)` with a `pid` other than 0 and a
-/// `new` limit → `action`: reading any process's limits stays allowed.
-fn deny_foreign_prlimit(call: u32, action: u32) -> Vec<sock_filter> {
-    vec![
-        load(NR),
-        jump(JEQ, call, 0, 7),
-        load(arg_low(0)),
-        jump(JEQ, 0, 5, 0),
-        load(arg_low(2)),
-        jump(JEQ, 0, 0, 2),
-        load(arg_high(2)),
-        jump(JEQ, 0, 1, 0),
-        ret(action),
-    ]
-}
-
-/// The rules for one system call table, ending in "allow".
+/// The rules for one system call table: the call number is loaded once and
+/// compared with each denied call in turn (so a call that is allowed, as
+/// almost every call is, runs through one comparison per denied call);
+/// calls whose arguments decide jump to a check of their own.
 fn section(table: &Table) -> Vec<sock_filter> {
-    let eperm = errno(libc::EPERM);
-    let enosys = errno(libc::ENOSYS);
-    let mut out = Vec::new();
+    use Op::{Insn, Jump, Label};
+    let mut ops = vec![Insn(load(NR))];
     if table.arch == AUDIT_ARCH_X86_64 {
         // x32 calls carry this bit; none of them is wanted.
-        out.extend([load(NR), jump(JGE, 0x4000_0000, 0, 1), ret(enosys)]);
+        ops.push(Jump(JGE, 0x4000_0000, To::Enosys, To::Next));
     }
-    for call in table.keyrings {
-        out.extend(deny(call, eperm));
+    for call in table.keyrings.iter().chain(table.privileged) {
+        ops.push(Jump(JEQ, *call, To::Eperm, To::Next));
     }
-    for call in table.io_uring {
-        out.extend(deny(call, enosys));
+    for call in table.io_uring.iter().chain([&table.clone3]) {
+        ops.push(Jump(JEQ, *call, To::Enosys, To::Next));
     }
-    for call in table.privileged {
-        out.extend(deny(*call, eperm));
-    }
-    out.extend(deny(table.clone3, enosys));
-    out.extend(deny_flag(table.clone, 0, CLONE_NEWUSER, eperm));
-    out.extend(deny_flag(table.unshare, 0, CLONE_NEWUSER, eperm));
+    ops.push(Jump(JEQ, table.clone, To::CheckClone, To::Next));
+    ops.push(Jump(JEQ, table.unshare, To::CheckClone, To::Next));
     if let Some(socket) = table.socket {
-        out.extend(deny_value(socket, 0, AF_VSOCK, errno(libc::EAFNOSUPPORT)));
+        ops.push(Jump(JEQ, socket, To::CheckSocket, To::Next));
     }
-    out.extend(deny_foreign_prlimit(table.prlimit64, eperm));
-    out.push(ret(libc::SECCOMP_RET_ALLOW));
-    out
+    ops.push(Jump(JEQ, table.prlimit64, To::CheckPrlimit, To::Next));
+    ops.extend([
+        // Any other call.
+        Insn(ret(libc::SECCOMP_RET_ALLOW)),
+        // clone(flags, ...) and unshare(flags): no nested user namespace.
+        Label(To::CheckClone),
+        Insn(load(arg_low(0))),
+        Jump(JSET, CLONE_NEWUSER, To::Eperm, To::Allow),
+        // socket(family, ...): no vsock.
+        Label(To::CheckSocket),
+        Insn(load(arg_low(0))),
+        Jump(JEQ, AF_VSOCK, To::Eafnosupport, To::Allow),
+        // prlimit64(pid, resource, new, old): setting another process's
+        // limits (pid not 0, new not NULL) is refused; reading is not.
+        Label(To::CheckPrlimit),
+        Insn(load(arg_low(0))),
+        Jump(JEQ, 0, To::Allow, To::Next),
+        Insn(load(arg_low(2))),
+        Jump(JEQ, 0, To::PrlimitHigh, To::Eperm),
+        Label(To::PrlimitHigh),
+        Insn(load(arg_high(2))),
+        Jump(JEQ, 0, To::Allow, To::Eperm),
+        // Every jump goes forward: the verdicts come last.
+        Label(To::Allow),
+        Insn(ret(libc::SECCOMP_RET_ALLOW)),
+        Label(To::Eperm),
+        Insn(ret(errno(libc::EPERM))),
+        Label(To::Enosys),
+        Insn(ret(errno(libc::ENOSYS))),
+        Label(To::Eafnosupport),
+        Insn(ret(errno(libc::EAFNOSUPPORT))),
+    ]);
+    assemble(&ops)
 }
 
 /// The whole program: dispatch on the architecture, one section each.
