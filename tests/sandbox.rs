@@ -914,8 +914,8 @@ both!(
 );
 
 /// An unprivileged agent with no cgroup of its own falls back to rlimits,
-/// which do not bound an action's memory: it says so at start-up, and in
-/// the isolation it describes to the coordinator.
+/// which do not bound an action's memory: it says so at start-up, and
+/// `outpost fleet` says so too.
 #[tokio::test]
 async fn an_agent_without_cgroups_says_memory_is_not_enforced() {
     let dir = tempdir();
@@ -937,6 +937,18 @@ async fn an_agent_without_cgroups_says_memory_is_not_enforced() {
         .await;
     assert_eq!(agent.count("memory is not enforced: no cgroup"), 1);
     assert!(agent.count("limits=rlimits only (memory not enforced)") >= 1);
+    let fleet = Command::new(OUTPOST)
+        .args(["fleet", "--coordinator", &server.endpoint()])
+        .output()
+        .expect("outpost fleet");
+    let fleet = String::from_utf8_lossy(&fleet.stdout);
+    assert!(
+        fleet.contains(&format!(
+            "note: {} does not enforce action memory limits",
+            agent.id()
+        )),
+        "{fleet}"
+    );
 }
 
 /// What a shell would give a command, the sandbox gives too: the default

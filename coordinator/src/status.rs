@@ -53,6 +53,20 @@ pub fn fleet_text(s: &Snapshot) -> String {
             }
         );
     }
+    // Said plainly: an agent that bounds actions by rlimits alone does not
+    // bound their memory (its isolation detail says so).
+    for a in &s.agents {
+        if a.isolation
+            .iter()
+            .any(|i| i.contains("memory not enforced"))
+        {
+            let _ = writeln!(
+                out,
+                "note: {} does not enforce action memory limits (no delegated cgroup: rlimits only)",
+                a.id
+            );
+        }
+    }
     out
 }
 
