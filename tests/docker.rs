@@ -676,3 +676,30 @@ fn bazel_builds_and_tests_with_every_action_in_a_container() {
         remote
     );
 }
+
+/// An agent told to use Docker where no engine answers refuses to start,
+/// saying why and what to do.
+#[test]
+fn an_agent_without_an_engine_refuses_docker() {
+    let dir = tempdir();
+    let output = Command::new(common::OUTPOST)
+        .args([
+            "agent",
+            "--isolation",
+            "docker",
+            "--coordinator",
+            "grpc://127.0.0.1:1",
+        ])
+        .arg("--work-dir")
+        .arg(dir.path().join("agent"))
+        .arg("--docker-socket")
+        .arg(dir.path().join("no-engine.sock"))
+        .output()
+        .expect("run the agent");
+    assert!(!output.status.success());
+    let said = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        said.contains("isolation docker cannot be used") && said.contains("no-engine.sock"),
+        "{said}"
+    );
+}

@@ -657,7 +657,9 @@ impl Backend for Docker {
                     .map_err(|e| Error::local("opening the action's directories to its user", e))?;
             }
         }
+        let began = Instant::now();
         self.ensure_image(&image).await?;
+        let imaged = Instant::now();
         let memory_limit =
             options
                 .memory
@@ -668,6 +670,7 @@ impl Backend for Docker {
             .as_ref()
             .and_then(|h| h.mounts.clone())
             .unwrap_or_default();
+        let created = Instant::now();
         let id = match self.engine.create_container(None, definition).await {
             Ok(created) => created.id,
             Err(EngineError::DockerResponseServerError {
@@ -703,6 +706,7 @@ impl Backend for Docker {
                 owner: self.agent_user.clone(),
             }),
         };
+        let attaching = Instant::now();
         // Attached before it starts, so no output is missed.
         let attached = self
             .long
@@ -724,6 +728,7 @@ impl Backend for Docker {
             run.stdout,
             run.stderr,
         )));
+        let starting = Instant::now();
         match self.engine.start_container(&id, None).await {
             Ok(()) => {}
             Err(EngineError::DockerResponseServerError {
@@ -748,6 +753,15 @@ impl Backend for Docker {
             }
         }
         self.metrics.containers.inc();
+        let ms = |from: Instant, to: Instant| (to - from).as_secs_f64() * 1000.0;
+        tracing::debug!(
+            container = %id,
+            image_ms = ms(began, imaged),
+            create_ms = ms(created, attaching),
+            attach_ms = ms(attaching, starting),
+            start_ms = ms(starting, Instant::now()),
+            "container started"
+        );
         Ok(Box::new(container))
     }
 
@@ -785,6 +799,7 @@ struct GiveBack {
 #[tonic::async_trait]
 impl Process for Container {
     async fn wait(&mut self) -> Result<i32, Error> {
+        let began = Instant::now();
         let mut waiting = self.long.wait_container(
             &self.id,
             Some(
@@ -817,15 +832,24 @@ impl Process for Container {
                 }
             }
         }
-        let state = self
-            .engine
-            .inspect_container(&self.id, None)
-            .await
-            .map_err(|e| engine_down(&self.socket, "inspecting the action's container", e))?
-            .state
-            .unwrap_or_default();
-        self.oom_killed = state.oom_killed.unwrap_or(false);
-        let code = state.exit_code.unwrap_or(code);
+        tracing::debug!(
+            container = %self.id,
+            wait_ms = began.elapsed().as_secs_f64() * 1000.0,
+            "container exited"
+        );
+        // Killed (128+SIGKILL), or no code said: the engine knows whether
+        // it was for memory. Other exits need no more calls.
+        if code == 137 || code < 0 {
+            let state = self
+                .engine
+                .inspect_container(&self.id, None)
+                .await
+                .map_err(|e| engine_down(&self.socket, "inspecting the action's container", e))?
+                .state
+                .unwrap_or_default();
+            self.oom_killed = state.oom_killed.unwrap_or(false);
+            return Ok(i32::try_from(state.exit_code.unwrap_or(code)).unwrap_or(-1));
+        }
         Ok(i32::try_from(code).unwrap_or(-1))
     }
 
@@ -856,11 +880,14 @@ impl Process for Container {
                 )
             )
         });
-        remove(&self.engine, &self.id)
-            .await
-            .map_err(|e| engine_down(&self.socket, "removing the action's container", e))?;
-        self.removed = true;
+        // Files of another user go back to the agent before it collects
+        // them; otherwise the container is removed (on drop) off the way of
+        // the result.
         if let Some(g) = self.give_back.take() {
+            remove(&self.engine, &self.id)
+                .await
+                .map_err(|e| engine_down(&self.socket, "removing the action's container", e))?;
+            self.removed = true;
             g.run(&self.engine, &self.long).await;
         }
         Ok(note)
@@ -875,7 +902,8 @@ impl Drop for Container {
         if self.removed {
             return;
         }
-        // Given up before its end (cancelled): the container goes anyway.
+        // Finished, or given up before its end (cancelled): the container
+        // goes either way.
         let (engine, id) = (self.engine.clone(), self.id.clone());
         let give_back = self.give_back.take();
         let long = self.long.clone();
