@@ -329,7 +329,7 @@ async fn the_network_is_off_unless_allowed_and_asked() {
     let status = response.status.expect("a status");
     assert_ne!(status.code, 0);
     assert!(
-        status.message.contains("dockerNetwork=bridge"),
+        status.message.contains("dockerNetwork=docker/bridge"),
         "{}",
         status.message
     );

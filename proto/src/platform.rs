@@ -316,6 +316,13 @@ pub fn parse(properties: &[Property]) -> Result<Parsed, String> {
     Ok(parsed)
 }
 
+/// How an agent offers a network for one isolation kind, as a
+/// `dockerNetwork` value (`docker/bridge`): the network is matched as the
+/// pair, since an agent may allow `bridge` in Docker but not in its sandbox.
+pub fn network_pair(kind: &str, network: &str) -> String {
+    format!("{kind}/{network}")
+}
+
 /// The image a `container-image` value names, without its `docker://`
 /// scheme: `NAME[:TAG]` or `NAME@sha256:HEX`. Only the shape is checked
 /// here; the engine judges the name.

@@ -79,6 +79,16 @@ impl Kind {
             Kind::Docker => "docker",
         }
     }
+
+    /// The `dockerNetwork` value saying this kind gives the bridge
+    /// (`outpost_proto::platform::network_pair`).
+    pub fn bridge(self) -> &'static str {
+        match self {
+            Kind::None => "none/bridge",
+            Kind::LinuxSandbox => "linux-sandbox/bridge",
+            Kind::Docker => "docker/bridge",
+        }
+    }
 }
 
 /// One command to start in a workspace.
@@ -254,13 +264,20 @@ impl Runners {
 
     /// What this agent offers: `workload-isolation-type` values (the
     /// default first), `dockerNetwork` values, and one line saying what is
-    /// enforced.
+    /// enforced. The network is offered per kind (`docker/bridge`), and as
+    /// plain `bridge` when the default kind gives it, for actions that name
+    /// no isolation.
     pub fn offers(&self) -> Offers {
-        let networks = if self.backends.iter().any(|b| b.allows_network()) {
-            vec!["off", "bridge"]
-        } else {
-            vec!["off"]
-        };
+        let mut networks = vec!["off"];
+        if self.backends.first().is_some_and(|b| b.allows_network()) {
+            networks.push("bridge");
+        }
+        networks.extend(
+            self.backends
+                .iter()
+                .filter(|b| b.allows_network())
+                .map(|b| b.kind().bridge()),
+        );
         Offers {
             kinds: self
                 .backends

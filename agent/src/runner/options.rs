@@ -195,15 +195,26 @@ mod tests {
             .expect("none has the network")
             .network
         );
-        assert_eq!(sandboxed.offers().networks, vec!["off", "bridge"]);
+        // The default gives no network: bridge only where asked for none.
+        assert_eq!(sandboxed.offers().networks, vec!["off", "none/bridge"]);
         let open = runners(vec![(Kind::LinuxSandbox, true)]);
         assert!(
             open.options(&props(&[("dockerNetwork", "bridge")]))
                 .expect("allowed")
                 .network
         );
+        assert_eq!(
+            open.offers().networks,
+            vec!["off", "bridge", "linux-sandbox/bridge"]
+        );
         let closed = runners(vec![(Kind::LinuxSandbox, false)]);
         assert_eq!(closed.offers().networks, vec!["off"]);
+        for kind in Kind::ALL {
+            assert_eq!(
+                kind.bridge(),
+                outpost_proto::platform::network_pair(kind.name(), "bridge")
+            );
+        }
         assert_eq!(closed.offers().kinds, vec!["linux-sandbox"]);
     }
 

@@ -64,9 +64,21 @@ fn milli_to_string(v: u64) -> String {
 /// vocabulary is `outpost_proto::platform`).
 pub fn requirements(properties: &[Property]) -> Result<(Requirements, Vec<Property>), String> {
     let parsed = platform::parse(properties)?;
+    let mut exact = parsed.exact;
+    // The network is matched with the isolation that gives it, where the
+    // action names one (an image names docker); otherwise the agent's
+    // default kind must give it, which plain `bridge` says.
+    if let (Some(network), Some(kind)) = (
+        exact.get("dockerNetwork"),
+        exact.get("workload-isolation-type"),
+    ) && network != "off"
+    {
+        let pair = platform::network_pair(kind, network);
+        exact.insert("dockerNetwork".to_owned(), pair);
+    }
     Ok((
         Requirements {
-            exact: parsed.exact,
+            exact,
             min: parsed.min,
         },
         parsed.properties,
@@ -92,6 +104,23 @@ impl Offer {
             offer
                 .resources
                 .insert(k.clone(), (v.max(0.0) * 1000.0).round() as u64);
+        }
+        // Agents from before the network was offered per isolation kind
+        // (no `kind/network` value) give their networks in every kind.
+        let kinds = offer
+            .exact
+            .get("workload-isolation-type")
+            .cloned()
+            .unwrap_or_default();
+        if let Some(networks) = offer.exact.get_mut("dockerNetwork")
+            && !networks.iter().any(|n| n.contains('/'))
+        {
+            let pairs: Vec<String> = networks
+                .iter()
+                .filter(|n| *n != "off")
+                .flat_map(|n| kinds.iter().map(move |k| platform::network_pair(k, n)))
+                .collect();
+            networks.extend(pairs);
         }
         offer
     }
@@ -333,6 +362,64 @@ mod tests {
         ]))
         .expect_err("container-image with another isolation");
         assert!(err.contains("workload-isolation-type=none"), "{err}");
+    }
+
+    #[test]
+    fn the_network_is_matched_with_the_isolation_that_gives_it() {
+        // Bridge in Docker only; the default (linux-sandbox) gives none.
+        let docker_bridge = Offer::new(
+            &props(&[
+                ("workload-isolation-type", "linux-sandbox"),
+                ("workload-isolation-type", "docker"),
+                ("dockerNetwork", "off"),
+                ("dockerNetwork", "docker/bridge"),
+            ]),
+            &HashMap::new(),
+        );
+        let needs = |list: &[(&str, &str)]| requirements(&props(list)).expect("valid").0;
+        assert!(docker_bridge.satisfies(&needs(&[
+            ("container-image", "docker://gcc:12"),
+            ("dockerNetwork", "bridge"),
+        ])));
+        assert!(!docker_bridge.satisfies(&needs(&[
+            ("workload-isolation-type", "linux-sandbox"),
+            ("dockerNetwork", "bridge"),
+        ])));
+        // No isolation named: the agent's default must give it.
+        assert!(!docker_bridge.satisfies(&needs(&[("dockerNetwork", "bridge")])));
+        assert!(docker_bridge.satisfies(&needs(&[("dockerNetwork", "off")])));
+        // An agent from before pairs: bridge in every kind it offers.
+        let old = Offer::new(
+            &props(&[
+                ("workload-isolation-type", "linux-sandbox"),
+                ("workload-isolation-type", "none"),
+                ("dockerNetwork", "off"),
+                ("dockerNetwork", "bridge"),
+            ]),
+            &HashMap::new(),
+        );
+        for list in [
+            vec![("dockerNetwork", "bridge")],
+            vec![
+                ("workload-isolation-type", "none"),
+                ("dockerNetwork", "bridge"),
+            ],
+            vec![
+                ("workload-isolation-type", "linux-sandbox"),
+                ("dockerNetwork", "bridge"),
+            ],
+        ] {
+            assert!(old.satisfies(&needs(&list)), "{list:?}");
+        }
+        let why = explain_unsatisfiable(
+            &needs(&[
+                ("workload-isolation-type", "linux-sandbox"),
+                ("dockerNetwork", "bridge"),
+            ]),
+            0,
+            &[&docker_bridge],
+        );
+        assert!(why.contains("dockerNetwork=linux-sandbox/bridge"), "{why}");
     }
 
     #[test]
