@@ -18,6 +18,7 @@
 #                    dpkg -i for the Debian package (systemd need not be running)
 #   debootstrap      builds the Docker tests' toolchain image (scripts/test-image.sh)
 #                    from the machine's apt mirror: no registry is reachable
+#   docker-registry  a registry on loopback for the Docker tests' pulls
 #   cargo-nextest    the test runner (falls back to cargo test if it cannot be installed)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -42,6 +43,7 @@ command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
 command -v dpkg-deb >/dev/null 2>&1 || missing+=(dpkg)
 command -v debootstrap >/dev/null 2>&1 || missing+=(debootstrap)
+command -v docker-registry >/dev/null 2>&1 || missing+=(docker-registry)
 if [ ${#missing[@]} -gt 0 ]; then
   apt_install "${missing[@]}"
 fi

@@ -703,3 +703,154 @@ fn an_agent_without_an_engine_refuses_docker() {
         "{said}"
     );
 }
+
+/// A registry on loopback (Debian's `docker-registry`), killed when dropped.
+struct Registry {
+    child: std::process::Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Registry {
+    /// `None` (after saying why) where `docker-registry` is not installed
+    /// and the run does not require it.
+    fn start() -> Option<Registry> {
+        if Command::new("docker-registry")
+            .arg("--version")
+            .output()
+            .is_err()
+        {
+            let why = "docker-registry is not installed (apt-get install docker-registry; \
+                       scripts/test.sh does this)";
+            assert!(
+                std::env::var_os("OUTPOST_REQUIRE_DOCKER").is_none(),
+                "{why}"
+            );
+            eprintln!("SKIPPED: {why}");
+            return None;
+        }
+        let dir = tempdir();
+        let port = common::free_port();
+        let config = dir.path().join("config.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {}\n\
+                 http:\n  addr: 127.0.0.1:{port}\n",
+                dir.path().join("data").display()
+            ),
+        )
+        .expect("registry config");
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(&config)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start docker-registry");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "the registry did not start listening"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Some(Registry {
+            child,
+            port,
+            _dir: dir,
+        })
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn docker(args: &[&str]) {
+    let output = Command::new("docker").args(args).output().expect("docker");
+    assert!(
+        output.status.success(),
+        "docker {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// Images are pulled on demand from a real registry (on loopback): actions
+/// that ask for one missing image at once share one pull, and a tag the
+/// registry does not have fails the action at once, naming it.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_image_is_pulled_once_for_actions_that_want_it_at_once() {
+    if !docker_ready() {
+        return;
+    }
+    let Some(registry) = Registry::start() else {
+        return;
+    };
+    let image = format!("127.0.0.1:{}/outpost-pull-test:1", registry.port);
+    docker(&["tag", IMAGE, &image]);
+    docker(&["push", &image]);
+    // Only the registry has it under that name now (the layers stay, as
+    // the test image's).
+    docker(&["rmi", &image]);
+    let metrics = format!("127.0.0.1:{}", common::free_port());
+    let Some(f) = Fleet::ready(As::Root, &["--slots", "3", "--metrics-listen", &metrics]).await
+    else {
+        return;
+    };
+    let runs = (0..3).map(|i| {
+        let mut client = f.client.clone();
+        let spec = in_named(&format!("docker://{image}"), &format!("echo action {i}"));
+        async move { client.run(&spec).await }
+    });
+    for (i, ran) in futures_join_all(runs).await.into_iter().enumerate() {
+        ok(&ran);
+        assert_eq!(ran.stdout, format!("action {i}\n"));
+    }
+    assert_eq!(
+        agent_metric(
+            &metrics,
+            "outpost_agent_docker_pulls_total{outcome=\"miss\"}"
+        ),
+        1.0,
+        "one pull for three actions"
+    );
+    assert_eq!(
+        agent_metric(&metrics, "outpost_agent_docker_containers_total"),
+        3.0
+    );
+    let missing = format!("127.0.0.1:{}/outpost-pull-test:no-such-tag", registry.port);
+    let mut client = f.client.clone();
+    let started = Instant::now();
+    let ran = client
+        .run(&in_named(&format!("docker://{missing}"), "true"))
+        .await;
+    let status = ran.response.status.expect("a status");
+    assert_eq!(
+        status.code,
+        tonic::Code::InvalidArgument as i32,
+        "{status:?}"
+    );
+    assert!(status.message.contains(&missing), "{}", status.message);
+    assert!(started.elapsed() < Duration::from_secs(10));
+    docker(&["rmi", &image]);
+}
+
+/// Runs futures at once and collects their outputs in order.
+async fn futures_join_all<F: std::future::Future + Send + 'static>(
+    futures: impl Iterator<Item = F>,
+) -> Vec<F::Output>
+where
+    F::Output: Send + 'static,
+{
+    let handles: Vec<_> = futures.map(tokio::spawn).collect();
+    let mut out = Vec::new();
+    for h in handles {
+        out.push(h.await.expect("join"));
+    }
+    out
+}
