@@ -854,3 +854,69 @@ where
     }
     out
 }
+
+/// Actions may run as another user (`dockerUser`) or as root
+/// (`dockerRunAsRoot`, where the agent allows it); what they write is
+/// collected and removed by the unprivileged agent all the same.
+#[tokio::test(flavor = "multi_thread")]
+async fn actions_of_another_user_or_root_leave_nothing_the_agent_cannot_remove() {
+    let Some(mut f) = Fleet::ready(As::Unprivileged, &["--docker-allow-root", "true"]).await else {
+        return;
+    };
+    let script = "id -u; mkdir -p out/tree/deep && echo made > out/tree/deep/f && \
+                  chmod 700 out/tree/deep out/tree && echo file > out/file && chmod 600 out/file";
+    for (name, value, uid) in [
+        ("dockerUser", "1000:1000", "1000"),
+        ("dockerRunAsRoot", "true", "0"),
+    ] {
+        let mut spec = in_image(script).with_platform(name, value);
+        spec.output_paths = vec!["out/tree".into(), "out/file".into()];
+        let ran = f.run(&spec).await;
+        ok(&ran);
+        assert_eq!(ran.stdout.trim(), uid, "{name}={value}");
+        let paths: Vec<&str> = ran
+            .result
+            .output_files
+            .iter()
+            .map(|o| o.path.as_str())
+            .chain(
+                ran.result
+                    .output_directories
+                    .iter()
+                    .map(|o| o.path.as_str()),
+            )
+            .collect();
+        assert!(
+            paths.contains(&"out/file") && paths.contains(&"out/tree"),
+            "{name}={value}: {paths:?}"
+        );
+    }
+    let actions = f.dir.path().join("agent/actions");
+    eventually(
+        "removing the actions' directories",
+        Duration::from_secs(10),
+        || std::fs::read_dir(&actions).map_or(true, |d| d.count() == 0),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn root_in_a_container_needs_the_agents_permission() {
+    let Some(mut f) = Fleet::ready(As::Root, &[]).await else {
+        return;
+    };
+    for (name, value) in [("dockerRunAsRoot", "true"), ("dockerUser", "0:0")] {
+        let ran = f.run(&in_image("true").with_platform(name, value)).await;
+        let status = ran.response.status.expect("a status");
+        assert_eq!(
+            status.code,
+            tonic::Code::InvalidArgument as i32,
+            "{status:?}"
+        );
+        assert!(
+            status.message.contains("docker_allow_root"),
+            "{}",
+            status.message
+        );
+    }
+}
