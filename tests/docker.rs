@@ -149,6 +149,17 @@ impl Fleet {
     async fn run(&mut self, spec: &ActionSpec) -> Ran {
         self.client.run(spec).await
     }
+
+    /// Waits until the agent has removed every action's directory.
+    async fn no_action_directories_left(&self) {
+        let actions = self.dir.path().join("agent/actions");
+        eventually(
+            "removing the actions' directories",
+            Duration::from_secs(10),
+            || std::fs::read_dir(&actions).map_or(true, |d| d.count() == 0),
+        )
+        .await;
+    }
 }
 
 fn start_agent(server: &Coordinator, work_dir: &Path, extra: &[String], uid: Option<u32>) -> Agent {
@@ -242,13 +253,7 @@ async fn a_cpp_compile_runs_in_a_container_and_its_outputs_belong_to_the_agent()
     })
     .await;
     // Nothing of the action stays in the agent's work dir.
-    let actions = f.dir.path().join("agent/actions");
-    eventually(
-        "removing the action's directory",
-        Duration::from_secs(10),
-        || std::fs::read_dir(&actions).map_or(true, |d| d.count() == 0),
-    )
-    .await;
+    f.no_action_directories_left().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -891,13 +896,7 @@ async fn actions_of_another_user_or_root_leave_nothing_the_agent_cannot_remove()
             "{name}={value}: {paths:?}"
         );
     }
-    let actions = f.dir.path().join("agent/actions");
-    eventually(
-        "removing the actions' directories",
-        Duration::from_secs(10),
-        || std::fs::read_dir(&actions).map_or(true, |d| d.count() == 0),
-    )
-    .await;
+    f.no_action_directories_left().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
