@@ -64,6 +64,9 @@ const ENGINE_TIMEOUT: Duration = Duration::from_secs(60);
 const LONG_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 3600);
 /// How long after its exit a container's output may still be arriving.
 const OUTPUT_DRAIN: Duration = Duration::from_secs(10);
+/// The longest one pull may take: a registry that stops answering fails
+/// the pull (the agent's fault) rather than holding the action forever.
+const PULL_TIMEOUT: Duration = Duration::from_secs(15 * 60);
 
 /// One action's bounds, from the agent's configuration.
 #[derive(Clone, Copy, Debug, Default)]
@@ -368,39 +371,55 @@ impl Docker {
             None,
         );
         let mut failure = None;
-        while let Some(item) = stream.next().await {
-            match item {
-                Ok(info) => {
-                    if let Some(e) = info.error_detail.and_then(|d| d.message) {
-                        failure = Some(classify_pull(image, &self.socket, None, &e));
+        let pulling = async {
+            while let Some(item) = stream.next().await {
+                match item {
+                    Ok(info) => {
+                        if let Some(e) = info.error_detail.and_then(|d| d.message) {
+                            failure = Some(classify_pull(image, &self.socket, None, &e));
+                            break;
+                        }
+                    }
+                    Err(EngineError::DockerResponseServerError {
+                        status_code,
+                        message,
+                    }) => {
+                        failure = Some(classify_pull(
+                            image,
+                            &self.socket,
+                            Some(status_code),
+                            &message,
+                        ));
+                        break;
+                    }
+                    Err(EngineError::DockerStreamError { error }) => {
+                        failure = Some(classify_pull(image, &self.socket, None, &error));
+                        break;
+                    }
+                    Err(e) => {
+                        failure = Some(PullFailure {
+                            action_fault: false,
+                            message: engine_down(
+                                &self.socket,
+                                &format!("pulling image {image}"),
+                                e,
+                            )
+                            .to_string(),
+                        });
                         break;
                     }
                 }
-                Err(EngineError::DockerResponseServerError {
-                    status_code,
-                    message,
-                }) => {
-                    failure = Some(classify_pull(
-                        image,
-                        &self.socket,
-                        Some(status_code),
-                        &message,
-                    ));
-                    break;
-                }
-                Err(EngineError::DockerStreamError { error }) => {
-                    failure = Some(classify_pull(image, &self.socket, None, &error));
-                    break;
-                }
-                Err(e) => {
-                    failure = Some(PullFailure {
-                        action_fault: false,
-                        message: engine_down(&self.socket, &format!("pulling image {image}"), e)
-                            .to_string(),
-                    });
-                    break;
-                }
             }
+        };
+        if tokio::time::timeout(PULL_TIMEOUT, pulling).await.is_err() {
+            failure = Some(PullFailure {
+                action_fault: false,
+                message: format!(
+                    "pulling image {image} through the Docker engine at {} did not finish within {} minutes",
+                    self.socket.display(),
+                    PULL_TIMEOUT.as_secs() / 60
+                ),
+            });
         }
         self.metrics
             .pull_seconds
