@@ -364,7 +364,12 @@ async fn run_to_end(
     timeout: Duration,
     cancel: &CancellationToken,
 ) -> Result<Finished, Error> {
-    let mut started = runners.start(run).await?;
+    // Starting may take a while (Docker pulls the image first): a
+    // cancellation stops it too.
+    let mut started = tokio::select! {
+        started = runners.start(run) => started?,
+        () = cancel.cancelled() => return Err(Error::Cancelled),
+    };
     let (exit_code, timed_out) = tokio::select! {
         code = started.wait() => (code?, false),
         () = tokio::time::sleep(timeout) => {
