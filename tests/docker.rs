@@ -197,6 +197,20 @@ fn in_named(image: &str, script: &str) -> ActionSpec {
     .with_platform("container-image", image)
 }
 
+/// The action was refused as its own fault (INVALID_ARGUMENT), with a
+/// message holding every one of `words`.
+fn refused(ran: &Ran, words: &[&str]) {
+    let status = ran.response.status.clone().expect("a status");
+    assert_eq!(
+        status.code,
+        tonic::Code::InvalidArgument as i32,
+        "{status:?}"
+    );
+    for w in words {
+        assert!(status.message.contains(w), "{w}: {}", status.message);
+    }
+}
+
 fn ok(ran: &Ran) {
     assert_eq!(
         ran.response.status.as_ref().map_or(0, |s| s.code),
@@ -480,17 +494,7 @@ async fn an_image_outside_the_allowlist_is_refused() {
         return;
     };
     let ran = f.run(&in_image("true")).await;
-    let status = ran.response.status.expect("a status");
-    assert_eq!(
-        status.code,
-        tonic::Code::InvalidArgument as i32,
-        "{status:?}"
-    );
-    assert!(
-        status.message.contains(IMAGE) && status.message.contains("gcc:*"),
-        "{}",
-        status.message
-    );
+    refused(&ran, &[IMAGE, "gcc:*"]);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -844,13 +848,7 @@ async fn an_image_is_pulled_once_for_actions_that_want_it_at_once() {
     let ran = client
         .run(&in_named(&format!("docker://{missing}"), "true"))
         .await;
-    let status = ran.response.status.expect("a status");
-    assert_eq!(
-        status.code,
-        tonic::Code::InvalidArgument as i32,
-        "{status:?}"
-    );
-    assert!(status.message.contains(&missing), "{}", status.message);
+    refused(&ran, &[&missing]);
     assert!(started.elapsed() < Duration::from_secs(10));
     docker(&["rmi", &image]);
 }
@@ -916,16 +914,25 @@ async fn root_in_a_container_needs_the_agents_permission() {
     };
     for (name, value) in [("dockerRunAsRoot", "true"), ("dockerUser", "0:0")] {
         let ran = f.run(&in_image("true").with_platform(name, value)).await;
-        let status = ran.response.status.expect("a status");
-        assert_eq!(
-            status.code,
-            tonic::Code::InvalidArgument as i32,
-            "{status:?}"
-        );
-        assert!(
-            status.message.contains("docker_allow_root"),
-            "{}",
-            status.message
-        );
+        refused(&ran, &["docker_allow_root"]);
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_command_the_image_lacks_is_the_actions_fault() {
+    let Some(mut f) = Fleet::ready(As::Root, &[]).await else {
+        return;
+    };
+    let spec = ActionSpec {
+        args: vec!["outpost-no-such-tool".into(), "--version".into()],
+        ..ActionSpec::default()
+    }
+    .with_platform("container-image", &format!("docker://{IMAGE}"));
+    let ran = f.run(&spec).await;
+    refused(&ran, &["outpost-no-such-tool"]);
+    let id = f.agent().id();
+    eventually("removing the container", Duration::from_secs(10), || {
+        containers_of(&id).is_empty()
+    })
+    .await;
 }

@@ -708,7 +708,8 @@ impl Backend for Docker {
                 ));
             }
         };
-        let container = Container {
+        // Removed when dropped, whatever fails from here on.
+        let mut container = Container {
             engine: self.engine.clone(),
             long: self.long.clone(),
             socket: self.socket.clone(),
@@ -741,7 +742,6 @@ impl Backend for Docker {
             )
             .await
             .map_err(|e| engine_down(&self.socket, "attaching to the action's container", e))?;
-        let mut container = container;
         container.copying = Some(tokio::spawn(copy_output(
             attached.output,
             run.stdout,
@@ -753,10 +753,8 @@ impl Backend for Docker {
             Err(EngineError::DockerResponseServerError {
                 status_code,
                 message,
-            }) if (400..500).contains(&status_code)
-                || message.contains("executable file not found")
-                || message.contains("no such file or directory") =>
-            {
+                // The command is not in the image (runc: `exec: "cc": ...`).
+            }) if (400..500).contains(&status_code) || message.contains("exec: ") => {
                 return Err(Error::BadInput(format!(
                     "the action's container (image {image}) could not start its command {}: \
                      {message}",
