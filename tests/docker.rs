@@ -93,6 +93,23 @@ struct Fleet {
     agent: Option<Agent>,
     client: common::Client,
     extra: Vec<String>,
+    agent_id: String,
+}
+
+impl Drop for Fleet {
+    /// The agent is killed with the test, and a killed agent leaves its
+    /// running containers (its next start would remove them): remove them
+    /// here, however the test ended.
+    fn drop(&mut self) {
+        drop(self.agent.take());
+        let left = containers_of(&self.agent_id);
+        if !left.is_empty() {
+            let _ = Command::new("docker")
+                .args(["rm", "-f"])
+                .args(&left)
+                .output();
+        }
+    }
 }
 
 impl Fleet {
@@ -136,6 +153,7 @@ impl Fleet {
             .await;
         let client = server.client().await;
         Fleet {
+            agent_id: agent.id(),
             dir,
             server,
             agent: Some(agent),
