@@ -173,6 +173,9 @@ struct AgentArgs {
     /// Let actions run as root in their container (dockerRunAsRoot=true).
     #[arg(long, env = "OUTPOST_DOCKER_ALLOW_ROOT")]
     docker_allow_root: Option<bool>,
+    /// File of registry credentials in Docker's config.json format (auths) [default: none].
+    #[arg(long, env = "OUTPOST_DOCKER_REGISTRY_AUTH")]
+    docker_registry_auth: Option<PathBuf>,
     /// Log filter [default: info].
     #[arg(long, env = "OUTPOST_LOG")]
     log: Option<String>,
@@ -241,6 +244,9 @@ impl AgentArgs {
         }
         overlay(&mut config.docker_network, self.docker_network);
         overlay(&mut config.docker_allow_root, self.docker_allow_root);
+        if self.docker_registry_auth.is_some() {
+            config.docker_registry_auth = self.docker_registry_auth.clone();
+        }
         overlay(&mut config.log, self.log.clone());
         if self.token_file.is_some() {
             config.token_file = self.token_file.clone();

@@ -752,6 +752,15 @@ impl Registry {
     /// `None` (after saying why) where `docker-registry` is not installed
     /// and the run does not require it.
     fn start() -> Option<Registry> {
+        Registry::start_with(None)
+    }
+
+    /// A registry that wants `user` and `password` (htpasswd, bcrypt).
+    fn with_login(user: &str, password: &str) -> Option<Registry> {
+        Registry::start_with(Some((user, password)))
+    }
+
+    fn start_with(login: Option<(&str, &str)>) -> Option<Registry> {
         if Command::new("docker-registry")
             .arg("--version")
             .output()
@@ -769,15 +778,34 @@ impl Registry {
         let dir = tempdir();
         let port = common::free_port();
         let config = dir.path().join("config.yml");
-        std::fs::write(
-            &config,
-            format!(
-                "version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {}\n\
-                 http:\n  addr: 127.0.0.1:{port}\n",
-                dir.path().join("data").display()
-            ),
-        )
-        .expect("registry config");
+        let mut text = format!(
+            "version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {}\n\
+             http:\n  addr: 127.0.0.1:{port}\n",
+            dir.path().join("data").display()
+        );
+        if let Some((user, password)) = login {
+            // The registry reads bcrypt entries only.
+            let hash = Command::new("python3")
+                .args([
+                    "-c",
+                    "import crypt, sys; print(crypt.crypt(sys.argv[1], crypt.mksalt(crypt.METHOD_BLOWFISH)))",
+                    password,
+                ])
+                .output()
+                .expect("python3 makes a bcrypt hash");
+            assert!(hash.status.success(), "{hash:?}");
+            let htpasswd = dir.path().join("htpasswd");
+            std::fs::write(
+                &htpasswd,
+                format!("{user}:{}", String::from_utf8_lossy(&hash.stdout).trim()),
+            )
+            .expect("htpasswd");
+            text.push_str(&format!(
+                "auth:\n  htpasswd:\n    realm: outpost-test\n    path: {}\n",
+                htpasswd.display()
+            ));
+        }
+        std::fs::write(&config, text).expect("registry config");
         let child = Command::new("docker-registry")
             .arg("serve")
             .arg(&config)
@@ -953,4 +981,74 @@ async fn a_command_the_image_lacks_is_the_actions_fault() {
         containers_of(&id).is_empty()
     })
     .await;
+}
+
+/// Pulls from a registry that wants a login send the credentials
+/// `docker_registry_auth` holds for it (a file as `docker login` writes
+/// it); without them the action fails at once as its own fault, naming the
+/// image and "unauthorized".
+#[tokio::test(flavor = "multi_thread")]
+async fn a_registry_that_wants_a_login_gets_the_configured_credentials() {
+    if !docker_ready() {
+        return;
+    }
+    let Some(registry) = Registry::with_login("outpost", "s3cret-pull") else {
+        return;
+    };
+    let logins = tempdir();
+    let client_config = logins.path().to_str().expect("utf-8").to_owned();
+    let host = format!("127.0.0.1:{}", registry.port);
+    let login = Command::new("docker")
+        .args(["--config", &client_config, "login", "--username", "outpost"])
+        .args(["--password-stdin", &host])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            use std::io::Write;
+            child
+                .stdin
+                .take()
+                .expect("stdin")
+                .write_all(b"s3cret-pull\n")?;
+            child.wait_with_output()
+        })
+        .expect("docker login");
+    assert!(login.status.success(), "{login:?}");
+    let image = format!("{host}/outpost-auth-test:1");
+    docker(&["tag", IMAGE, &image]);
+    docker(&["--config", &client_config, "push", &image]);
+    docker(&["rmi", &image]);
+
+    let without = Fleet::ready(As::Root, &[]).await;
+    let Some(mut without) = without else {
+        return;
+    };
+    let started = Instant::now();
+    let ran = without
+        .run(&in_named(&format!("docker://{image}"), "true"))
+        .await;
+    refused(&ran, &[&image, "unauthorized"]);
+    assert!(started.elapsed() < Duration::from_secs(10));
+    drop(without);
+
+    let auth_file = logins.path().join("config.json");
+    let Some(mut with) = Fleet::ready(
+        As::Root,
+        &["--docker-registry-auth", auth_file.to_str().expect("utf-8")],
+    )
+    .await
+    else {
+        return;
+    };
+    let ran = with
+        .run(&in_named(
+            &format!("docker://{image}"),
+            "echo pulled with a login",
+        ))
+        .await;
+    ok(&ran);
+    assert_eq!(ran.stdout, "pulled with a login\n");
+    docker(&["rmi", &image]);
 }

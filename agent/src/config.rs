@@ -68,6 +68,10 @@ pub struct Config {
     /// Let actions run as root in their container (`dockerRunAsRoot=true`,
     /// or a `dockerUser` of uid 0).
     pub docker_allow_root: bool,
+    /// A file of registry credentials in Docker's `config.json` format (its
+    /// `auths` map, as `docker login` writes it): pulls from a registry it
+    /// names send its credentials.
+    pub docker_registry_auth: Option<PathBuf>,
     /// Log filter.
     pub log: String,
     /// File whose first line is this agent's token for the coordinator.
@@ -136,6 +140,7 @@ impl Default for Config {
             docker_allowed_images: Vec::new(),
             docker_network: false,
             docker_allow_root: false,
+            docker_registry_auth: None,
             log: "info".to_owned(),
             token_file: None,
             tls_ca: None,

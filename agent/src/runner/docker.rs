@@ -5,7 +5,8 @@
 //! - The image is the action's `container-image` (or the agent's
 //!   `docker_default_image`), checked against `docker_allowed_images` and
 //!   pulled by `docker_pull_policy`; concurrent pulls of one image happen
-//!   once. An image the registry does not know or refuses is the action's
+//!   once, with the credentials `docker_registry_auth` holds for the
+//!   image's registry. An image the registry does not know or refuses is the action's
 //!   fault; an engine that does not answer is the agent's.
 //! - The input root is bind-mounted at the same path as on the host, the
 //!   Command's argv and working directory are used as they are, and the
@@ -31,6 +32,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
+use bollard::auth::DockerCredentials;
 use bollard::container::LogOutput;
 use bollard::errors::Error as EngineError;
 use bollard::models::{
@@ -136,6 +138,9 @@ pub struct Docker {
     allowed: Vec<String>,
     allow_network: bool,
     allow_root: bool,
+    /// The file of registry credentials, read at every pull (a rotated
+    /// secret is used from the next pull on).
+    registry_auth: Option<PathBuf>,
     /// `uid:gid` of the agent: who actions run as unless they ask.
     agent_user: String,
     agent_is_root: bool,
@@ -215,12 +220,22 @@ impl Docker {
             allowed: config.docker_allowed_images.clone(),
             allow_network: config.docker_network,
             allow_root: config.docker_allow_root,
+            registry_auth: config.docker_registry_auth.clone(),
             agent_user: format!("{uid}:{gid}"),
             agent_is_root: uid == 0,
             limits: RwLock::new(limits_of(config)),
             pulls: Mutex::new(HashMap::new()),
             metrics: Metrics::default(),
         };
+        if let Some(path) = &docker.registry_auth {
+            let registries = read_registry_auth(path)
+                .map_err(|e| anyhow::anyhow!("docker_registry_auth: {e}"))?;
+            tracing::info!(
+                file = %path.display(),
+                registries = %registries.keys().cloned().collect::<Vec<_>>().join(", "),
+                "registry credentials"
+            );
+        }
         let removed = docker.remove_leftovers().await.map_err(|e| {
             anyhow::anyhow!(
                 "isolation docker: removing the containers a previous run of this agent left \
@@ -364,11 +379,20 @@ impl Docker {
 
     async fn pull(&self, image: &str) -> Result<(), PullFailure> {
         let started = Instant::now();
-        tracing::info!(image, "pulling image");
+        let credentials = match &self.registry_auth {
+            None => None,
+            Some(path) => read_registry_auth(path)
+                .map_err(|e| PullFailure {
+                    action_fault: false,
+                    message: format!("cannot pull image {image}: docker_registry_auth: {e}"),
+                })?
+                .remove(&registry_of(image)),
+        };
+        tracing::info!(image, credentials = credentials.is_some(), "pulling image");
         let mut stream = self.long.create_image(
             Some(CreateImageOptionsBuilder::new().from_image(image).build()),
             None,
-            None,
+            credentials,
         );
         let mut failure = None;
         let pulling = async {
@@ -556,6 +580,106 @@ fn glob(pattern: &str, text: &str) -> bool {
     rest.ends_with(last)
 }
 
+/// The registry an image reference names: its first component when that
+/// is a host (it has a `.` or a `:`, or is `localhost`), Docker Hub
+/// (`docker.io`) otherwise.
+fn registry_of(image: &str) -> String {
+    match image.split_once('/') {
+        Some((first, _)) if first.contains(['.', ':']) || first == "localhost" => {
+            registry_key(first)
+        }
+        _ => "docker.io".to_owned(),
+    }
+}
+
+/// A registry as `config.json` may name it (`https://index.docker.io/v1/`,
+/// `http://host:5000`, `host:5000`), reduced to its host and port.
+fn registry_key(name: &str) -> String {
+    let name = name
+        .strip_prefix("https://")
+        .or_else(|| name.strip_prefix("http://"))
+        .unwrap_or(name);
+    let host = name.split('/').next().unwrap_or(name).to_ascii_lowercase();
+    match host.as_str() {
+        "index.docker.io" | "registry-1.docker.io" | "registry.hub.docker.com" => {
+            "docker.io".to_owned()
+        }
+        _ => host,
+    }
+}
+
+/// One registry's entry in Docker's `config.json`: `auth` (base64 of
+/// `user:password`), or `username` and `password`, or an `identitytoken`.
+#[derive(serde::Deserialize)]
+struct AuthEntry {
+    #[serde(default)]
+    auth: Option<String>,
+    #[serde(default)]
+    username: Option<String>,
+    #[serde(default)]
+    password: Option<String>,
+    #[serde(default)]
+    identitytoken: Option<String>,
+}
+
+#[derive(serde::Deserialize)]
+struct AuthFile {
+    #[serde(default)]
+    auths: HashMap<String, AuthEntry>,
+}
+
+/// Reads a credentials file in Docker's `config.json` format: the
+/// credentials of each registry its `auths` names, by registry.
+fn read_registry_auth(path: &Path) -> Result<HashMap<String, DockerCredentials>, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    parse_registry_auth(&text).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+fn parse_registry_auth(text: &str) -> Result<HashMap<String, DockerCredentials>, String> {
+    use base64::Engine as _;
+    let file: AuthFile = serde_json::from_str(text).map_err(|e| {
+        format!(
+            "not a Docker config.json ({{\"auths\": {{\"REGISTRY\": {{\"auth\": ...}}}}}}): {e}"
+        )
+    })?;
+    let mut out = HashMap::new();
+    for (name, entry) in file.auths {
+        let registry = registry_key(&name);
+        let (username, password) = match (entry.auth, entry.username, entry.password) {
+            (Some(auth), _, _) if !auth.is_empty() => {
+                let decoded = base64::engine::general_purpose::STANDARD
+                    .decode(auth.trim())
+                    .ok()
+                    .and_then(|b| String::from_utf8(b).ok())
+                    .ok_or_else(|| format!("the auth of {name} is not base64 of USER:PASSWORD"))?;
+                let (user, password) = decoded
+                    .split_once(':')
+                    .ok_or_else(|| format!("the auth of {name} is not base64 of USER:PASSWORD"))?;
+                (Some(user.to_owned()), Some(password.to_owned()))
+            }
+            (_, user, password) => (user, password),
+        };
+        if username.is_none() && entry.identitytoken.is_none() {
+            return Err(format!(
+                "{name} has no credentials (auth, username and password, or identitytoken); \
+                 credential helpers (credsStore, credHelpers) are not read"
+            ));
+        }
+        out.insert(
+            registry.clone(),
+            DockerCredentials {
+                username,
+                password,
+                identitytoken: entry.identitytoken,
+                serveraddress: Some(registry),
+                ..Default::default()
+            },
+        );
+    }
+    Ok(out)
+}
+
 /// An engine call failed for a reason of the agent's: retried elsewhere.
 fn engine_down(socket: &Path, what: &str, e: EngineError) -> Error {
     Error::Retryable(format!(
@@ -577,11 +701,26 @@ fn classify_pull(image: &str, socket: &Path, status: Option<u16>, said: &str) ->
         "no such host",
         "repository name must",
         "authentication required",
+        "no basic auth credentials",
     ]
     .iter()
     .any(|w| lower.contains(w));
     let action_fault = about_the_image || status.is_some_and(|s| (400..500).contains(&s));
-    let message = if action_fault {
+    let unauthorized = [
+        "unauthorized",
+        "authentication required",
+        "no basic auth credentials",
+    ]
+    .iter()
+    .any(|w| lower.contains(w))
+        || status == Some(401);
+    let message = if unauthorized {
+        format!(
+            "cannot pull image {image}: unauthorized: the registry wants credentials this agent \
+             does not have or refuses the ones it sent (docker_registry_auth): {}",
+            said.trim()
+        )
+    } else if action_fault {
         format!("cannot pull image {image}: {}", said.trim())
     } else {
         format!(
@@ -1035,6 +1174,33 @@ mod tests {
         assert_eq!(with_tag("localhost:5000/cc:1"), "localhost:5000/cc:1");
         let pinned = format!("cc@sha256:{}", "a".repeat(64));
         assert_eq!(with_tag(&pinned), pinned);
+    }
+
+    #[test]
+    fn registries_of_images_and_their_credentials() {
+        assert_eq!(registry_of("gcc:12"), "docker.io");
+        assert_eq!(registry_of("team/cc:1"), "docker.io");
+        assert_eq!(registry_of("127.0.0.1:5000/cc:1"), "127.0.0.1:5000");
+        assert_eq!(
+            registry_of("Registry.Example/team/cc:1"),
+            "registry.example"
+        );
+        assert_eq!(registry_of("localhost/cc:1"), "localhost");
+        // As `docker login` writes it (tabs, base64 of user:password).
+        let file = "{\n\t\"auths\": {\n\t\t\"https://index.docker.io/v1/\": {\n\t\t\t\"auth\": \"dTpwOnc=\"\n\t\t},\n\t\t\"http://127.0.0.1:5000\": {\"username\": \"a\", \"password\": \"b\"}\n\t}\n}";
+        let auths = parse_registry_auth(file).expect("parses");
+        let hub = &auths["docker.io"];
+        assert_eq!(hub.username.as_deref(), Some("u"));
+        assert_eq!(hub.password.as_deref(), Some("p:w"));
+        assert_eq!(auths["127.0.0.1:5000"].password.as_deref(), Some("b"));
+        for bad in [
+            "auths: {}",
+            "{\"auths\": {\"r.example\": {}}}",
+            "{\"auths\": {\"r.example\": {\"auth\": \"bm9jb2xvbg==\"}}}",
+        ] {
+            assert!(parse_registry_auth(bad).is_err(), "{bad}");
+        }
+        assert!(parse_registry_auth("{\"credsStore\": \"desktop\"}").is_ok_and(|a| a.is_empty()));
     }
 
     #[test]
