@@ -12,6 +12,9 @@ use outpost_proto::reapi::platform::Property;
 
 use crate::config::Config;
 
+#[cfg(target_os = "linux")]
+mod cgroup;
+
 /// Compilers whose versions are advertised when found on PATH.
 const COMPILERS: &[(&str, &[&str])] = &[
     ("gcc", &["--version"]),
@@ -38,14 +41,26 @@ pub fn arch() -> (&'static str, &'static str) {
     }
 }
 
+/// CPUs this process may use: the online CPUs (and its affinity mask),
+/// at most the CPU quota of its cgroup rounded up (a container started
+/// with `--cpus 1`, a pod's `resources.limits.cpu`).
 pub fn cpus() -> u32 {
-    std::thread::available_parallelism().map_or(1, |n| u32::try_from(n.get()).unwrap_or(1))
+    let online =
+        std::thread::available_parallelism().map_or(1, |n| u32::try_from(n.get()).unwrap_or(1));
+    #[cfg(target_os = "linux")]
+    if let Some(quota) = cgroup::limits().cpus {
+        return online.min(quota).max(1);
+    }
+    online
 }
 
+/// Memory this process may use: the physical memory, at most the memory
+/// limit of its cgroup (a container's `--memory`, a pod's
+/// `resources.limits.memory`).
 pub fn memory_bytes() -> u64 {
     #[cfg(target_os = "linux")]
     {
-        std::fs::read_to_string("/proc/meminfo")
+        let physical = std::fs::read_to_string("/proc/meminfo")
             .ok()
             .and_then(|text| {
                 text.lines()
@@ -53,7 +68,11 @@ pub fn memory_bytes() -> u64 {
                     .and_then(|l| l.split_whitespace().nth(1))
                     .and_then(|kb| kb.parse::<u64>().ok())
             })
-            .map_or(0, |kb| kb * 1024)
+            .map_or(0, |kb| kb * 1024);
+        match cgroup::limits().memory_bytes {
+            Some(limit) if physical == 0 || limit < physical => limit,
+            _ => physical,
+        }
     }
     #[cfg(not(target_os = "linux"))]
     {
