@@ -63,10 +63,13 @@ cargo fmt --all -- --check
 say "cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
 
-say "docker test image"
+say "docker images"
 # The Docker engine runs on the project's machines; tests/docker.rs needs
 # the local toolchain image (built once, about a minute).
 scripts/test-image.sh
+# tests/containers.rs runs the agent's image, of the binary under test
+# (scripts/images.sh rebuilds it only when that binary changed).
+scripts/images.sh --if-missing --tag test
 
 say "tests"
 # The end-to-end Bazel, browser, gRPC core and service tests must run, not skip, here.

@@ -744,3 +744,35 @@ pub fn files_under(dir: &Path) -> Vec<PathBuf> {
     out
 }
 pub mod pki;
+
+/// Whether a Docker engine answers, with the local toolchain image `image`
+/// (`scripts/test-image.sh` builds it when missing). Without an engine the
+/// caller's tests say so loudly and pass, unless `OUTPOST_REQUIRE_DOCKER=1`
+/// (as `scripts/test.sh` sets), where this fails.
+pub fn docker_with_image(image: &str) -> bool {
+    let required = std::env::var("OUTPOST_REQUIRE_DOCKER").is_ok_and(|v| v == "1");
+    let engine = Command::new("docker")
+        .args(["version", "--format", "{{.Server.APIVersion}}"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !engine {
+        assert!(
+            !required,
+            "OUTPOST_REQUIRE_DOCKER=1 but no Docker engine answers"
+        );
+        eprintln!("SKIPPED: no Docker engine answers here; the Docker tests did not run");
+        return false;
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/test-image.sh");
+    let status = docker_image_build(Command::new(&script).arg(image));
+    assert!(status, "scripts/test-image.sh could not build {image}");
+    true
+}
+
+/// Runs an image build, one at a time across test processes.
+pub fn docker_image_build(cmd: &mut Command) -> bool {
+    let lock = std::fs::File::create("/tmp/outpost-test-image.lock").expect("lock file");
+    let _held = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
+        .expect("lock the image build");
+    cmd.status().is_ok_and(|s| s.success())
+}
