@@ -2,7 +2,8 @@
 //! the `outpost` binary under test) runs against a coordinator on this
 //! host, with the engine's socket and its work dir mounted at the host's
 //! path, so its Docker actions run in sibling containers; started with
-//! `--memory 2g --cpus 1`, it advertises 2 GiB and 1 CPU.
+//! `--memory 2g --cpus 1`, it advertises 2 GiB and 1 CPU. The
+//! coordinator's image serves as a non-root user with its data volume.
 //!
 //! Without a Docker engine the test says so loudly and passes, unless
 //! `OUTPOST_REQUIRE_DOCKER=1` (as `scripts/test.sh` sets), where it fails.
@@ -15,7 +16,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{ActionSpec, Agent, Coordinator, tempdir};
+use common::{ActionSpec, Agent, Coordinator, blob, free_port, tempdir};
 
 const TOOLCHAIN: &str = "outpost-test-toolchain:1";
 const TAG: &str = "test";
@@ -184,4 +185,75 @@ async fn the_agent_image_runs_docker_actions_within_its_container_limits() {
         "the input root is at the host's path: {}",
         ran.stdout
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_coordinator_image_serves_from_its_volume() {
+    if !docker_ready() {
+        return;
+    }
+    let cleanup = Cleanup {
+        container: format!("outpost-coordinator-test-{}", std::process::id()),
+        agent_id: None,
+    };
+    let listen = format!("127.0.0.1:{}", free_port());
+    let started = Command::new("docker")
+        .args([
+            "run",
+            "-d",
+            "--rm",
+            "--name",
+            &cleanup.container,
+            "--network",
+            "host",
+            &format!("outpost-coordinator:{TAG}"),
+            "--listen",
+            &listen,
+            "--data-dir",
+            "/var/lib/outpost",
+        ])
+        .output()
+        .expect("docker run");
+    assert!(
+        started.status.success(),
+        "{}",
+        String::from_utf8_lossy(&started.stderr)
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let logs = Command::new("docker")
+            .args(["logs", &cleanup.container])
+            .output()
+            .expect("docker logs");
+        if String::from_utf8_lossy(&logs.stderr).contains("coordinator listening on") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the coordinator's container did not start listening: {}",
+            String::from_utf8_lossy(&logs.stderr)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Not root: the data directory in the volume is the image's user's.
+    let inspect = Command::new("docker")
+        .args([
+            "inspect",
+            "--format",
+            "{{.Config.User}}",
+            &cleanup.container,
+        ])
+        .output()
+        .expect("docker inspect");
+    assert_eq!(
+        String::from_utf8_lossy(&inspect.stdout).trim(),
+        "10001:10001"
+    );
+
+    // A blob written lands in the volume and is found again.
+    let mut client = common::Client::connect(&format!("http://{listen}")).await;
+    let (digest, data) = blob(7, 100_000);
+    client.upload(&digest, data.clone()).await;
+    assert!(client.find_missing(&[digest]).await.is_empty());
+    assert_eq!(client.download(&digest).await.expect("read"), data);
 }
