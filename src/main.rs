@@ -31,6 +31,9 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+// Parsed once and matched at once: the size of the largest variant costs
+// nothing.
+#[allow(clippy::large_enum_variant)]
 enum Command {
     /// Run the coordinator: the REAPI endpoint, CAS, Action Cache and queue.
     Coordinator(CoordinatorCommand),
@@ -176,6 +179,13 @@ struct AgentArgs {
     /// File of registry credentials in Docker's config.json format (auths) [default: none].
     #[arg(long, env = "OUTPOST_DOCKER_REGISTRY_AUTH")]
     docker_registry_auth: Option<PathBuf>,
+    /// An image to pull when the agent starts, in the background (repeatable) [default: none].
+    #[arg(
+        long = "docker-image-at-start",
+        env = "OUTPOST_DOCKER_IMAGES_AT_START",
+        value_delimiter = ','
+    )]
+    docker_images_at_start: Vec<String>,
     /// Log filter [default: info].
     #[arg(long, env = "OUTPOST_LOG")]
     log: Option<String>,
@@ -246,6 +256,9 @@ impl AgentArgs {
         overlay(&mut config.docker_allow_root, self.docker_allow_root);
         if self.docker_registry_auth.is_some() {
             config.docker_registry_auth = self.docker_registry_auth.clone();
+        }
+        if !self.docker_images_at_start.is_empty() {
+            config.docker_images_at_start = self.docker_images_at_start.clone();
         }
         overlay(&mut config.log, self.log.clone());
         if self.token_file.is_some() {

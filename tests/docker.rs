@@ -1052,3 +1052,66 @@ async fn a_registry_that_wants_a_login_gets_the_configured_credentials() {
     assert_eq!(ran.stdout, "pulled with a login\n");
     docker(&["rmi", &image]);
 }
+
+/// `docker_images_at_start` are pulled in the background when the agent
+/// starts: it registers without waiting for them (one comes from a
+/// "registry" that never answers), and a pull that fails is logged with
+/// the image and the registry's reason.
+#[tokio::test(flavor = "multi_thread")]
+async fn images_at_start_are_pulled_in_the_background() {
+    if !docker_ready() {
+        return;
+    }
+    let Some(registry) = Registry::start() else {
+        return;
+    };
+    let image = format!("127.0.0.1:{}/outpost-at-start:1", registry.port);
+    docker(&["tag", IMAGE, &image]);
+    docker(&["push", &image]);
+    docker(&["rmi", &image]);
+    let missing = format!("127.0.0.1:{}/outpost-at-start:no-such-tag", registry.port);
+    // Accepts connections and never answers.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("listen");
+    let hanging = format!(
+        "127.0.0.1:{}/outpost-at-start:1",
+        silent.local_addr().expect("addr").port()
+    );
+    let started = Instant::now();
+    let list = format!("{hanging},docker://{image},{missing}");
+    let Some(mut f) = Fleet::ready(As::Root, &["--docker-image-at-start", &list]).await else {
+        return;
+    };
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "registered without waiting for the pulls: {:?}",
+        started.elapsed()
+    );
+    f.agent()
+        .wait_for(
+            &format!("image {image} from docker_images_at_start is ready"),
+            Duration::from_secs(60),
+        )
+        .await;
+    assert!(
+        Command::new("docker")
+            .args(["image", "inspect", &image])
+            .output()
+            .expect("docker")
+            .status
+            .success()
+    );
+    let failed = format!("image {missing} from docker_images_at_start could not be pulled");
+    f.agent().wait_for(&failed, Duration::from_secs(30)).await;
+    assert_eq!(
+        f.agent()
+            .count(&format!("{failed}: cannot pull image {missing}")),
+        1
+    );
+    // An action wanting it finds it there.
+    let ran = f
+        .run(&in_named(&format!("docker://{image}"), "echo already here"))
+        .await;
+    ok(&ran);
+    docker(&["rmi", &image]);
+    drop(silent);
+}

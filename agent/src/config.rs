@@ -72,6 +72,10 @@ pub struct Config {
     /// `auths` map, as `docker login` writes it): pulls from a registry it
     /// names send its credentials.
     pub docker_registry_auth: Option<PathBuf>,
+    /// Images pulled when the agent starts (in the background, as
+    /// `docker_pull_policy` says), so the first actions wanting them do not
+    /// wait.
+    pub docker_images_at_start: Vec<String>,
     /// Log filter.
     pub log: String,
     /// File whose first line is this agent's token for the coordinator.
@@ -141,6 +145,7 @@ impl Default for Config {
             docker_network: false,
             docker_allow_root: false,
             docker_registry_auth: None,
+            docker_images_at_start: Vec::new(),
             log: "info".to_owned(),
             token_file: None,
             tls_ca: None,
@@ -207,6 +212,16 @@ impl Config {
         if let Some(image) = &self.docker_default_image {
             outpost_proto::platform::image_reference(image)
                 .map_err(|e| anyhow::anyhow!("docker_default_image: {e}"))?;
+        }
+        for image in &self.docker_images_at_start {
+            outpost_proto::platform::image_reference(image)
+                .map_err(|e| anyhow::anyhow!("docker_images_at_start: {e}"))?;
+        }
+        if !self.docker_images_at_start.is_empty() && self.docker_pull_policy == PullPolicy::Never {
+            anyhow::bail!(
+                "docker_images_at_start names images but docker_pull_policy is never; pull \
+                 them on the host yourself, or set docker_pull_policy to missing"
+            );
         }
         if !self.docker_socket.is_absolute() {
             anyhow::bail!(
@@ -293,6 +308,17 @@ mod tests {
             ..Config::default()
         };
         c.validate().expect("docker is known");
+        let c = Config {
+            docker_images_at_start: vec!["gcc:12".into()],
+            docker_pull_policy: PullPolicy::Never,
+            ..Config::default()
+        };
+        assert!(c.validate().is_err());
+        let c = Config {
+            docker_images_at_start: vec!["oci://gcc".into()],
+            ..Config::default()
+        };
+        assert!(c.validate().is_err());
         assert!("sometimes".parse::<PullPolicy>().is_err());
     }
 }

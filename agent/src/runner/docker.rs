@@ -134,19 +134,14 @@ pub struct Docker {
     version: String,
     agent_id: String,
     default_image: Option<String>,
-    pull_policy: PullPolicy,
     allowed: Vec<String>,
     allow_network: bool,
     allow_root: bool,
-    /// The file of registry credentials, read at every pull (a rotated
-    /// secret is used from the next pull on).
-    registry_auth: Option<PathBuf>,
+    images: Arc<Images>,
     /// `uid:gid` of the agent: who actions run as unless they ask.
     agent_user: String,
     agent_is_root: bool,
     limits: RwLock<Limits>,
-    /// Pulls in flight, by image: callers of one image share one pull.
-    pulls: Mutex<HashMap<String, PullCell>>,
     pub metrics: Metrics,
 }
 
@@ -198,6 +193,16 @@ impl Docker {
             )
         })?;
         let long = engine.clone().with_timeout(LONG_TIMEOUT);
+        let metrics = Metrics::default();
+        let images = Arc::new(Images {
+            engine: engine.clone(),
+            long: long.clone(),
+            socket: socket.clone(),
+            pull_policy: config.docker_pull_policy,
+            registry_auth: config.docker_registry_auth.clone(),
+            pulls: Mutex::new(HashMap::new()),
+            metrics: metrics.clone(),
+        });
         let (uid, gid) = {
             use std::os::unix::fs::MetadataExt;
             let me = std::fs::metadata("/proc/self")
@@ -216,18 +221,16 @@ impl Docker {
                 .map(|i| outpost_proto::platform::image_reference(i).map(str::to_owned))
                 .transpose()
                 .map_err(|e| anyhow::anyhow!("docker_default_image: {e}"))?,
-            pull_policy: config.docker_pull_policy,
             allowed: config.docker_allowed_images.clone(),
             allow_network: config.docker_network,
             allow_root: config.docker_allow_root,
-            registry_auth: config.docker_registry_auth.clone(),
+            images,
             agent_user: format!("{uid}:{gid}"),
             agent_is_root: uid == 0,
             limits: RwLock::new(limits_of(config)),
-            pulls: Mutex::new(HashMap::new()),
-            metrics: Metrics::default(),
+            metrics,
         };
-        if let Some(path) = &docker.registry_auth {
+        if let Some(path) = &docker.images.registry_auth {
             let registries = read_registry_auth(path)
                 .map_err(|e| anyhow::anyhow!("docker_registry_auth: {e}"))?;
             tracing::info!(
@@ -252,9 +255,17 @@ impl Docker {
         tracing::info!(
             socket = %docker.socket.display(),
             engine = %docker.version,
-            pull_policy = ?docker.pull_policy,
+            pull_policy = ?docker.images.pull_policy,
             "docker ready"
         );
+        let at_start = config
+            .docker_images_at_start
+            .iter()
+            .map(|i| outpost_proto::platform::image_reference(i).map(with_tag))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| anyhow::anyhow!("docker_images_at_start: {e}"))?;
+        // In the background: the agent registers meanwhile.
+        docker.images.pull_at_start(at_start);
         Ok(docker)
     }
 
@@ -325,6 +336,102 @@ impl Docker {
         Ok(user)
     }
 
+    /// The container's definition for `run`.
+    fn definition(&self, run: &Run<'_>, image: String, user: String) -> ContainerCreateBody {
+        let options = run.options.container.clone().unwrap_or_default();
+        let limits = *self.limits.read().unwrap_or_else(|e| e.into_inner());
+        let memory = options.memory.filter(|m| *m > 0).or(limits.memory);
+        let cpu_millis = options.cpu_millis.filter(|c| *c > 0).or(limits.cpu_millis);
+        let bind = |host: &Path, read_only: bool| Mount {
+            target: Some(host.to_string_lossy().into_owned()),
+            source: Some(host.to_string_lossy().into_owned()),
+            typ: Some(MountType::BIND),
+            read_only: Some(read_only),
+            bind_options: Some(MountBindOptions {
+                propagation: Some(MountBindOptionsPropagationEnum::RPRIVATE),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let mut mounts = vec![bind(run.root, false)];
+        mounts.extend(
+            read_only_paths(run.inputs.iter().map(PathBuf::as_path), &run.writable)
+                .iter()
+                .map(|p| bind(&run.root.join(p), true)),
+        );
+        let lease = run
+            .dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        ContainerCreateBody {
+            image: Some(image),
+            // The Command's argv exactly: no entrypoint of the image.
+            entrypoint: Some(Vec::new()),
+            cmd: Some(run.argv.to_vec()),
+            env: Some(run.env.clone()),
+            working_dir: Some(run.root.join(run.workdir).to_string_lossy().into_owned()),
+            user: Some(user),
+            labels: Some(HashMap::from([
+                (AGENT_LABEL.to_owned(), self.agent_id.clone()),
+                (LEASE_LABEL.to_owned(), lease),
+            ])),
+            attach_stdin: Some(false),
+            attach_stdout: Some(true),
+            attach_stderr: Some(true),
+            open_stdin: Some(false),
+            tty: Some(false),
+            network_disabled: Some(!run.options.network),
+            host_config: Some(HostConfig {
+                mounts: Some(mounts),
+                network_mode: Some(
+                    if run.options.network {
+                        "bridge"
+                    } else {
+                        "none"
+                    }
+                    .into(),
+                ),
+                privileged: Some(false),
+                cap_drop: Some(vec!["ALL".into()]),
+                security_opt: Some(vec!["no-new-privileges".into()]),
+                memory: memory.map(|m| i64::try_from(m).unwrap_or(i64::MAX)),
+                // No swap beyond the memory bound.
+                memory_swap: memory.map(|m| i64::try_from(m).unwrap_or(i64::MAX)),
+                nano_cpus: cpu_millis
+                    .map(|c| i64::try_from(c.saturating_mul(1_000_000)).unwrap_or(i64::MAX)),
+                pids_limit: limits.pids.map(|p| i64::try_from(p).unwrap_or(i64::MAX)),
+                init: Some(options.init),
+                // The agent reads the output as it comes; the engine keeps
+                // no copy.
+                log_config: Some(HostConfigLogConfig {
+                    typ: Some("none".into()),
+                    config: None,
+                }),
+                auto_remove: Some(false),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+}
+
+/// The backend's images: look-ups and pulls (callers of one image share
+/// one pull), for actions and for the pulls at start.
+struct Images {
+    engine: bollard::Docker,
+    long: bollard::Docker,
+    socket: PathBuf,
+    pull_policy: PullPolicy,
+    /// The file of registry credentials, read at every pull (a rotated
+    /// secret is used from the next pull on).
+    registry_auth: Option<PathBuf>,
+    /// Pulls in flight, by image: callers of one image share one pull.
+    pulls: Mutex<HashMap<String, PullCell>>,
+    metrics: Metrics,
+}
+
+impl Images {
     /// Makes sure the engine has `image`, pulling it as the policy says;
     /// callers asking for one image at once share one pull.
     async fn ensure_image(&self, image: &str) -> Result<(), Error> {
@@ -468,82 +575,20 @@ impl Docker {
             .inc();
     }
 
-    /// The container's definition for `run`.
-    fn definition(&self, run: &Run<'_>, image: String, user: String) -> ContainerCreateBody {
-        let options = run.options.container.clone().unwrap_or_default();
-        let limits = *self.limits.read().unwrap_or_else(|e| e.into_inner());
-        let memory = options.memory.filter(|m| *m > 0).or(limits.memory);
-        let cpu_millis = options.cpu_millis.filter(|c| *c > 0).or(limits.cpu_millis);
-        let bind = |host: &Path, read_only: bool| Mount {
-            target: Some(host.to_string_lossy().into_owned()),
-            source: Some(host.to_string_lossy().into_owned()),
-            typ: Some(MountType::BIND),
-            read_only: Some(read_only),
-            bind_options: Some(MountBindOptions {
-                propagation: Some(MountBindOptionsPropagationEnum::RPRIVATE),
-                ..Default::default()
-            }),
-            ..Default::default()
-        };
-        let mut mounts = vec![bind(run.root, false)];
-        mounts.extend(
-            read_only_paths(run.inputs.iter().map(PathBuf::as_path), &run.writable)
-                .iter()
-                .map(|p| bind(&run.root.join(p), true)),
-        );
-        let lease = run
-            .dir
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        ContainerCreateBody {
-            image: Some(image),
-            // The Command's argv exactly: no entrypoint of the image.
-            entrypoint: Some(Vec::new()),
-            cmd: Some(run.argv.to_vec()),
-            env: Some(run.env.clone()),
-            working_dir: Some(run.root.join(run.workdir).to_string_lossy().into_owned()),
-            user: Some(user),
-            labels: Some(HashMap::from([
-                (AGENT_LABEL.to_owned(), self.agent_id.clone()),
-                (LEASE_LABEL.to_owned(), lease),
-            ])),
-            attach_stdin: Some(false),
-            attach_stdout: Some(true),
-            attach_stderr: Some(true),
-            open_stdin: Some(false),
-            tty: Some(false),
-            network_disabled: Some(!run.options.network),
-            host_config: Some(HostConfig {
-                mounts: Some(mounts),
-                network_mode: Some(
-                    if run.options.network {
-                        "bridge"
-                    } else {
-                        "none"
-                    }
-                    .into(),
-                ),
-                privileged: Some(false),
-                cap_drop: Some(vec!["ALL".into()]),
-                security_opt: Some(vec!["no-new-privileges".into()]),
-                memory: memory.map(|m| i64::try_from(m).unwrap_or(i64::MAX)),
-                // No swap beyond the memory bound.
-                memory_swap: memory.map(|m| i64::try_from(m).unwrap_or(i64::MAX)),
-                nano_cpus: cpu_millis
-                    .map(|c| i64::try_from(c.saturating_mul(1_000_000)).unwrap_or(i64::MAX)),
-                pids_limit: limits.pids.map(|p| i64::try_from(p).unwrap_or(i64::MAX)),
-                init: Some(options.init),
-                // The agent reads the output as it comes; the engine keeps
-                // no copy.
-                log_config: Some(HostConfigLogConfig {
-                    typ: Some("none".into()),
-                    config: None,
-                }),
-                auto_remove: Some(false),
-                ..Default::default()
-            }),
-            ..Default::default()
+    /// Pulls `images` (each on its own, so one registry that does not
+    /// answer holds up no other), saying in the log how each went.
+    fn pull_at_start(self: &Arc<Self>, images: Vec<String>) {
+        for image in images {
+            let images = Arc::clone(self);
+            tokio::spawn(async move {
+                match images.ensure_image(&image).await {
+                    Ok(()) => tracing::info!("image {image} from docker_images_at_start is ready"),
+                    Err(e) => tracing::warn!(
+                        "image {image} from docker_images_at_start could not be pulled: {e}; \
+                         actions that need it try again"
+                    ),
+                }
+            });
         }
     }
 }
@@ -816,7 +861,7 @@ impl Backend for Docker {
             }
         }
         let began = Instant::now();
-        self.ensure_image(&image).await?;
+        self.images.ensure_image(&image).await?;
         let imaged = Instant::now();
         let memory_limit =
             options
