@@ -186,6 +186,9 @@ struct AgentArgs {
         value_delimiter = ','
     )]
     docker_images_at_start: Vec<String>,
+    /// Bound on the images this agent pulled, unused ones removed past it; 0: never [default: 20GiB].
+    #[arg(long, env = "OUTPOST_DOCKER_IMAGE_CACHE_SIZE")]
+    docker_image_cache_size: Option<ByteSize>,
     /// Log filter [default: info].
     #[arg(long, env = "OUTPOST_LOG")]
     log: Option<String>,
@@ -260,6 +263,10 @@ impl AgentArgs {
         if !self.docker_images_at_start.is_empty() {
             config.docker_images_at_start = self.docker_images_at_start.clone();
         }
+        overlay(
+            &mut config.docker_image_cache_size,
+            self.docker_image_cache_size,
+        );
         overlay(&mut config.log, self.log.clone());
         if self.token_file.is_some() {
             config.token_file = self.token_file.clone();

@@ -845,6 +845,16 @@ fn docker(args: &[&str]) {
     );
 }
 
+/// The test image pushed to `registry` as `name:1`; only the registry has
+/// it under that name afterwards (the layers stay, as the test image's).
+fn push_test_image(registry: &Registry, name: &str) -> String {
+    let image = format!("127.0.0.1:{}/{name}:1", registry.port);
+    docker(&["tag", IMAGE, &image]);
+    docker(&["push", &image]);
+    docker(&["rmi", &image]);
+    image
+}
+
 /// Images are pulled on demand from a real registry (on loopback): actions
 /// that ask for one missing image at once share one pull, and a tag the
 /// registry does not have fails the action at once, naming it.
@@ -856,12 +866,7 @@ async fn an_image_is_pulled_once_for_actions_that_want_it_at_once() {
     let Some(registry) = Registry::start() else {
         return;
     };
-    let image = format!("127.0.0.1:{}/outpost-pull-test:1", registry.port);
-    docker(&["tag", IMAGE, &image]);
-    docker(&["push", &image]);
-    // Only the registry has it under that name now (the layers stay, as
-    // the test image's).
-    docker(&["rmi", &image]);
+    let image = push_test_image(&registry, "outpost-pull-test");
     let metrics = format!("127.0.0.1:{}", common::free_port());
     let Some(f) = Fleet::ready(As::Root, &["--slots", "3", "--metrics-listen", &metrics]).await
     else {
@@ -1065,10 +1070,7 @@ async fn images_at_start_are_pulled_in_the_background() {
     let Some(registry) = Registry::start() else {
         return;
     };
-    let image = format!("127.0.0.1:{}/outpost-at-start:1", registry.port);
-    docker(&["tag", IMAGE, &image]);
-    docker(&["push", &image]);
-    docker(&["rmi", &image]);
+    let image = push_test_image(&registry, "outpost-at-start");
     let missing = format!("127.0.0.1:{}/outpost-at-start:no-such-tag", registry.port);
     // Accepts connections and never answers.
     let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("listen");
@@ -1114,4 +1116,122 @@ async fn images_at_start_are_pulled_in_the_background() {
     ok(&ran);
     docker(&["rmi", &image]);
     drop(silent);
+}
+
+/// The size the engine gives `image`.
+fn image_size(image: &str) -> u64 {
+    let out = Command::new("docker")
+        .args(["image", "inspect", "--format", "{{.Size}}", image])
+        .output()
+        .expect("docker image inspect");
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .expect("a size")
+}
+
+fn image_exists(image: &str) -> bool {
+    Command::new("docker")
+        .args(["image", "inspect", image])
+        .output()
+        .expect("docker")
+        .status
+        .success()
+}
+
+/// An image of the test image and one small file of its own, pushed to
+/// `registry` as `name` and removed from the engine.
+fn push_variant(registry: &Registry, name: &str) -> String {
+    let dir = tempdir();
+    std::fs::write(dir.path().join("own"), name.repeat(10_000)).expect("file");
+    std::fs::write(
+        dir.path().join("Dockerfile"),
+        format!("FROM {IMAGE}\nCOPY own /own\n"),
+    )
+    .expect("Dockerfile");
+    let image = format!("127.0.0.1:{}/{name}:1", registry.port);
+    docker(&[
+        "build",
+        "-q",
+        "-t",
+        &image,
+        dir.path().to_str().expect("utf-8"),
+    ]);
+    docker(&["push", &image]);
+    docker(&["rmi", &image]);
+    image
+}
+
+/// Past `docker_image_cache_size`, the images this agent pulled that no
+/// action uses are removed, least recently used first; an image in use
+/// stays, and images it did not pull (the test image) are never removed.
+#[tokio::test(flavor = "multi_thread")]
+async fn images_this_agent_pulled_are_removed_past_the_bound() {
+    if !docker_ready() {
+        return;
+    }
+    let Some(registry) = Registry::start() else {
+        return;
+    };
+    let first = push_variant(&registry, "outpost-gc-first");
+    let second = push_variant(&registry, "outpost-gc-second");
+    // Room for one of them, not for both.
+    let bound = image_size(IMAGE) * 3 / 2;
+    let metrics = format!("127.0.0.1:{}", common::free_port());
+    let Some(f) = Fleet::ready(
+        As::Root,
+        &[
+            "--slots",
+            "2",
+            "--metrics-listen",
+            &metrics,
+            "--docker-image-cache-size",
+            &bound.to_string(),
+            "--docker-image-at-start",
+            &first,
+        ],
+    )
+    .await
+    else {
+        return;
+    };
+    f.agent()
+        .wait_for(
+            &format!("image {first} from docker_images_at_start is ready"),
+            Duration::from_secs(60),
+        )
+        .await;
+    assert!(image_size(&first) <= bound && image_size(&first) * 2 > bound);
+    // The first, least recently used, is in use while the second is
+    // pulled and used: the second, once its action is done, is what goes.
+    let id = f.agent().id();
+    let mut client = f.client.clone();
+    let long = in_named(&format!("docker://{first}"), "sleep 12; echo first");
+    let running = tokio::spawn(async move { client.run(&long).await });
+    eventually(
+        "the first image's action starting",
+        Duration::from_secs(30),
+        || !containers_of(&id).is_empty(),
+    )
+    .await;
+    let mut client = f.client.clone();
+    let ran = client
+        .run(&in_named(&format!("docker://{second}"), "echo second"))
+        .await;
+    ok(&ran);
+    let ran = running.await.expect("join");
+    ok(&ran);
+    assert_eq!(ran.stdout, "first\n");
+    eventually("removing the second image", Duration::from_secs(20), || {
+        !image_exists(&second)
+    })
+    .await;
+    assert!(image_exists(&first), "the image in use stays");
+    assert!(image_exists(IMAGE), "an image the agent did not pull stays");
+    assert_eq!(
+        agent_metric(&metrics, "outpost_agent_docker_images_removed_total"),
+        1.0
+    );
+    docker(&["rmi", &first]);
 }

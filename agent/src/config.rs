@@ -76,6 +76,10 @@ pub struct Config {
     /// `docker_pull_policy` says), so the first actions wanting them do not
     /// wait.
     pub docker_images_at_start: Vec<String>,
+    /// Bound on the total size of the images this agent pulled: past it,
+    /// those no action uses are removed, least recently used first. 0:
+    /// never removed. Images it did not pull are never removed.
+    pub docker_image_cache_size: ByteSize,
     /// Log filter.
     pub log: String,
     /// File whose first line is this agent's token for the coordinator.
@@ -146,6 +150,7 @@ impl Default for Config {
             docker_allow_root: false,
             docker_registry_auth: None,
             docker_images_at_start: Vec::new(),
+            docker_image_cache_size: ByteSize(20 << 30),
             log: "info".to_owned(),
             token_file: None,
             tls_ca: None,

@@ -54,6 +54,11 @@ impl Metrics {
                 "Seconds spent pulling images",
                 docker.pull_seconds,
             );
+            registry.register(
+                "docker_images_removed",
+                "Images this agent pulled and removed to keep within docker_image_cache_size",
+                docker.images_removed,
+            );
         }
         if let Some(starts) = spawner_starts {
             registry.register(

@@ -22,13 +22,19 @@
 //!   seccomp profile, no devices, never the engine's socket; network `none`
 //!   unless the action asks for `bridge` and `docker_network` allows it;
 //!   memory, CPU and pids bounded.
+//! - The images this agent pulled (and only those) are kept within
+//!   `docker_image_cache_size`: past it, those no action is using are
+//!   removed, least recently used first. Which they are is kept in the
+//!   work directory, so a restarted agent still knows.
 //! - Every container carries the agent's id as a label: those a killed
 //!   agent left behind are removed when it starts again. A container is
 //!   removed when its action ends, times out or is cancelled.
 
+use std::collections::BTreeMap;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -41,7 +47,8 @@ use bollard::models::{
 };
 use bollard::query_parameters::{
     AttachContainerOptionsBuilder, CreateImageOptionsBuilder, KillContainerOptionsBuilder,
-    ListContainersOptionsBuilder, RemoveContainerOptionsBuilder, WaitContainerOptionsBuilder,
+    ListContainersOptionsBuilder, RemoveContainerOptionsBuilder, RemoveImageOptionsBuilder,
+    WaitContainerOptionsBuilder,
 };
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -101,6 +108,8 @@ pub struct Metrics {
     pub pulls: Family<PullLabels, Counter>,
     /// Seconds spent pulling images.
     pub pull_seconds: Counter<f64, std::sync::atomic::AtomicU64>,
+    /// Images removed to keep within `docker_image_cache_size`.
+    pub images_removed: Counter,
 }
 
 /// Why an image could not be had: the action's fault (the registry does
@@ -194,6 +203,7 @@ impl Docker {
         })?;
         let long = engine.clone().with_timeout(LONG_TIMEOUT);
         let metrics = Metrics::default();
+        let record = config.work_dir.join("docker-images.json");
         let images = Arc::new(Images {
             engine: engine.clone(),
             long: long.clone(),
@@ -202,6 +212,11 @@ impl Docker {
             registry_auth: config.docker_registry_auth.clone(),
             pulls: Mutex::new(HashMap::new()),
             metrics: metrics.clone(),
+            cache_size: config.docker_image_cache_size.0,
+            pulled: Mutex::new(Images::load_record(&record)),
+            record,
+            collecting: tokio::sync::Mutex::new(()),
+            over: AtomicBool::new(false),
         });
         let (uid, gid) = {
             use std::os::unix::fs::MetadataExt;
@@ -266,6 +281,7 @@ impl Docker {
             .map_err(|e| anyhow::anyhow!("docker_images_at_start: {e}"))?;
         // In the background: the agent registers meanwhile.
         docker.images.pull_at_start(at_start);
+        tokio::spawn(Arc::clone(&docker.images).collect());
         Ok(docker)
     }
 
@@ -429,13 +445,73 @@ struct Images {
     /// Pulls in flight, by image: callers of one image share one pull.
     pulls: Mutex<HashMap<String, PullCell>>,
     metrics: Metrics,
+    /// Bound on the total size of the images this agent pulled; 0: none.
+    cache_size: u64,
+    /// The images this agent pulled, and which are in use.
+    pulled: Mutex<Pulled>,
+    /// Where `pulled` is kept across restarts.
+    record: PathBuf,
+    /// One collection at a time.
+    collecting: tokio::sync::Mutex<()>,
+    /// The last collection stayed past the bound (what it would have
+    /// removed was in use): the next image given back collects again.
+    over: AtomicBool,
+}
+
+/// The images this agent pulled, by reference, with when an action last
+/// used each (Unix milliseconds).
+#[derive(Default, serde::Serialize, serde::Deserialize)]
+struct Pulled {
+    images: BTreeMap<String, u64>,
+    #[serde(skip)]
+    in_use: HashMap<String, usize>,
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// An action's use of its image: while it lasts, the image is not
+/// collected.
+struct ImageUse {
+    images: Arc<Images>,
+    image: String,
+}
+
+impl Drop for ImageUse {
+    fn drop(&mut self) {
+        {
+            let mut pulled = self.images.pulled();
+            if let Some(n) = pulled.in_use.get_mut(&self.image) {
+                *n -= 1;
+                if *n == 0 {
+                    pulled.in_use.remove(&self.image);
+                }
+            }
+            if let Some(used) = pulled.images.get_mut(&self.image) {
+                *used = now_ms();
+            }
+        }
+        if self.images.over.load(Ordering::Relaxed)
+            && let Ok(handle) = tokio::runtime::Handle::try_current()
+        {
+            handle.spawn(Arc::clone(&self.images).collect());
+        }
+    }
 }
 
 impl Images {
     /// Makes sure the engine has `image`, pulling it as the policy says;
     /// callers asking for one image at once share one pull.
-    async fn ensure_image(&self, image: &str) -> Result<(), Error> {
-        if self.pull_policy != PullPolicy::Always {
+    async fn ensure_image(self: &Arc<Self>, image: &str) -> Result<(), Error> {
+        // Under `always`, an image the engine had before is this agent's
+        // only if it pulled it then.
+        let mut had = false;
+        if self.pull_policy == PullPolicy::Always {
+            had = self.engine.inspect_image(image).await.is_ok();
+        } else {
             match self.engine.inspect_image(image).await {
                 Ok(_) => {
                     self.count_pull("hit");
@@ -469,7 +545,7 @@ impl Images {
         let result = cell
             .get_or_init(|| {
                 pulled_here = true;
-                self.pull(image)
+                self.pull(image, !had)
             })
             .await
             .clone();
@@ -484,7 +560,9 @@ impl Images {
         result.map_err(|f| f.error())
     }
 
-    async fn pull(&self, image: &str) -> Result<(), PullFailure> {
+    /// Pulls `image`; `ours`: the engine did not have it, so it counts
+    /// among the images this agent pulled.
+    async fn pull(self: &Arc<Self>, image: &str, ours: bool) -> Result<(), PullFailure> {
         let started = Instant::now();
         let credentials = match &self.registry_auth {
             None => None,
@@ -563,6 +641,18 @@ impl Images {
             }
             None => {
                 self.count_pull("miss");
+                if ours {
+                    self.pulled()
+                        .images
+                        .entry(image.to_owned())
+                        .or_insert_with(now_ms);
+                }
+                if self.cache_size > 0 {
+                    // It saves the record too.
+                    tokio::spawn(Arc::clone(self).collect());
+                } else if ours {
+                    self.save_record();
+                }
                 Ok(())
             }
         }
@@ -573,6 +663,138 @@ impl Images {
             .pulls
             .get_or_create(&PullLabels { outcome })
             .inc();
+    }
+
+    fn pulled(&self) -> std::sync::MutexGuard<'_, Pulled> {
+        self.pulled.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Marks `image` in use by an action until the returned guard goes.
+    fn hold(self: &Arc<Self>, image: &str) -> ImageUse {
+        let mut pulled = self.pulled();
+        *pulled.in_use.entry(image.to_owned()).or_default() += 1;
+        if let Some(used) = pulled.images.get_mut(image) {
+            *used = now_ms();
+        }
+        ImageUse {
+            images: Arc::clone(self),
+            image: image.to_owned(),
+        }
+    }
+
+    /// The images this agent pulled, as a previous run left them.
+    fn load_record(path: &Path) -> Pulled {
+        match std::fs::read(path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+                tracing::warn!(
+                    "{} is not a record of pulled images ({e}); starting a new one",
+                    path.display()
+                );
+                Pulled::default()
+            }),
+            Err(_) => Pulled::default(),
+        }
+    }
+
+    fn save_record(&self) {
+        let text = {
+            let pulled = self.pulled();
+            serde_json::to_vec(&*pulled).unwrap_or_default()
+        };
+        let tmp = self.record.with_extension("json.tmp");
+        if let Err(e) =
+            std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, &self.record))
+        {
+            tracing::warn!(
+                "cannot keep the record of pulled images in {}: {e}",
+                self.record.display()
+            );
+        }
+    }
+
+    fn forget(&self, image: &str) {
+        self.pulled().images.remove(image);
+    }
+
+    /// Keeps the images this agent pulled within `docker_image_cache_size`:
+    /// past it, removes those no action is using, least recently used
+    /// first. The engine refuses to remove an image any container uses.
+    async fn collect(self: Arc<Self>) {
+        if self.cache_size == 0 {
+            return;
+        }
+        let _one = self.collecting.lock().await;
+        let known: Vec<(String, u64)> = self
+            .pulled()
+            .images
+            .iter()
+            .map(|(i, u)| (i.clone(), *u))
+            .collect();
+        let mut sized = Vec::new();
+        let mut total = 0u64;
+        for (image, used) in known {
+            match self.engine.inspect_image(&image).await {
+                Ok(found) => {
+                    let size = u64::try_from(found.size.unwrap_or(0)).unwrap_or(0);
+                    total = total.saturating_add(size);
+                    sized.push((image, used, size));
+                }
+                // Removed by someone else.
+                Err(EngineError::DockerResponseServerError {
+                    status_code: 404, ..
+                }) => self.forget(&image),
+                Err(e) => {
+                    tracing::warn!(
+                        "cannot size image {image} to keep docker_image_cache_size: {e}"
+                    );
+                    return;
+                }
+            }
+        }
+        sized.sort_by_key(|(_, used, _)| *used);
+        for (image, _, size) in sized {
+            if total <= self.cache_size {
+                break;
+            }
+            if self.pulled().in_use.contains_key(&image) {
+                continue;
+            }
+            match self
+                .engine
+                .remove_image(
+                    &image,
+                    Some(RemoveImageOptionsBuilder::new().force(false).build()),
+                    None,
+                )
+                .await
+            {
+                Ok(_) => {
+                    total -= size;
+                    self.forget(&image);
+                    self.metrics.images_removed.inc();
+                    tracing::info!(
+                        "removed image {image} ({} MiB), the least recently used of the images \
+                         this agent pulled, to keep them within docker_image_cache_size ({} MiB)",
+                        size >> 20,
+                        self.cache_size >> 20
+                    );
+                }
+                Err(EngineError::DockerResponseServerError {
+                    status_code: 404, ..
+                }) => {
+                    total -= size;
+                    self.forget(&image);
+                }
+                // A container (not an action's) uses it.
+                Err(EngineError::DockerResponseServerError {
+                    status_code: 409,
+                    message,
+                }) => tracing::debug!("image {image} is in use: {message}"),
+                Err(e) => tracing::warn!("cannot remove image {image}: {e}"),
+            }
+        }
+        self.over.store(total > self.cache_size, Ordering::Relaxed);
+        self.save_record();
     }
 
     /// Pulls `images` (each on its own, so one registry that does not
@@ -861,6 +1083,7 @@ impl Backend for Docker {
             }
         }
         let began = Instant::now();
+        let image_use = self.images.hold(&image);
         self.images.ensure_image(&image).await?;
         let imaged = Instant::now();
         let memory_limit =
@@ -903,6 +1126,7 @@ impl Backend for Docker {
             oom_killed: false,
             memory_limit,
             removed: false,
+            image_use: Some(image_use),
             give_back: (other_user && !self.agent_is_root).then(|| GiveBack {
                 image: image.clone(),
                 mounts,
@@ -982,6 +1206,8 @@ struct Container {
     oom_killed: bool,
     memory_limit: Option<u64>,
     removed: bool,
+    /// Its image's use, given back once the container is gone.
+    image_use: Option<ImageUse>,
     /// An action of another user on a non-root agent: its files go back to
     /// the agent's user.
     give_back: Option<GiveBack>,
@@ -1108,6 +1334,7 @@ impl Drop for Container {
         let (engine, id) = (self.engine.clone(), self.id.clone());
         let give_back = self.give_back.take();
         let long = self.long.clone();
+        let image_use = self.image_use.take();
         self.handle.spawn(async move {
             if let Err(e) = remove(&engine, &id).await {
                 tracing::warn!(container = %id, error = %e, "cannot remove an action's container");
@@ -1115,6 +1342,7 @@ impl Drop for Container {
             if let Some(g) = give_back {
                 g.run(&engine, &long).await;
             }
+            drop(image_use);
         });
     }
 }
