@@ -146,7 +146,17 @@ class Client:
     """REAPI calls over one C-core channel."""
 
     def __init__(self, address):
-        self.channel = grpc.insecure_channel(address)
+        # Reconnect within a second of the coordinator coming back (the
+        # default backoff grows to minutes), so what the client sees while
+        # the coordinator restarts is the restart, not its own backoff.
+        self.channel = grpc.insecure_channel(
+            address,
+            options=[
+                ("grpc.initial_reconnect_backoff_ms", 100),
+                ("grpc.min_reconnect_backoff_ms", 100),
+                ("grpc.max_reconnect_backoff_ms", 1000),
+            ],
+        )
         prefix = "/build.bazel.remote.execution.v2."
         self._batch_update = self.channel.unary_unary(
             prefix + "ContentAddressableStorage/BatchUpdateBlobs"
