@@ -1097,7 +1097,18 @@ impl Backend for Docker {
             .and_then(|h| h.mounts.clone())
             .unwrap_or_default();
         let created = Instant::now();
-        let id = match self.engine.create_container(None, definition).await {
+        let mut made = self.engine.create_container(None, definition.clone()).await;
+        if let Err(EngineError::DockerResponseServerError {
+            status_code: 404, ..
+        }) = &made
+        {
+            // The image went between its look-up and now (removed past
+            // docker_image_cache_size as another action ended, or by hand):
+            // have it again, once.
+            self.images.ensure_image(&image).await?;
+            made = self.engine.create_container(None, definition).await;
+        }
+        let id = match made {
             Ok(created) => created.id,
             Err(EngineError::DockerResponseServerError {
                 status_code,
