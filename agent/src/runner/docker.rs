@@ -1002,6 +1002,48 @@ fn classify_pull(image: &str, socket: &Path, status: Option<u16>, said: &str) ->
     }
 }
 
+/// Creates a container; if the caller gives up while the engine is
+/// creating it (a lease cancelled while its action starts), the container
+/// is removed once the engine has made it, so none is left behind.
+async fn create(
+    engine: &bollard::Docker,
+    body: ContainerCreateBody,
+) -> Result<String, EngineError> {
+    struct Pending {
+        creating: Option<tokio::task::JoinHandle<Result<String, EngineError>>>,
+        engine: bollard::Docker,
+    }
+    impl Drop for Pending {
+        fn drop(&mut self) {
+            let (Some(creating), engine) = (self.creating.take(), self.engine.clone()) else {
+                return;
+            };
+            tokio::spawn(async move {
+                if let Ok(Ok(id)) = creating.await
+                    && let Err(e) = remove(&engine, &id).await
+                {
+                    tracing::warn!(container = %id, error = %e, "cannot remove an action's container");
+                }
+            });
+        }
+    }
+    let mut pending = Pending {
+        creating: Some(tokio::spawn({
+            let engine = engine.clone();
+            async move { engine.create_container(None, body).await.map(|c| c.id) }
+        })),
+        engine: engine.clone(),
+    };
+    let creating = pending.creating.as_mut().expect("set above");
+    let made = creating.await;
+    pending.creating = None;
+    made.unwrap_or_else(|e| {
+        Err(EngineError::IOError {
+            err: std::io::Error::other(e),
+        })
+    })
+}
+
 async fn remove(engine: &bollard::Docker, id: &str) -> Result<(), EngineError> {
     match engine
         .remove_container(
@@ -1097,7 +1139,7 @@ impl Backend for Docker {
             .and_then(|h| h.mounts.clone())
             .unwrap_or_default();
         let created = Instant::now();
-        let mut made = self.engine.create_container(None, definition.clone()).await;
+        let mut made = create(&self.engine, definition.clone()).await;
         if let Err(EngineError::DockerResponseServerError {
             status_code: 404, ..
         }) = &made
@@ -1106,10 +1148,10 @@ impl Backend for Docker {
             // docker_image_cache_size as another action ended, or by hand):
             // have it again, once.
             self.images.ensure_image(&image).await?;
-            made = self.engine.create_container(None, definition).await;
+            made = create(&self.engine, definition).await;
         }
         let id = match made {
-            Ok(created) => created.id,
+            Ok(id) => id,
             Err(EngineError::DockerResponseServerError {
                 status_code,
                 message,
