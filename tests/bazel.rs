@@ -19,18 +19,7 @@ struct Bazel {
 
 impl Bazel {
     fn run(&self, args: &[&str]) -> (bool, String) {
-        let output = Command::new("bazel")
-            .arg(format!("--output_user_root={}", self.output_root.display()))
-            .args(args)
-            .current_dir(&self.workspace)
-            .output()
-            .expect("run bazel");
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        );
-        (output.status.success(), text)
+        common::bazel(&self.workspace, &self.output_root, args)
     }
 
     /// `bazel test //...` against the cache; returns Bazel's process summary.

@@ -22,33 +22,7 @@ const NOBODY: u32 = 65534;
 
 /// Whether the engine answers and the test image is there (built if not).
 fn docker_ready() -> bool {
-    let required = std::env::var("OUTPOST_REQUIRE_DOCKER").is_ok_and(|v| v == "1");
-    let engine = Command::new("docker")
-        .args(["version", "--format", "{{.Server.APIVersion}}"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !engine {
-        assert!(
-            !required,
-            "OUTPOST_REQUIRE_DOCKER=1 but no Docker engine answers"
-        );
-        eprintln!("SKIPPED: no Docker engine answers here; the Docker tests did not run");
-        return false;
-    }
-    // One build at a time across test processes.
-    let lock = std::fs::File::create("/tmp/outpost-test-image.lock").expect("lock file");
-    let _held = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
-        .expect("lock the image build");
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/test-image.sh");
-    let status = Command::new(&script)
-        .arg(IMAGE)
-        .status()
-        .expect("run test-image.sh");
-    assert!(
-        status.success(),
-        "scripts/test-image.sh could not build {IMAGE}"
-    );
-    true
+    common::docker_with_image(IMAGE)
 }
 
 /// Containers the engine has with this agent's label.
@@ -656,22 +630,9 @@ fn bazel_builds_and_tests_with_every_action_in_a_container() {
         ],
     );
     let bazel = |args: &[&str]| {
-        let output = Command::new("bazel")
-            .arg(format!(
-                "--output_user_root={}",
-                scratch.path().join("bazel-root").display()
-            ))
-            .args(args)
-            .current_dir(&workspace)
-            .output()
-            .expect("run bazel");
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        );
+        let (ok, text) = common::bazel(&workspace, &scratch.path().join("bazel-root"), args);
         eprintln!("{text}");
-        (output.status.success(), text)
+        (ok, text)
     };
     let (ok, text) = bazel(&[
         "test",

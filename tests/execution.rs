@@ -9,42 +9,10 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{ActionSpec, Agent, Coordinator, free_port, tempdir};
+use common::{ActionSpec, Agent, Coordinator, fleet, free_port, tempdir, wait_for_fleet};
 use outpost_proto::reapi;
 use prost::Message as _;
 use tonic::Code;
-
-/// A coordinator (with `args`) and one agent with `slots`, connected.
-async fn fleet(
-    args: &[&str],
-    slots: &str,
-) -> (tempfile::TempDir, Coordinator, Agent, common::Client) {
-    let dir = tempdir();
-    let server = Coordinator::start(&dir.path().join("data"), args);
-    let agent = Agent::start(
-        &server.endpoint(),
-        &dir.path().join("agent"),
-        &["--slots", slots, "--isolation", "none"],
-    );
-    let mut client = server.client().await;
-    wait_for_fleet(&mut client).await;
-    (dir, server, agent, client)
-}
-
-/// Waits until a trivial action runs, i.e. an agent is connected.
-async fn wait_for_fleet(client: &mut common::Client) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let probe = client.upload_action(&ActionSpec::shell("true")).await;
-        if let Ok((_, r)) = client.execute(&probe, true).await
-            && r.status.as_ref().is_none_or(|s| s.code == 0)
-        {
-            return;
-        }
-        assert!(Instant::now() < deadline, "no agent connected within 30s");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
 
 fn pid_alive(pid: i32) -> bool {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()

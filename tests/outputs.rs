@@ -6,32 +6,38 @@
 
 mod common;
 
-use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::collections::{BTreeMap, HashMap};
 
-use common::{ActionSpec, Agent, Coordinator, tempdir};
+use common::{ActionSpec, Coordinator, tempdir};
 use outpost_proto::digest::{Digest, Function};
 use outpost_proto::reapi::{self, command::OutputDirectoryFormat as Format};
 use prost::Message as _;
 
-/// Every file under a directory, by path, read from Directory blobs.
-async fn files_from_directories(
+/// Every file under the Directory `root`, by path: Directories from
+/// `known` when there, otherwise read from the CAS as blobs of their own.
+async fn files_under(
     client: &mut common::Client,
-    root: &reapi::Digest,
+    root: Digest,
+    known: &HashMap<Digest, reapi::Directory>,
 ) -> BTreeMap<String, Vec<u8>> {
+    let digest =
+        |d: Option<&reapi::Digest>| Digest::from_proto_opt(d, Function::Sha256).expect("a digest");
     let mut files = BTreeMap::new();
-    let mut stack = vec![(String::new(), root.clone())];
-    while let Some((prefix, digest)) = stack.pop() {
-        let d = Digest::from_proto_opt(Some(&digest), Function::Sha256).expect("digest");
-        let bytes = client
-            .download(&d)
-            .await
-            .expect("every Directory is in the CAS");
-        let dir = reapi::Directory::decode(bytes.as_slice()).expect("a Directory");
+    let mut stack = vec![(String::new(), root)];
+    while let Some((prefix, d)) = stack.pop() {
+        let dir = match known.get(&d) {
+            Some(dir) => dir.clone(),
+            None => {
+                let bytes = client
+                    .download(&d)
+                    .await
+                    .expect("every Directory is in the CAS");
+                reapi::Directory::decode(bytes.as_slice()).expect("a Directory")
+            }
+        };
         for f in &dir.files {
-            let fd = Digest::from_proto_opt(f.digest.as_ref(), Function::Sha256).expect("digest");
             let data = client
-                .download(&fd)
+                .download(&digest(f.digest.as_ref()))
                 .await
                 .expect("every file is in the CAS");
             files.insert(format!("{prefix}{}", f.name), data);
@@ -39,14 +45,23 @@ async fn files_from_directories(
         for sub in &dir.directories {
             stack.push((
                 format!("{prefix}{}/", sub.name),
-                sub.digest.clone().expect("digest"),
+                digest(sub.digest.as_ref()),
             ));
         }
     }
     files
 }
 
-/// Every file under a Tree, by path.
+/// Every file under the directory of the Directory blob `root`.
+async fn files_from_directories(
+    client: &mut common::Client,
+    root: &reapi::Digest,
+) -> BTreeMap<String, Vec<u8>> {
+    let root = Digest::from_proto_opt(Some(root), Function::Sha256).expect("digest");
+    files_under(client, root, &HashMap::new()).await
+}
+
+/// Every file under the directory of the Tree blob `tree`.
 async fn files_from_tree(
     client: &mut common::Client,
     tree: &reapi::Digest,
@@ -54,46 +69,25 @@ async fn files_from_tree(
     let d = Digest::from_proto_opt(Some(tree), Function::Sha256).expect("digest");
     let bytes = client.download(&d).await.expect("the Tree is in the CAS");
     let tree = reapi::Tree::decode(bytes.as_slice()).expect("a Tree");
-    let by_digest: std::collections::HashMap<Digest, &reapi::Directory> = tree
+    let root = tree.root.expect("a root");
+    let root_digest = Function::Sha256.digest_of(&root.encode_to_vec());
+    let known: HashMap<Digest, reapi::Directory> = tree
         .children
-        .iter()
+        .into_iter()
+        .chain([root])
         .map(|c| (Function::Sha256.digest_of(&c.encode_to_vec()), c))
         .collect();
-    let mut files = BTreeMap::new();
-    let mut stack = vec![(String::new(), tree.root.as_ref().expect("root"))];
-    while let Some((prefix, dir)) = stack.pop() {
-        for f in &dir.files {
-            let fd = Digest::from_proto_opt(f.digest.as_ref(), Function::Sha256).expect("digest");
-            let data = client
-                .download(&fd)
-                .await
-                .expect("every file is in the CAS");
-            files.insert(format!("{prefix}{}", f.name), data);
-        }
-        for sub in &dir.directories {
-            let sd = Digest::from_proto_opt(sub.digest.as_ref(), Function::Sha256).expect("d");
-            stack.push((format!("{prefix}{}/", sub.name), by_digest[&sd]));
-        }
-    }
-    files
+    files_under(client, root_digest, &known).await
 }
 
 #[tokio::test]
 async fn output_directories_come_back_whole_in_every_format() {
-    let dir = tempdir();
-    let server = Coordinator::start(&dir.path().join("data"), &[]);
-    let _agent = Agent::start(
-        &server.endpoint(),
-        &dir.path().join("agent"),
-        &["--isolation", "none"],
-    );
-    let mut client = server.client().await;
+    let (_dir, _server, _agent, mut client) = common::fleet(&[], "2").await;
     let want: BTreeMap<String, Vec<u8>> =
         [("a/b/leaf", "leaf\n"), ("a/mid", "mid\n"), ("top", "top\n")]
             .into_iter()
             .map(|(p, c)| (p.to_owned(), c.as_bytes().to_vec()))
             .collect();
-    let deadline = Instant::now() + Duration::from_secs(30);
     for format in [
         Format::TreeOnly,
         Format::DirectoryOnly,
@@ -107,16 +101,11 @@ async fn output_directories_come_back_whole_in_every_format() {
         spec.output_paths = vec!["out".into()];
         spec.output_directory_format = format as i32;
         let action = client.upload_action(&spec).await;
-        let response = loop {
-            match client.execute(&action, true).await {
-                Ok((_, r)) if r.status.as_ref().is_none_or(|s| s.code == 0) => break r,
-                // No agent yet.
-                _ if Instant::now() < deadline => {
-                    tokio::time::sleep(Duration::from_millis(200)).await
-                }
-                other => panic!("{format:?}: {other:?}"),
-            }
-        };
+        let (_, response) = client.execute(&action, true).await.expect("execute");
+        assert!(
+            response.status.as_ref().is_none_or(|st| st.code == 0),
+            "{format:?}: {response:?}"
+        );
         let result = response.result.expect("a result");
         let out = &result.output_directories[0];
         assert_eq!(

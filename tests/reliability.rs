@@ -10,25 +10,10 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{ActionSpec, Agent, Coordinator, tempdir};
+use common::{ActionSpec, Agent, Coordinator, fleet, http_get, tempdir, wait_for_fleet};
 use outpost_proto::digest::Function;
 use outpost_proto::{longrunning, reapi};
 use tonic::Code;
-
-async fn connected(server: &Coordinator) -> common::Client {
-    let mut client = server.client().await;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let probe = client.upload_action(&ActionSpec::shell("true")).await;
-        if let Ok((_, r)) = client.execute(&probe, true).await
-            && r.status.as_ref().is_none_or(|s| s.code == 0)
-        {
-            return client;
-        }
-        assert!(Instant::now() < deadline, "no agent connected within 30s");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
 
 /// An action that appends a line to `runs` each time it starts, so the
 /// test counts how often it ran.
@@ -58,7 +43,8 @@ async fn an_agent_killed_and_restarted_at_once_runs_its_action_again_unseen() {
     );
     let work = dir.path().join("agent");
     let agent = Agent::start(&server.endpoint(), &work, &["--isolation", "none"]);
-    let mut client = connected(&server).await;
+    let mut client = server.client().await;
+    wait_for_fleet(&mut client).await;
     let marker = dir.path().join("runs");
     let action = client
         .upload_action(&counted(&marker, "sleep 2; echo done"))
@@ -88,14 +74,7 @@ async fn an_agent_killed_and_restarted_at_once_runs_its_action_again_unseen() {
 
 #[tokio::test]
 async fn one_client_cancelling_a_merged_action_leaves_it_to_the_other() {
-    let dir = tempdir();
-    let server = Coordinator::start(&dir.path().join("data"), &[]);
-    let _agent = Agent::start(
-        &server.endpoint(),
-        &dir.path().join("agent"),
-        &["--isolation", "none"],
-    );
-    let mut first = connected(&server).await;
+    let (dir, server, _agent, mut first) = fleet(&[], "2").await;
     let mut second = server.client().await;
     let marker = dir.path().join("runs");
     let action = first
@@ -144,14 +123,7 @@ async fn one_client_cancelling_a_merged_action_leaves_it_to_the_other() {
 
 #[tokio::test]
 async fn a_stopping_coordinator_lets_waiting_clients_have_their_results() {
-    let dir = tempdir();
-    let server = Coordinator::start(&dir.path().join("data"), &["--shutdown-grace", "60s"]);
-    let _agent = Agent::start(
-        &server.endpoint(),
-        &dir.path().join("agent"),
-        &["--isolation", "none"],
-    );
-    let mut client = connected(&server).await;
+    let (dir, server, _agent, mut client) = fleet(&["--shutdown-grace", "60s"], "2").await;
     let marker = dir.path().join("runs");
     let action = client
         .upload_action(&counted(&marker, "sleep 3; echo done"))
@@ -260,7 +232,7 @@ async fn huge_client_input_is_not_echoed_back() {
 async fn a_fresh_coordinator_exports_every_outcome_series() {
     let dir = tempdir();
     let server = Coordinator::start(&dir.path().join("data"), &[]);
-    let body = reqwest_free_get(server.addr, "/metrics").await;
+    let (_, body) = http_get(server.addr, "/metrics").await;
     for series in [
         r#"outpost_actions_total{outcome="success"} 0"#,
         r#"outpost_actions_total{outcome="error"} 0"#,
@@ -272,30 +244,9 @@ async fn a_fresh_coordinator_exports_every_outcome_series() {
     }
 }
 
-async fn reqwest_free_get(addr: std::net::SocketAddr, path: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    stream
-        .write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
-        )
-        .await
-        .expect("send");
-    let mut reply = String::new();
-    stream.read_to_string(&mut reply).await.expect("read");
-    reply
-}
-
 #[tokio::test]
 async fn a_sub_second_timeout_is_reported_as_such() {
-    let dir = tempdir();
-    let server = Coordinator::start(&dir.path().join("data"), &[]);
-    let _agent = Agent::start(
-        &server.endpoint(),
-        &dir.path().join("agent"),
-        &["--isolation", "none"],
-    );
-    let mut client = connected(&server).await;
+    let (_dir, _server, _agent, mut client) = fleet(&[], "2").await;
     let mut spec = ActionSpec::shell("sleep 30");
     spec.timeout = Some(Duration::from_millis(500));
     let action = client.upload_action(&spec).await;

@@ -745,6 +745,81 @@ pub fn files_under(dir: &Path) -> Vec<PathBuf> {
 }
 pub mod pki;
 
+/// A coordinator (with `args`) and one agent with `slots` running actions
+/// unisolated (`--isolation none`, so tests may watch them from the host),
+/// connected; the agent's work dir is `DIR/agent`.
+pub async fn fleet(args: &[&str], slots: &str) -> (tempfile::TempDir, Coordinator, Agent, Client) {
+    let dir = tempdir();
+    let server = Coordinator::start(&dir.path().join("data"), args);
+    let agent = Agent::start(
+        &server.endpoint(),
+        &dir.path().join("agent"),
+        &["--slots", slots, "--isolation", "none"],
+    );
+    let mut client = server.client().await;
+    wait_for_fleet(&mut client).await;
+    (dir, server, agent, client)
+}
+
+/// Waits until a trivial action runs, i.e. an agent is connected.
+pub async fn wait_for_fleet(client: &mut Client) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let probe = client.upload_action(&ActionSpec::shell("true")).await;
+        if let Ok((_, r)) = client.execute(&probe, true).await
+            && r.status.as_ref().is_none_or(|s| s.code == 0)
+        {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no agent connected within 30s"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// `GET path` over plain HTTP/1.1: the status code and the body.
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .expect("send");
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply).await.expect("read");
+    let status = reply
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("an HTTP status");
+    let body = reply
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// Runs `bazel ARGS` in `workspace` with its output under `output_root`;
+/// whether it succeeded, and what it printed (stdout then stderr).
+pub fn bazel(workspace: &Path, output_root: &Path, args: &[&str]) -> (bool, String) {
+    let output = Command::new("bazel")
+        .arg(format!("--output_user_root={}", output_root.display()))
+        .args(args)
+        .current_dir(workspace)
+        .output()
+        .expect("run bazel");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (output.status.success(), text)
+}
+
 /// Whether a Docker engine answers, with the local toolchain image `image`
 /// (`scripts/test-image.sh` builds it when missing). Without an engine the
 /// caller's tests say so loudly and pass, unless `OUTPOST_REQUIRE_DOCKER=1`
