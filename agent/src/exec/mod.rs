@@ -227,7 +227,6 @@ impl Executor {
             timed_out,
             message,
         } = run_to_end(&self.runners, run, &stderr_path, timeout, &cancel).await?;
-        workspace.ran();
         meta.execution_completed_timestamp = now();
         events.exited(exit_code);
 

@@ -5,8 +5,7 @@
 //!   probed when the agent starts, starts a command in a workspace and
 //!   hands back a [`Process`] (wait, stop, finish).
 //! - A [`Workspace`] is an action's directory with an explicit lifecycle:
-//!   fresh, inputs laid out, ran, then removed (or kept, for a runner that
-//!   lives on).
+//!   made private, inputs laid out, removed when dropped.
 //! - [`RunOptions`] are what the action's platform asks for, read through
 //!   the vocabulary the coordinator matched it with
 //!   (`outpost_proto::platform`).
@@ -40,7 +39,7 @@ use crate::config::Config;
 use crate::error::Error;
 
 pub use options::{ContainerOptions, RunOptions};
-pub use workspace::{Workspace, make_dirs, remove_tree};
+pub use workspace::{Workspace, make_dirs};
 
 #[cfg(target_os = "linux")]
 pub use docker::Metrics as DockerMetrics;

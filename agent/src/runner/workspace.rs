@@ -1,6 +1,7 @@
 //! An action's directory and its lifecycle: made fresh and private, inputs
-//! laid out under its root, the action run, then removed, however the lease
-//! ends, unless it is kept for a runner that lives on.
+//! laid out under its root, the action run, then removed when the workspace
+//! is dropped, however the lease ends (a runner that outlives its action
+//! will keep it instead).
 //!
 //! ```text
 //! dir/            0700, the agent's only
@@ -17,26 +18,13 @@ use outpost_proto::digest::Digest;
 use crate::cache::Cache;
 use crate::error::Error;
 
-/// Where a workspace is in its life.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Stage {
-    /// Made, empty.
-    Fresh,
-    /// Its inputs are in place.
-    LaidOut,
-    /// An action ran in it.
-    Ran,
-}
-
 pub struct Workspace {
     dir: PathBuf,
     root: PathBuf,
-    stage: Stage,
     cache: Cache,
     /// Cache entries hard-linked into the root: checked again when the
     /// workspace goes, since an action may have written through them.
     linked: Vec<Digest>,
-    keep: bool,
 }
 
 impl Workspace {
@@ -55,10 +43,8 @@ impl Workspace {
         Ok(Workspace {
             root: dir.join("root"),
             dir,
-            stage: Stage::Fresh,
             cache,
             linked: Vec::new(),
-            keep: false,
         })
     }
 
@@ -72,44 +58,19 @@ impl Workspace {
         &self.root
     }
 
-    pub fn stage(&self) -> Stage {
-        self.stage
-    }
-
     /// The inputs are in place; `linked` are the cache entries they link.
     pub fn laid_out(&mut self, linked: Vec<Digest>) {
         self.linked.extend(linked);
-        self.stage = Stage::LaidOut;
-    }
-
-    /// An action ran in it.
-    pub fn ran(&mut self) {
-        self.stage = Stage::Ran;
-    }
-
-    /// Makes `root/rel` for the action (`what`), never through a symlink or
-    /// a file of its input tree: if one is in the way, the action is at
-    /// fault, and nothing was made on the host through it.
-    pub fn make_dirs(&self, rel: &Path, what: &str) -> Result<(), Error> {
-        make_dirs(&self.root, rel, what)
-    }
-
-    /// Keeps the directory when the workspace is dropped (for a runner
-    /// that outlives its action); its cache links are still checked.
-    pub fn keep(&mut self) {
-        self.keep = true;
     }
 }
 
 impl Drop for Workspace {
     fn drop(&mut self) {
-        let dir = (!self.keep).then(|| std::mem::take(&mut self.dir));
+        let dir = std::mem::take(&mut self.dir);
         let cache = self.cache.clone();
         let linked = std::mem::take(&mut self.linked);
         let work = move || {
-            if let Some(dir) = dir {
-                remove_tree(&dir);
-            }
+            remove_tree(&dir);
             for d in linked {
                 cache.restamp(&d);
             }
@@ -123,7 +84,9 @@ impl Drop for Workspace {
     }
 }
 
-/// Makes `root/rel` with no-follow semantics (see `outpost_sandbox::dirs`).
+/// Makes `root/rel` for the action (`what`), never through a symlink or a
+/// file of its input tree (see `outpost_sandbox::dirs`): if one is in the
+/// way, the action is at fault, and nothing was made on the host through it.
 pub fn make_dirs(root: &Path, rel: &Path, what: &str) -> Result<(), Error> {
     use outpost_sandbox::dirs;
     dirs::make_beneath(root, rel).map_err(|e| match e {
@@ -138,7 +101,7 @@ pub fn make_dirs(root: &Path, rel: &Path, what: &str) -> Result<(), Error> {
 }
 
 /// Deletes a tree even if the action made parts of it read-only.
-pub fn remove_tree(dir: &Path) {
+fn remove_tree(dir: &Path) {
     if std::fs::remove_dir_all(dir).is_ok() || !dir.exists() {
         return;
     }
