@@ -121,16 +121,26 @@ async fn referenced_blobs(
             }
         };
         for directory in tree.root.iter().chain(&tree.children) {
-            for file in &directory.files {
-                blobs.extend(optional_digest(
-                    file.digest.as_ref(),
-                    function,
-                    "tree file digest",
-                )?);
-            }
+            push_files(directory, function, &mut blobs)?;
         }
     }
     Ok(Some(blobs))
+}
+
+/// Adds the digests of a Directory's files to `blobs`.
+fn push_files(
+    directory: &reapi::Directory,
+    function: Function,
+    blobs: &mut Vec<Digest>,
+) -> Result<(), Status> {
+    for file in &directory.files {
+        blobs.extend(optional_digest(
+            file.digest.as_ref(),
+            function,
+            "a directory's file digest",
+        )?);
+    }
+    Ok(())
 }
 
 /// Adds the Directory blobs under `root` (itself included) and the files
@@ -154,13 +164,7 @@ async fn directory_blobs(
             return Ok(false);
         };
         blobs.push(digest);
-        for file in &directory.files {
-            blobs.extend(optional_digest(
-                file.digest.as_ref(),
-                digest.function,
-                "directory file digest",
-            )?);
-        }
+        push_files(&directory, digest.function, blobs)?;
         for child in &directory.directories {
             stack.extend(optional_digest(
                 child.digest.as_ref(),

@@ -101,7 +101,7 @@ impl State {
         }
         self.seen
             .insert(register.agent_id.clone(), (offer, Instant::now()));
-        self.fleet_shrank = true;
+        self.fleet_changed = true;
         if let Some(failed) = self.quarantined.get(&register.agent_id) {
             if !register.process_id.is_empty() && *failed != register.process_id {
                 tracing::info!(agent_id = %register.agent_id, "a quarantined agent restarted; giving it work again");

@@ -200,7 +200,7 @@ struct State {
     quarantined: HashMap<String, String>,
     /// The fleet changed in a way that may leave queued actions with no
     /// agent that could ever run them.
-    fleet_shrank: bool,
+    fleet_changed: bool,
     /// Shutting down (see `Msg::Stopping`): told once no client waits.
     stopping: Option<oneshot::Sender<()>>,
     recent: std::collections::VecDeque<super::RecentAction>,
@@ -235,7 +235,7 @@ pub async fn run(
         seen,
         drained: HashSet::new(),
         quarantined: HashMap::new(),
-        fleet_shrank: true,
+        fleet_changed: true,
         stopping: None,
         recent: std::collections::VecDeque::new(),
     };

@@ -76,10 +76,10 @@ impl State {
     /// start-up grace ended, or the fleet shrank. They would otherwise wait
     /// until their clients gave up.
     pub(super) fn fail_unsatisfiable(&mut self) {
-        if !self.fleet_shrank || self.started.elapsed() < self.settings.startup_grace {
+        if !self.fleet_changed || self.started.elapsed() < self.settings.startup_grace {
             return;
         }
-        self.fleet_shrank = false;
+        self.fleet_changed = false;
         let queued: Vec<String> = self
             .queue
             .values()

@@ -64,7 +64,7 @@ impl State {
             for lease in leases {
                 self.lose_lease(&lease, true);
             }
-            self.fleet_shrank = true;
+            self.fleet_changed = true;
             self.agents.remove(&id);
         }
         let abandoned: Vec<String> = self
@@ -89,7 +89,7 @@ impl State {
         let before = self.seen.len();
         self.seen
             .retain(|id, (_, at)| now.duration_since(*at) < memory || agents.contains_key(id));
-        self.fleet_shrank |= self.seen.len() < before;
+        self.fleet_changed |= self.seen.len() < before;
         self.fail_unsatisfiable();
         self.release_agents_when_idle();
     }
