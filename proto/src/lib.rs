@@ -19,6 +19,7 @@ pub mod resource;
 pub mod settings;
 pub mod units;
 pub mod validate;
+pub mod version;
 
 #[allow(clippy::all, missing_docs)]
 pub mod build {

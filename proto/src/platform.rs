@@ -14,6 +14,9 @@
 //! - **consumable minimums** (`gpu-count`, `EstimatedCPU`, `EstimatedMemory`,
 //!   `EstimatedFreeDiskBytes`, `resources:<name>`): an agent must have that
 //!   much free;
+//! - **version minimums** (`macos-version`): an agent offers the versions
+//!   it has; an action's value (`13`, or `>=13`) is the least it runs with,
+//!   compared as versions ([`crate::version::Version`]: `14.10 > 14.9`);
 //! - **configuration** (`dockerUser`, `recycle-runner`,
 //!   `persistentWorkerKey`, ...): read by the agent's runner, never matched.
 
@@ -21,6 +24,7 @@ use std::collections::BTreeMap;
 
 use crate::quote::quoted;
 use crate::reapi::platform::Property;
+use crate::version::Version;
 
 /// Properties the runner reads; never used to choose an agent.
 pub const CONFIG_ONLY: &[&str] = &[
@@ -54,6 +58,10 @@ pub const CONSUMABLE: &[(&str, &str)] = &[
     ("EstimatedMemory", "memory"),
     ("EstimatedFreeDiskBytes", "disk"),
 ];
+
+/// Version minimums: `NAME=V` (or `NAME=>=V`) asks for an agent offering
+/// a `NAME` whose version is at least `V`.
+pub const VERSION_MINIMUM: &[&str] = &["macos-version"];
 
 /// Capabilities: read by the agent, matched by what they need of it rather
 /// than by value.
@@ -89,6 +97,7 @@ pub fn canonical_name(name: &str) -> Option<&'static str> {
         .chain(CAPABILITY)
         .chain(CONFIG_ONLY)
         .chain(CONSUMABLE.iter().map(|(n, _)| n))
+        .chain(VERSION_MINIMUM)
         .find(|known| known.eq_ignore_ascii_case(name))
         .copied()
         .or_else(|| {
@@ -166,6 +175,8 @@ pub struct Parsed {
     pub exact: BTreeMap<String, String>,
     /// Resource -> minimum amount, in thousandths.
     pub min: BTreeMap<String, u64>,
+    /// Version minimums, by canonical name.
+    pub at_least: BTreeMap<String, Version>,
     /// Configuration-only properties, by canonical name.
     pub config: BTreeMap<String, String>,
     /// Capabilities (`container-image`), by canonical name: what they
@@ -276,6 +287,13 @@ pub fn parse(properties: &[Property]) -> Result<Parsed, String> {
             if parsed.min.insert((*resource).to_owned(), amount).is_some() {
                 return Err(format!("platform property {name} is given twice"));
             }
+        } else if VERSION_MINIMUM.contains(&name) {
+            let minimum = minimum_version(name, &p.value)?;
+            if let Some(old) = parsed.at_least.insert(name.to_owned(), minimum.clone())
+                && old != minimum
+            {
+                return Err(twice(&old.to_string(), &minimum.to_string()));
+            }
         } else if let Some(resource) = p.name.strip_prefix("resources:") {
             let amount = parse_amount(&p.name, &p.value)?;
             if parsed.min.insert(resource.to_owned(), amount).is_some() {
@@ -314,6 +332,14 @@ pub fn parse(properties: &[Property]) -> Result<Parsed, String> {
         }
     }
     Ok(parsed)
+}
+
+/// The least version a version-minimum property asks for: `V` or `>=V`.
+pub fn minimum_version(name: &str, value: &str) -> Result<Version, String> {
+    let v = value.trim();
+    let v = v.strip_prefix(">=").unwrap_or(v);
+    Version::parse(v)
+        .map_err(|e| format!("platform property {name}: {e} (it is a minimum: 13 or >=13)"))
 }
 
 /// How an agent offers a network for one isolation kind, as a
@@ -430,6 +456,22 @@ mod tests {
     }
 
     #[test]
+    fn a_version_minimum_is_read_as_a_version() {
+        let parsed = parse(&props(&[("MacOS-Version", " >=13.10 ")])).expect("valid");
+        assert_eq!(
+            parsed.at_least.get("macos-version"),
+            Version::parse("13.10").ok().as_ref()
+        );
+        assert!(!parsed.exact.contains_key("macos-version"));
+        // Written twice the same way (8 and 8.0 are one version): no contradiction.
+        let same = parse(&props(&[
+            ("macos-version", "14"),
+            ("macos-version", "14.0"),
+        ]));
+        assert!(same.is_ok(), "{same:?}");
+    }
+
+    #[test]
     fn an_actions_own_values_win_over_defaults() {
         let merged = with_defaults(
             &props(&[("pool", "mine"), ("OSFamily", "linux")]),
@@ -453,6 +495,19 @@ mod tests {
             vec![("dockerUser", "a"), ("dockerUser", "b")],
         ] {
             assert!(parse(&props(&list)).is_err(), "{list:?}");
+        }
+        for (list, words) in [
+            (
+                vec![("macos-version", "fourteen")],
+                "\"fourteen\" is not a version",
+            ),
+            (
+                vec![("macos-version", "13"), ("macOS-Version", "14")],
+                "given twice",
+            ),
+        ] {
+            let err = parse(&props(&list)).expect_err("a bad minimum");
+            assert!(err.contains(words), "{err}");
         }
         let long = "v".repeat(MAX_VALUE + 1);
         let err = parse(&props(&[("Pool", &long)])).expect_err("too long");

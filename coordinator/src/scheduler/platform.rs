@@ -8,6 +8,7 @@ use std::fmt;
 
 use outpost_proto::platform::{self, canonical_name, normalize_value};
 use outpost_proto::reapi::platform::Property;
+use outpost_proto::version::Version;
 
 /// What an action needs from an agent.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -15,6 +16,8 @@ pub struct Requirements {
     pub exact: BTreeMap<String, String>,
     /// Resource -> minimum amount, in thousandths (so the type is `Eq`).
     pub min: BTreeMap<String, u64>,
+    /// Name -> the least version an offered value must have.
+    pub at_least: BTreeMap<String, Version>,
 }
 
 /// What an agent offers.
@@ -23,6 +26,8 @@ pub struct Offer {
     pub exact: BTreeMap<String, BTreeSet<String>>,
     /// Resource -> total amount, in thousandths.
     pub resources: BTreeMap<String, u64>,
+    /// The values of version-minimum properties that are versions.
+    pub versions: BTreeMap<String, Vec<Version>>,
     /// The most input bytes one action may need (the agent's input cache
     /// bound); `None` when the agent does not say.
     pub max_input_bytes: Option<u64>,
@@ -42,6 +47,10 @@ impl fmt::Display for Requirements {
                 if first { "" } else { ", " },
                 milli_to_string(*v)
             )?;
+            first = false;
+        }
+        for (k, v) in &self.at_least {
+            write!(f, "{}{k}>={v}", if first { "" } else { ", " })?;
             first = false;
         }
         if first {
@@ -80,6 +89,7 @@ pub fn requirements(properties: &[Property]) -> Result<(Requirements, Vec<Proper
         Requirements {
             exact,
             min: parsed.min,
+            at_least: parsed.at_least,
         },
         parsed.properties,
     ))
@@ -99,6 +109,18 @@ impl Offer {
                 .entry(name.to_owned())
                 .or_default()
                 .insert(normalize_value(name, &p.value));
+        }
+        for name in platform::VERSION_MINIMUM {
+            let versions: Vec<Version> = offer
+                .exact
+                .get(*name)
+                .into_iter()
+                .flatten()
+                .filter_map(|v| Version::parse(v).ok())
+                .collect();
+            if !versions.is_empty() {
+                offer.versions.insert((*name).to_owned(), versions);
+            }
         }
         for (k, v) in resources {
             offer
@@ -147,6 +169,14 @@ impl Offer {
                 .min
                 .iter()
                 .all(|(k, v)| self.resources.get(k).copied().unwrap_or(0) >= *v)
+            && req.at_least.iter().all(|(k, v)| self.has_version(k, v))
+    }
+
+    /// Whether this offer has a `name` of version `minimum` or above.
+    pub fn has_version(&self, name: &str, minimum: &Version) -> bool {
+        self.versions
+            .get(name)
+            .is_some_and(|vs| vs.iter().any(|v| v.at_least(minimum)))
     }
 }
 
@@ -200,6 +230,26 @@ pub fn explain_unsatisfiable(req: &Requirements, input_bytes: u64, offers: &[&Of
                 milli_to_string(*v),
                 milli_to_string(most)
             ));
+        }
+    }
+    for (k, v) in &req.at_least {
+        if !offers.iter().any(|o| o.has_version(k, v)) {
+            let mut offered: Vec<&Version> = offers
+                .iter()
+                .filter_map(|o| o.versions.get(k))
+                .flatten()
+                .collect();
+            offered.sort();
+            offered.dedup();
+            let list: Vec<String> = offered.iter().map(ToString::to_string).collect();
+            reasons.push(if list.is_empty() {
+                format!("no agent offers {k} (required {k}>={v})")
+            } else {
+                format!(
+                    "no agent offers {k}>={v} (the fleet offers {k} {})",
+                    list.join(", ")
+                )
+            });
         }
     }
     let matching: Vec<&&Offer> = offers.iter().filter(|o| o.satisfies(req)).collect();
@@ -420,6 +470,39 @@ mod tests {
             &[&docker_bridge],
         );
         assert!(why.contains("dockerNetwork=linux-sandbox/bridge"), "{why}");
+    }
+
+    #[test]
+    fn a_version_minimum_is_met_by_any_offered_version_at_least_it() {
+        let mac = |versions: &[&str]| {
+            let list: Vec<(&str, &str)> = versions.iter().map(|v| ("macos-version", *v)).collect();
+            Offer::new(&props(&list), &HashMap::new())
+        };
+        let needs = |v: &str| {
+            requirements(&props(&[("macOS-version", v)]))
+                .expect("valid")
+                .0
+        };
+        assert!(mac(&["14.10"]).satisfies(&needs("14.9")));
+        assert!(mac(&["14.2.1"]).satisfies(&needs(">=14.2")));
+        assert!(mac(&["13"]).satisfies(&needs("13.0")));
+        assert!(!mac(&["14.9"]).satisfies(&needs("14.10")));
+        assert!(!mac(&[]).satisfies(&needs("12")));
+        // A value that is no version never meets a minimum.
+        assert!(!mac(&["unknown"]).satisfies(&needs("1")));
+        assert_eq!(needs("14.10").to_string(), "macos-version>=14.10");
+        let why = explain_unsatisfiable(&needs("15"), 0, &[&mac(&["14.9"]), &mac(&["13.6.1"])]);
+        assert!(
+            why.contains(
+                "no agent offers macos-version>=15 (the fleet offers macos-version 13.6.1, 14.9)"
+            ),
+            "{why}"
+        );
+        let why = explain_unsatisfiable(&needs("15"), 0, &[&linux_offer()]);
+        assert!(
+            why.contains("no agent offers macos-version (required macos-version>=15)"),
+            "{why}"
+        );
     }
 
     #[test]
