@@ -14,6 +14,8 @@ use crate::config::Config;
 
 #[cfg(target_os = "linux")]
 mod cgroup;
+pub mod mac;
+pub mod xcode;
 
 /// Compilers whose versions are advertised when found on PATH.
 const COMPILERS: &[(&str, &[&str])] = &[
@@ -117,28 +119,33 @@ fn os_version() -> String {
 
 /// The first line a tool prints (stdout, else stderr), if it runs within 3s.
 fn first_line(program: &str, args: &[&str]) -> Option<String> {
-    let mut child = Command::new(program)
+    output(program, args)?
+        .lines()
+        .next()
+        .map(|l| l.trim().to_owned())
+}
+
+/// What a tool prints (stdout, else stderr), if it succeeds within 3s;
+/// its output is read as it comes, so a long one cannot stall it.
+fn output(program: &str, args: &[&str]) -> Option<String> {
+    let child = Command::new(program)
         .args(args)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .ok()?;
-    let deadline = std::time::Instant::now() + Duration::from_secs(3);
-    loop {
-        match child.try_wait() {
-            Ok(Some(_)) => break,
-            Ok(None) if std::time::Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(20))
-            }
-            _ => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return None;
-            }
-        }
-    }
-    let out = child.wait_with_output().ok()?;
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).ok()?);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    let Ok(out) = rx.recv_timeout(Duration::from_secs(3)) else {
+        // Not reaped yet (the thread still waits on it), so the pid is its.
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        return None;
+    };
+    let out = out.ok()?;
     if !out.status.success() {
         return None;
     }
@@ -147,10 +154,7 @@ fn first_line(program: &str, args: &[&str]) -> Option<String> {
     } else {
         out.stdout
     };
-    String::from_utf8_lossy(&text)
-        .lines()
-        .next()
-        .map(|l| l.trim().to_owned())
+    Some(String::from_utf8_lossy(&text).into_owned())
 }
 
 /// The version number in a `--version` line (the first token that starts
@@ -291,6 +295,9 @@ pub fn capabilities(
         if let Some((k, v)) = label.split_once('=') {
             properties.push(prop(k.trim(), v.trim()));
         }
+    }
+    if os_family() == "darwin" {
+        properties.extend(mac::Facts::read().properties());
     }
     for (name, version) in &toolchains {
         for value in version_values(version) {

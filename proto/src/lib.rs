@@ -20,6 +20,7 @@ pub mod settings;
 pub mod units;
 pub mod validate;
 pub mod version;
+pub mod xcode;
 
 #[allow(clippy::all, missing_docs)]
 pub mod build {

@@ -78,6 +78,7 @@ pub const KNOWN_EXACT: &[&str] = &[
     "Pool",
     "workload-isolation-type",
     "dockerNetwork",
+    "xcode-version",
     "gpu-model",
 ];
 
@@ -127,6 +128,7 @@ pub fn normalize_value(name: &str, value: &str) -> String {
             _ => lower,
         },
         "workload-isolation-type" => lower,
+        "xcode-version" => crate::xcode::normalize(value),
         "dockerNetwork" => match lower.as_str() {
             "" | "none" => "off".to_owned(),
             _ => lower,

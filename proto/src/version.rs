@@ -146,7 +146,7 @@ mod tests {
         assert!(v("14.2.1") < v("14.3"));
         assert!(v("2") < v("10"));
         assert!(v("9.0") > v("8.9"));
-        let mut sorted = vec![v("14.10"), v("13.6.1"), v("14.9"), v("14"), v("8.6")];
+        let mut sorted = [v("14.10"), v("13.6.1"), v("14.9"), v("14"), v("8.6")];
         sorted.sort();
         let shown: Vec<String> = sorted.iter().map(ToString::to_string).collect();
         assert_eq!(shown, ["8.6", "13.6.1", "14", "14.9", "14.10"]);
