@@ -150,6 +150,8 @@ impl Executor {
                 .map_or(&[][..], |p| &p.properties[..]),
         };
         let options = self.runners.options(platform)?;
+        let apple_env =
+            crate::runner::xcode::action_environment(platform, &command.environment_variables)?;
         // Removed however the lease ends.
         let mut workspace =
             Workspace::create(&self.actions_dir, &lease.lease_id, self.cache.clone())?;
@@ -210,6 +212,7 @@ impl Executor {
                 .environment_variables
                 .iter()
                 .map(|v| format!("{}={}", v.name, v.value))
+                .chain(apple_env)
                 .collect(),
             dir: &dir,
             root: &root,

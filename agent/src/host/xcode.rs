@@ -172,26 +172,37 @@ fn sdk_settings_version(sdk: &Path) -> Option<String> {
     value.get("Version")?.as_str().map(str::to_owned)
 }
 
+/// Why an action cannot have the Xcode or SDK it asks for; each names
+/// what is installed.
+#[derive(Debug, thiserror::Error)]
+pub enum Missing {
+    /// No installed Xcode matches (another agent may have it).
+    #[error("{0}")]
+    Xcode(String),
+    /// The Xcode is here but not the SDK, or the SDK version is no version.
+    #[error("{0}")]
+    Sdk(String),
+}
+
 /// The environment an action asking for Xcode `wanted` (and, from its
 /// environment, an SDK) runs with: `DEVELOPER_DIR` at the newest matching
-/// installed Xcode, `SDKROOT` at the SDK. The action's error, naming what
-/// is installed, when nothing matches.
+/// installed Xcode, `SDKROOT` at the SDK.
 pub fn environment(
     installed: &[Xcode],
     wanted: &XcodeVersion,
     sdk_platform: Option<&str>,
     sdk_version: Option<&str>,
-) -> Result<Vec<(String, String)>, String> {
+) -> Result<Vec<(String, String)>, Missing> {
     let Some(xcode) = installed.iter().find(|x| wanted.matches(&x.version)) else {
         let have: Vec<String> = installed.iter().map(|x| x.version.to_string()).collect();
-        return Err(format!(
+        return Err(Missing::Xcode(format!(
             "Xcode {wanted} is not installed on this agent (it has {})",
             if have.is_empty() {
                 "none".to_owned()
             } else {
                 have.join(", ")
             }
-        ));
+        )));
     };
     let mut env = vec![(
         "DEVELOPER_DIR".to_owned(),
@@ -206,7 +217,11 @@ pub fn environment(
         let wanted_version = sdk_version
             .map(str::trim)
             .filter(|v| !v.is_empty())
-            .map(|v| outpost_proto::version::Version::parse(v).map_err(|e| e.to_string()))
+            .map(|v| {
+                outpost_proto::version::Version::parse(v).map_err(|e| {
+                    Missing::Sdk(format!("{}: {e}", outpost_proto::xcode::ENV_SDK_VERSION))
+                })
+            })
             .transpose()?;
         let sdk = of_platform.iter().find(|s| {
             wanted_version.as_ref().is_none_or(|w| {
@@ -219,12 +234,12 @@ pub fn environment(
                 .iter()
                 .map(|s| format!("{}{}", s.platform, s.version))
                 .collect();
-            return Err(format!(
+            return Err(Missing::Sdk(format!(
                 "Xcode {} has no SDK {platform}{} (it has {})",
                 xcode.version,
                 sdk_version.unwrap_or_default(),
                 have.join(", ")
-            ));
+            )));
         };
         env.push(("SDKROOT".to_owned(), sdk.path.display().to_string()));
     }
@@ -391,20 +406,24 @@ pub(crate) mod tests {
         )
         .expect("installed");
         assert!(env[1].1.ends_with("iPhoneSimulator17.2.sdk"), "{env:?}");
-        let err =
-            environment(&installed, &wanted("15.2.15C999"), None, None).expect_err("other build");
+        let err = environment(&installed, &wanted("15.2.15C999"), None, None)
+            .expect_err("other build")
+            .to_string();
         assert!(
             err.contains("Xcode 15.2.15C999 is not installed")
                 && err.contains("15.2.15C500b, 14.3.1.14E300c"),
             "{err}"
         );
         let err = environment(&installed, &wanted("15.2"), Some("iPhoneOS"), Some("17.2"))
-            .expect_err("no SDK");
+            .expect_err("no SDK")
+            .to_string();
         assert!(
             err.contains("has no SDK iPhoneOS17.2") && err.contains("MacOSX14.2"),
             "{err}"
         );
-        let err = environment(&[], &wanted("15.2"), None, None).expect_err("none");
+        let err = environment(&[], &wanted("15.2"), None, None)
+            .expect_err("none")
+            .to_string();
         assert!(err.contains("(it has none)"), "{err}");
     }
 }

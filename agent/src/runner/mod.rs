@@ -29,6 +29,7 @@ mod spawned;
 #[cfg(target_os = "linux")]
 pub mod spawner;
 mod workspace;
+pub mod xcode;
 
 use std::path::{Path, PathBuf};
 

@@ -183,6 +183,23 @@ impl Execution for ExecutionService {
             .or(checked.command.platform.as_ref())
             .map(|p| p.properties.as_slice())
             .unwrap_or_default();
+        // The Xcode the Command's environment names is a requirement too;
+        // the Command is in the action's digest, so merging stays exact.
+        let with_xcode;
+        let platform = match outpost_proto::xcode::with_environment(
+            platform,
+            checked
+                .command
+                .environment_variables
+                .iter()
+                .map(|e| (e.name.as_str(), e.value.as_str())),
+        ) {
+            Some(merged) => {
+                with_xcode = merged;
+                &with_xcode[..]
+            }
+            None => platform,
+        };
         let merged;
         let platform = match self.defaults.get(&req.instance_name) {
             Some(defaults) => {

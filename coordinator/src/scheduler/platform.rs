@@ -215,6 +215,12 @@ pub fn explain_unsatisfiable(req: &Requirements, input_bytes: u64, offers: &[&Of
                      (isolation docker in their configuration)",
                 );
             }
+            if k == outpost_proto::xcode::PROPERTY {
+                reason.push_str(
+                    "; the action asks for that Xcode by its xcode-version property or by \
+                     XCODE_VERSION_OVERRIDE in its environment (Bazel's --xcode_version)",
+                );
+            }
             reasons.push(reason);
         }
     }

@@ -694,3 +694,6 @@ async fn inputs_go_only_to_agents_whose_cache_holds_them() {
     big.next_lease().await;
     small.no_lease().await;
 }
+
+#[path = "tests_xcode.rs"]
+mod xcode;
