@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs the sandbox suite (tests/sandbox.rs) on another Linux host from
+# Runs the sandbox suite (tests/sandbox/) on another Linux host from
 # binaries built here, for hosts this machine is not: a plain cgroup v2
 # hierarchy with the memory controller (where the agent must take the v2
 # path), or a GPU box. Nothing is built on the target host.

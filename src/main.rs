@@ -139,6 +139,12 @@ struct AgentArgs {
         value_delimiter = ','
     )]
     sandbox_mounts: Vec<PathBuf>,
+    /// First of the host ids a root agent's sandboxed actions run as (group BASE, users BASE+1..) [default: 990000].
+    #[arg(long, env = "OUTPOST_SANDBOX_UID_BASE")]
+    sandbox_uid_base: Option<u32>,
+    /// How many host users a root agent's sandboxed actions may use, one per running action [default: 1000].
+    #[arg(long, env = "OUTPOST_SANDBOX_UID_COUNT")]
+    sandbox_uid_count: Option<u32>,
     /// Memory one action may use, e.g. 8GiB [default: the host's memory].
     #[arg(long, env = "OUTPOST_ACTION_MEMORY_LIMIT")]
     action_memory_limit: Option<ByteSize>,
@@ -247,6 +253,8 @@ impl AgentArgs {
         }
         overlay(&mut config.action_output_limit, self.action_output_limit);
         overlay(&mut config.action_tmp_size, self.action_tmp_size);
+        overlay(&mut config.sandbox_uid_base, self.sandbox_uid_base);
+        overlay(&mut config.sandbox_uid_count, self.sandbox_uid_count);
         overlay(&mut config.docker_socket, self.docker_socket.clone());
         if self.docker_default_image.is_some() {
             config.docker_default_image = self.docker_default_image.clone();

@@ -3,7 +3,7 @@
 //!
 //! These tests watch actions from the host (pid files, counters in the
 //! test's directory), which the sandbox rightly forbids, so their agents
-//! run with `--isolation none`; `tests/sandbox.rs` covers isolation.
+//! run with `--isolation none`; `tests/sandbox/` covers isolation.
 
 mod common;
 
@@ -843,14 +843,14 @@ fn the_spawner_answers_bad_requests_and_keeps_serving() {
 
     let missing = dir.path().join("no-such.spec");
     client
-        .start_run(1, Mode::Reap, &missing, &stdio)
+        .start_run(1, Mode::Reap, None, &missing, &stdio)
         .expect("sent");
     assert_eq!(
         client.next_event().expect("event"),
         Some(Event::Exited { id: 1, code: 127 })
     );
     let refused = client
-        .start_run(2, Mode::Sandbox, &missing, &stdio)
+        .start_run(2, Mode::Sandbox, None, &missing, &stdio)
         .expect_err("a sandbox run needs a status pipe too");
     assert!(
         refused.to_string().contains("needs 4 descriptors"),
@@ -869,7 +869,7 @@ fn the_spawner_answers_bad_requests_and_keeps_serving() {
     };
     std::fs::write(&spec_file, spec.encode().expect("encodes")).expect("spec");
     client
-        .start_run(3, Mode::Reap, &spec_file, &stdio)
+        .start_run(3, Mode::Reap, None, &spec_file, &stdio)
         .expect("sent");
     assert_eq!(
         client.next_event().expect("event"),

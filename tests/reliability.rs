@@ -4,7 +4,7 @@
 //! input far too large to quote back.
 //!
 //! Agents run with `--isolation none` (the actions write marker files on
-//! the host); `tests/sandbox.rs` covers isolation.
+//! the host); `tests/sandbox/` covers isolation.
 
 mod common;
 

@@ -36,6 +36,12 @@ pub struct Config {
     /// Host paths shown read-only inside the sandbox, besides the defaults
     /// (`/usr`, `/bin`, `/lib*`, `/etc` pieces; see `docs/isolation.md`).
     pub sandbox_mounts: Vec<PathBuf>,
+    /// On an agent running as root, sandboxed actions run as host users
+    /// `sandbox_uid_base+1 ..= sandbox_uid_base+sandbox_uid_count`, one
+    /// per running action, in group `sandbox_uid_base`; no real user may
+    /// have those ids.
+    pub sandbox_uid_base: u32,
+    pub sandbox_uid_count: u32,
     /// Memory one action may use; the host's memory when unset.
     pub action_memory_limit: Option<ByteSize>,
     /// Processes and threads one action may have; 0 for no limit.
@@ -137,6 +143,8 @@ impl Default for Config {
             isolation: vec![default_isolation().to_owned()],
             allow_network: false,
             sandbox_mounts: Vec::new(),
+            sandbox_uid_base: 990_000,
+            sandbox_uid_count: 1000,
             action_memory_limit: None,
             action_pids_limit: 8192,
             action_cpu_limit: None,

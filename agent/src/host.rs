@@ -329,6 +329,10 @@ pub fn capabilities(
         toolchains,
         isolation_detail: runners.detail.clone(),
         max_input_bytes: config.cache_size.0,
+        features: outpost_proto::features::ALL
+            .iter()
+            .map(|f| (*f).to_owned())
+            .collect(),
     }
 }
 

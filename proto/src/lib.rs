@@ -13,6 +13,7 @@
 
 pub mod client;
 pub mod digest;
+pub mod features;
 pub mod platform;
 pub mod quote;
 pub mod resource;

@@ -20,6 +20,29 @@ pub struct Limits {
     pub cpu_millis: Option<u64>,
 }
 
+/// A host user and group an action runs as (on an agent running as root:
+/// never the host's root itself).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct User {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl User {
+    /// `UID:GID`.
+    pub fn render(self) -> String {
+        format!("{}:{}", self.uid, self.gid)
+    }
+
+    pub fn parse(s: &str) -> Option<User> {
+        let (uid, gid) = s.split_once(':')?;
+        Some(User {
+            uid: uid.parse().ok()?,
+            gid: gid.parse().ok()?,
+        })
+    }
+}
+
 /// One sandboxed run.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Spec {
@@ -54,6 +77,10 @@ pub struct Spec {
     pub cgroup_procs: Vec<PathBuf>,
     /// Limits applied as rlimits (used where no cgroup could be).
     pub rlimits: Limits,
+    /// The host user the stub becomes (from root) before it creates the
+    /// sandbox's namespaces, so the action, its files and its per-user
+    /// kernel counters are that user's; `None`: the stub's own.
+    pub user: Option<User>,
 }
 
 impl Spec {
@@ -101,6 +128,9 @@ impl Spec {
         for p in &self.cgroup_procs {
             put("cgroup", p.as_os_str());
         }
+        if let Some(user) = self.user {
+            put("user", OsStr::new(&user.render()));
+        }
         let limits = [
             ("memory", self.rlimits.memory_bytes),
             ("pids", self.rlimits.pids),
@@ -145,6 +175,14 @@ impl Spec {
                 "scratch" => spec.scratch = value.into(),
                 "network" => spec.network = true,
                 "cgroup" => spec.cgroup_procs.push(value.into()),
+                "user" => {
+                    spec.user = Some(
+                        value
+                            .to_str()
+                            .and_then(User::parse)
+                            .ok_or_else(|| format!("sandbox spec user={value:?} is not UID:GID"))?,
+                    )
+                }
                 "memory" => spec.rlimits.memory_bytes = number(&value)?,
                 "pids" => spec.rlimits.pids = number(&value)?,
                 "cpu" => spec.rlimits.cpu_millis = number(&value)?,
@@ -235,6 +273,10 @@ mod tests {
                 pids: Some(100),
                 cpu_millis: None,
             },
+            user: Some(User {
+                uid: 990_001,
+                gid: 990_000,
+            }),
         };
         assert_eq!(Spec::decode(&spec.encode().expect("encodes")), Ok(spec));
     }
@@ -266,6 +308,7 @@ mod tests {
         assert!(smuggled.encode().is_err(), "a NUL could add a record");
         assert!(Spec::decode(b"nokey\0").is_err());
         assert!(Spec::decode(b"bogus=1\0arg=true\0").is_err());
+        assert!(Spec::decode(b"user=0\0arg=true\0").is_err());
         assert!(Spec::decode(b"root=/r\0").is_err(), "no program");
     }
 }

@@ -12,6 +12,7 @@ use anyhow::Context as _;
 use outpost_sandbox::linux::{cgroup, launch, spawner::Mode};
 use outpost_sandbox::spec::{Limits, Spec};
 
+use super::sandbox_users::{Lease, Users, mapped};
 use super::spawned::{Spawned, common_spec};
 use super::spawner::Spawner;
 use super::{Backend, Kind, Process, Run};
@@ -59,6 +60,8 @@ pub struct LinuxSandbox {
     host_memory: u64,
     /// Forks the stubs; set before the probe.
     spawner: Option<Arc<Spawner>>,
+    /// On an agent running as root, the host users actions run as.
+    users: Option<Arc<Users>>,
 }
 
 /// One action's limits under `config`; memory defaults to the host's.
@@ -101,6 +104,7 @@ impl LinuxSandbox {
         })
         .await
         .context("detecting cgroups")?;
+        let users = Self::users(config)?;
         Ok(LinuxSandbox {
             host_paths,
             limits,
@@ -110,7 +114,45 @@ impl LinuxSandbox {
             allow_network: config.allow_network,
             host_memory,
             spawner: None,
+            users,
         })
+    }
+
+    /// On an agent running as root, the host users its actions run as.
+    /// Root only inside a user namespace without those ids (a rootless
+    /// container), it runs them as itself, which is no host root.
+    fn users(config: &Config) -> anyhow::Result<Option<Arc<Users>>> {
+        if !nix::unistd::geteuid().is_root() {
+            return Ok(None);
+        }
+        let users = Users::new(config.sandbox_uid_base, config.sandbox_uid_count)?;
+        let slots = if config.slots == 0 {
+            crate::host::cpus()
+        } else {
+            config.slots
+        };
+        anyhow::ensure!(
+            config.sandbox_uid_count > slots,
+            "sandbox_uid_count {} is too small for {slots} slots: each running action and the \
+             start-up probe needs a host user of its own",
+            config.sandbox_uid_count
+        );
+        let (first, last) = (
+            config.sandbox_uid_base,
+            config.sandbox_uid_base + config.sandbox_uid_count,
+        );
+        let in_namespace = ["/proc/self/uid_map", "/proc/self/gid_map"]
+            .iter()
+            .all(|m| std::fs::read_to_string(m).is_ok_and(|map| mapped(&map, first, last)));
+        if !in_namespace {
+            tracing::warn!(
+                "this agent is root in a user namespace without ids {first}-{last} \
+                 (sandbox_uid_base, sandbox_uid_count): its sandboxed actions run as its own \
+                 user, which is not the host's root"
+            );
+            return Ok(None);
+        }
+        Ok(Some(users))
     }
 
     /// The spawner that forks this backend's stubs.
@@ -132,7 +174,9 @@ impl LinuxSandbox {
             .as_ref()
             .ok_or_else(|| Error::Retryable("this agent has no spawner".into()))?;
         let mut spec = common_spec(&run);
-        let group = self.complete(&mut spec, &run)?;
+        let lease = self.users.as_ref().map(Users::take).transpose()?;
+        spec.user = lease.as_ref().map(|l| l.user);
+        let group = self.complete(&mut spec, &run, lease.as_ref())?;
         let status =
             launch::StatusPipe::new().map_err(|e| Error::local("making the status pipe", e))?;
         let mode = if run.options.network {
@@ -140,17 +184,29 @@ impl LinuxSandbox {
         } else {
             Mode::Sandbox
         };
-        Spawned::start(spawner, mode, &spec, run, Some(status), Some(group))
+        Ok(Spawned::start(spawner, mode, &spec, run, Some(status), Some(group))?.holding(lease))
     }
 
     /// Fills in the sandbox's part of one action's spec; returns the
     /// cgroups it joins.
-    fn complete(&self, spec: &mut Spec, run: &Run<'_>) -> Result<cgroup::Group, Error> {
+    fn complete(
+        &self,
+        spec: &mut Spec,
+        run: &Run<'_>,
+        lease: Option<&Lease>,
+    ) -> Result<cgroup::Group, Error> {
         let local = |what: &str, e: std::io::Error| Error::local(what.to_owned(), e);
         let tmp = run.dir.join("tmp");
         let scratch = run.dir.join("sysroot");
         std::fs::create_dir_all(&tmp).map_err(|e| local("creating the sandbox /tmp", e))?;
         std::fs::create_dir_all(&scratch).map_err(|e| local("creating the sandbox root", e))?;
+        if let Some(lease) = lease {
+            let mut owned = vec![tmp.clone(), scratch.clone()];
+            owned.extend(run.writable.iter().map(|w| run.root.join(w)));
+            lease
+                .grant(run.dir, &owned)
+                .map_err(|e| local("giving the action's directories to its sandbox user", e))?;
+        }
         let group = self
             .limiter
             .create(&self.limits())
@@ -171,6 +227,14 @@ impl LinuxSandbox {
     /// Runs `true` in the sandbox; fails unless it works, and records what
     /// Landlock enforced.
     pub async fn probe(&mut self, work_dir: &Path) -> anyhow::Result<()> {
+        if let Some(users) = &self.users {
+            // The sandbox users must reach their actions' directories.
+            for dir in [work_dir.to_owned(), work_dir.join("actions")] {
+                users
+                    .open_to_group(&dir)
+                    .with_context(|| format!("opening {} to the sandbox group", dir.display()))?;
+            }
+        }
         let landlock = self.probe_sandbox(work_dir).await.map_err(|e| {
             anyhow::anyhow!(
                 "isolation linux-sandbox does not work on this host: {e}. \

@@ -8,6 +8,7 @@ use std::os::fd::AsFd;
 use outpost_sandbox::linux::{cgroup, launch, spawner::Mode};
 use outpost_sandbox::spec::Spec;
 
+use super::sandbox_users::Lease;
 use super::spawner::{Running, Spawner};
 use super::{Process, Run};
 use crate::error::Error;
@@ -17,6 +18,8 @@ pub struct Spawned {
     /// The sandbox stub's report, read while the action runs.
     report: Option<tokio::task::JoinHandle<launch::Report>>,
     group: Option<cgroup::Group>,
+    /// The host user the action runs as (a root agent's sandbox).
+    user: Option<Lease>,
 }
 
 impl Spawned {
@@ -40,7 +43,7 @@ impl Spawned {
         if let Some(s) = &status {
             fds.push(s.writer());
         }
-        let process = spawner.run(mode, &spec_file, &fds)?;
+        let process = spawner.run(mode, spec.user, &spec_file, &fds)?;
         drop(fds);
         // The stub's report arrives once the action is running (or could
         // not start); read it while it runs.
@@ -49,7 +52,14 @@ impl Spawned {
             process,
             report,
             group,
+            user: None,
         })
+    }
+
+    /// Keeps `user` until the stub has ended.
+    pub fn holding(mut self, user: Option<Lease>) -> Spawned {
+        self.user = user;
+        self
     }
 
     /// The sandbox stub's report (the probe reads it itself).
@@ -111,12 +121,17 @@ impl Process for Spawned {
 
 impl Drop for Spawned {
     fn drop(&mut self) {
+        let ended = self.process.is_done();
+        if let Some(user) = self.user.take()
+            && !ended
+        {
+            user.retire();
+        }
         // Normally `finish` took the cgroups. An action given up before its
         // end may have a stub still about to join them: never pool those.
         let Some(group) = self.group.take() else {
             return;
         };
-        let ended = self.process.is_done();
         let work = move || {
             if ended {
                 drop(group);

@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 
 use nix::sys::signal::Signal;
 use outpost_sandbox::linux::spawner::{Client, Event, Mode};
+use outpost_sandbox::spec::User;
 use tokio::sync::oneshot;
 
 use crate::error::Error;
@@ -86,6 +87,7 @@ impl Spawner {
     pub fn run(
         &self,
         mode: Mode,
+        user: Option<User>,
         spec_file: &Path,
         fds: &[BorrowedFd<'_>],
     ) -> Result<Running, Error> {
@@ -99,7 +101,7 @@ impl Spawner {
             let id = self.next_id.fetch_add(1, Ordering::Relaxed);
             let (tx, rx) = oneshot::channel();
             lock(&live.waiting).insert(id, tx);
-            match live.client.start_run(id, mode, spec_file, fds) {
+            match live.client.start_run(id, mode, user, spec_file, fds) {
                 Ok(()) => {
                     return Ok(Running {
                         id,

@@ -14,7 +14,7 @@ use landlock::{
 };
 use nix::sys::resource::{Resource, setrlimit};
 
-use crate::spec::{EXEC_ROOT, Spec};
+use crate::spec::{EXEC_ROOT, Spec, User};
 
 /// The newest Landlock ABI this code knows; older kernels enforce a subset.
 const LANDLOCK_ABI: ABI = ABI::V6;
@@ -42,6 +42,26 @@ fn rlimits(spec: &Spec) -> Result<(), String> {
         set(Resource::RLIMIT_NPROC, pids, "process")?;
     }
     Ok(())
+}
+
+/// In a stub running as root, before it creates any namespace: becomes
+/// `user` for good (no supplementary groups; real, effective and saved
+/// ids all changed, so nothing can switch back). The user namespace it then
+/// creates is that user's, so the kernel charges its per-user counters
+/// (inotify instances, processes, namespaces) to that user, not root.
+///
+/// Changing credentials clears the parent-death signal (the caller sets it
+/// again) and makes the process non-dumpable, which would leave its own
+/// `/proc` files root's: it is made dumpable again until it has written
+/// its namespace maps (see `stub::enter`).
+pub fn become_user(user: User) -> Result<(), String> {
+    use nix::unistd::{Gid, Uid, setgroups, setresgid, setresuid};
+    let gid = Gid::from_raw(user.gid);
+    let uid = Uid::from_raw(user.uid);
+    setgroups(&[]).map_err(|e| format!("dropping supplementary groups: {e}"))?;
+    setresgid(gid, gid, gid).map_err(|e| format!("becoming group {gid}: {e}"))?;
+    setresuid(uid, uid, uid).map_err(|e| format!("becoming user {uid}: {e}"))?;
+    nix::sys::prctl::set_dumpable(true).map_err(|e| format!("PR_SET_DUMPABLE: {e}"))
 }
 
 /// In the stub, once it entered its namespaces (for a warm stub: before

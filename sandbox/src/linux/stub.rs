@@ -37,7 +37,7 @@ use nix::unistd::{ForkResult, Pid};
 
 use super::launch::STATUS_FD;
 use super::{mounts, restrict};
-use crate::spec::Spec;
+use crate::spec::{Spec, User};
 
 /// Exit code when the sandbox could not be built (the status pipe says why).
 pub const EXIT_SETUP_FAILED: i32 = 125;
@@ -117,12 +117,16 @@ pub fn warm() -> Result<(), String> {
     restrict::harden()
 }
 
-/// The stub for a spec file, in a process that [`warm`] prepared.
-pub fn main_file_warmed(spec_file: &std::path::Path) -> i32 {
+/// The stub for a spec file, in a process that [`warm`] prepared after
+/// becoming `user` (see [`restrict::become_user`]).
+pub fn main_file_warmed(spec_file: &std::path::Path, user: Option<User>) -> i32 {
     let mut status = status_pipe();
     let run = read_spec(spec_file).and_then(|spec| {
         if spec.network {
             return Err("a warm sandbox was handed an action with network".into());
+        }
+        if spec.user != user {
+            return Err("a warm sandbox was handed an action of another user".into());
         }
         run_spec(&spec, &mut status, Entered::Isolated)
     });
@@ -180,16 +184,28 @@ fn run_spec(spec: &Spec, status: &mut Status, entered: Entered) -> Result<i32, S
         return Err("the sandbox spec names no tmp or scratch directory".into());
     }
     let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
-    if nix::unistd::getppid() == Pid::from_raw(1) {
+    let parent = nix::unistd::getppid();
+    if parent == Pid::from_raw(1) {
         return Ok(EXIT_KILLED);
     }
     // Init and the action are born in the cgroups (a warm stub entered
     // its namespaces before it knew them; the file checks are the same).
-    for procs in &spec.cgroup_procs {
-        std::fs::write(procs, std::process::id().to_string())
-            .map_err(|e| format!("joining the cgroup {}: {e}", procs.display()))?;
+    // A warm stub that became another user was moved in by the spawner.
+    if entered == Entered::No || spec.user.is_none() {
+        for procs in &spec.cgroup_procs {
+            std::fs::write(procs, std::process::id().to_string())
+                .map_err(|e| format!("joining the cgroup {}: {e}", procs.display()))?;
+        }
     }
     if entered == Entered::No {
+        if let Some(user) = spec.user {
+            restrict::become_user(user)?;
+            // Changing credentials cleared the death signal.
+            let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
+            if nix::unistd::getppid() != parent {
+                return Ok(EXIT_KILLED);
+            }
+        }
         enter(spec.network)?;
         restrict::harden()?;
     }

@@ -16,13 +16,19 @@
 //! stub has also entered its namespaces (user, mount, pid, ipc, uts and a
 //! network namespace with loopback up), the costliest part of a sandbox.
 //!
-//! MODE is `reap`, `sandbox` or `sandbox-network` ([`Mode`]).
+//! MODE is `reap`, `sandbox` or `sandbox-network` ([`Mode`]), for a
+//! sandbox followed by `@UID:GID` when its stub is to become that host user
+//! (an agent running as root runs each slot's actions as a user of their
+//! own). Warm stubs are kept per mode and user: a warm stub for a user
+//! became it before entering its namespaces, and the spawner, still root,
+//! moves it into its action's cgroups when the action comes.
 //!
 //! The agent talks to the spawner over a `SOCK_SEQPACKET` socket on fd 3,
 //! one message per datagram, in plain text:
 //!
 //! ```text
-//! agent → spawner  start ID MODE SPEC_FILE   with stdin, stdout, stderr
+//! agent → spawner  start ID MODE[@UID:GID] SPEC_FILE
+//!                                            with stdin, stdout, stderr
 //!                                            (and, for `sandbox`, the
 //!                                            status pipe) as SCM_RIGHTS
 //!                  signal ID SIGNO           to the stub, if still running
@@ -40,9 +46,8 @@
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::io::{IoSlice, IoSliceMut};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -57,7 +62,10 @@ use nix::sys::socket::{
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::{ForkResult, Pid};
 
-use crate::spec::Spec;
+use crate::spec::{Spec, User};
+
+mod client;
+pub use client::{Client, Event};
 
 /// The descriptor the spawner finds its socket on.
 const SOCKET_FD: RawFd = 3;
@@ -105,152 +113,25 @@ impl Mode {
     }
 }
 
-/// What the spawner reports about a started action.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Event {
-    Exited { id: u64, code: i32 },
-    Failed { id: u64, message: String },
-}
+/// What a stub is kept warm for: its mode and the user it became.
+type Key = (Mode, Option<User>);
 
-/// The agent's end of the socket.
-#[derive(Debug)]
-pub struct Client {
-    socket: OwnedFd,
-}
-
-impl Client {
-    /// Starts `exe __spawner`. The spawner dies when the calling thread
-    /// ends, so call this from a thread that lives as long as it should.
-    pub fn start(exe: &Path) -> std::io::Result<(Client, std::process::Child)> {
-        let (ours, theirs) = socketpair(
-            AddressFamily::Unix,
-            SockType::SeqPacket,
-            None,
-            SockFlag::SOCK_CLOEXEC,
-        )?;
-        let fd = theirs.as_raw_fd();
-        let mut command = std::process::Command::new(exe);
-        // A process group of its own from the start: a terminal's Ctrl-C
-        // reaches the agent, which decides what happens to actions.
-        command
-            .arg0("outpost")
-            .arg("__spawner")
-            .stdin(std::process::Stdio::null())
-            .process_group(0);
-        // SAFETY: the closure runs in the forked child before exec and calls
-        // only async-signal-safe functions (dup2, fcntl, close_range) on
-        // descriptors it owns.
-        unsafe {
-            command.pre_exec(move || {
-                if fd == SOCKET_FD {
-                    if libc::fcntl(fd, libc::F_SETFD, 0) == -1 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                } else if libc::dup2(fd, SOCKET_FD) == -1 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                // Whatever else the agent holds or inherited (an open
-                // directory of the host's, say) never reaches the spawner,
-                // its stubs or their actions.
-                super::fds::close_from(SOCKET_FD + 1, true);
-                Ok(())
-            });
-        }
-        let child = command.spawn()?;
-        drop(theirs);
-        Ok((Client { socket: ours }, child))
-    }
-
-    /// Asks for `spec_file` to be run in `mode`, with `fds` as its stdin,
-    /// stdout, stderr (and status pipe). Its end arrives as an [`Event`].
-    pub fn start_run(
-        &self,
-        id: u64,
-        mode: Mode,
-        spec_file: &Path,
-        fds: &[BorrowedFd<'_>],
-    ) -> std::io::Result<()> {
-        if fds.len() != mode.descriptors() {
-            return Err(std::io::Error::other(format!(
-                "{} needs {} descriptors, not {}",
-                mode.name(),
-                mode.descriptors(),
-                fds.len()
-            )));
-        }
-        let mut message = format!("start {id} {} ", mode.name()).into_bytes();
-        message.extend_from_slice(spec_file.as_os_str().as_bytes());
-        let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
-        self.send(&message, &[ControlMessage::ScmRights(&raw)])
-    }
-
-    /// Sends `signal` to a started action's stub (SIGTERM stops it and
-    /// everything it started); nothing if it already ended.
-    pub fn signal(&self, id: u64, signal: Signal) -> std::io::Result<()> {
-        self.send(format!("signal {id} {}", signal as i32).as_bytes(), &[])
-    }
-
-    fn send(&self, message: &[u8], cmsgs: &[ControlMessage<'_>]) -> std::io::Result<()> {
-        let iov = [IoSlice::new(message)];
-        loop {
-            match sendmsg::<()>(
-                self.socket.as_raw_fd(),
-                &iov,
-                cmsgs,
-                MsgFlags::MSG_NOSIGNAL,
-                None,
-            ) {
-                Ok(_) => return Ok(()),
-                Err(Errno::EINTR) => {}
-                Err(e) => return Err(e.into()),
-            }
-        }
-    }
-
-    /// Ends the conversation: the spawner sees the end of its socket and
-    /// exits, and its stubs die with it.
-    pub fn shutdown(&self) {
-        let _ =
-            nix::sys::socket::shutdown(self.socket.as_raw_fd(), nix::sys::socket::Shutdown::Both);
-    }
-
-    /// The next event; `None` once the spawner is gone. Call from one
-    /// thread only.
-    pub fn next_event(&self) -> std::io::Result<Option<Event>> {
-        let mut buf = [0u8; MAX_MESSAGE];
-        let n = loop {
-            let mut iov = [IoSliceMut::new(&mut buf)];
-            match recvmsg::<()>(self.socket.as_raw_fd(), &mut iov, None, MsgFlags::empty()) {
-                Ok(m) => break m.bytes,
-                Err(Errno::EINTR) => {}
-                Err(e) => return Err(e.into()),
-            }
-        };
-        if n == 0 {
-            return Ok(None);
-        }
-        let text = String::from_utf8_lossy(&buf[..n]);
-        parse_event(&text)
-            .map(Some)
-            .ok_or_else(|| std::io::Error::other(format!("unexpected spawner message {text:?}")))
+/// `MODE` or `MODE@UID:GID`.
+fn key_name(mode: Mode, user: Option<User>) -> String {
+    match user {
+        Some(u) => format!("{}@{}", mode.name(), u.render()),
+        None => mode.name().to_owned(),
     }
 }
 
-fn parse_event(text: &str) -> Option<Event> {
-    let mut parts = text.splitn(3, ' ');
-    let kind = parts.next()?;
-    let id = parts.next()?.parse().ok()?;
-    let rest = parts.next()?;
-    match kind {
-        "exited" => Some(Event::Exited {
-            id,
-            code: rest.parse().ok()?,
-        }),
-        "failed" => Some(Event::Failed {
-            id,
-            message: rest.to_owned(),
-        }),
-        _ => None,
+/// Reads [`key_name`]'s form; only a sandbox becomes another user.
+fn parse_key(s: &str) -> Option<Key> {
+    match s.split_once('@') {
+        None => Some((Mode::parse(s)?, None)),
+        Some((mode, user)) => {
+            let mode = Mode::parse(mode).filter(|m| *m != Mode::Reap)?;
+            Some((mode, Some(User::parse(user)?)))
+        }
     }
 }
 
@@ -299,7 +180,7 @@ fn serve() -> Result<(), String> {
         exits,
         running: HashMap::new(),
         warm: Vec::new(),
-        warmable: vec![Mode::Reap],
+        warmable: vec![((Mode::Reap, None), Instant::now())],
         cold_until: Vec::new(),
     };
     let ready = |spawner: &Spawner, timeout: PollTimeout| -> Result<(bool, bool), String> {
@@ -320,9 +201,9 @@ fn serve() -> Result<(), String> {
             // time, one per kind seen, then wait (until the oldest warm
             // stub is due to be replaced).
             spawner.retire_old();
-            for mode in spawner.warmable.clone() {
-                if !spawner.warm.iter().any(|w| w.mode == mode) && !spawner.backing_off(mode) {
-                    spawner.warm_up(mode);
+            for (key, _) in spawner.warmable.clone() {
+                if !spawner.warm.iter().any(|w| w.key == key) && !spawner.backing_off(key) {
+                    spawner.warm_up(key);
                 }
             }
             let due = spawner
@@ -353,12 +234,14 @@ struct Spawner {
     running: HashMap<u64, Pid>,
     /// Stubs forked ahead of time, waiting for their action.
     warm: Vec<Warm>,
-    /// Modes to keep a warm stub of: `reap`, and each that was asked for.
-    warmable: Vec<Mode>,
-    /// Modes whose warm stub died before its job (a sandbox that cannot be
+    /// What to keep a warm stub of: `reap`, and each mode and user asked
+    /// for, with when it last was (a user's is let go after [`WARM_FOR`]
+    /// unasked, so only the users of running slots stay warm).
+    warmable: Vec<(Key, Instant)>,
+    /// Keys whose warm stub died before its job (a sandbox that cannot be
     /// set up here, say), and until when they are only forked cold, so a
     /// broken warm-up is not retried in a loop.
-    cold_until: Vec<(Mode, Instant)>,
+    cold_until: Vec<(Key, Instant)>,
 }
 
 /// How long a warm stub waits before it is replaced: what it prepared (a
@@ -369,7 +252,7 @@ const COLD_AFTER_FAILURE: Duration = Duration::from_secs(60);
 
 struct Warm {
     pid: Pid,
-    mode: Mode,
+    key: Key,
     /// Where its action is sent: mode and spec file, with descriptors. The
     /// stub says `ready` (or `failed WHY`) there once prepared; a failed
     /// one gets no job, and one that fails after its job arrived says so
@@ -390,8 +273,8 @@ impl Spawner {
                 continue;
             };
             if let Some(i) = self.warm.iter().position(|w| w.pid == pid) {
-                let mode = self.warm.swap_remove(i).mode;
-                self.back_off(mode, &format!("it ended with status {code}"));
+                let key = self.warm.swap_remove(i).key;
+                self.back_off(key, &format!("it ended with status {code}"));
                 continue;
             }
             let Some(id) = self
@@ -434,15 +317,13 @@ impl Spawner {
             }
             (Some(b"start"), Some(id)) => {
                 let job = parts.next().zip(parts.next());
-                let mode = job
-                    .and_then(|(m, _)| std::str::from_utf8(m).ok())
-                    .and_then(Mode::parse);
-                match (mode, job) {
-                    (Some(mode), Some((_, spec_file))) if received.len() == mode.descriptors() => {
-                        if !self.warmable.contains(&mode) && mode != Mode::SandboxNetwork {
-                            self.warmable.push(mode);
-                        }
-                        match self.start(mode, spec_file, &received) {
+                let key = job
+                    .and_then(|(k, _)| std::str::from_utf8(k).ok())
+                    .and_then(parse_key);
+                match (key, job) {
+                    (Some(key), Some((_, spec_file))) if received.len() == key.0.descriptors() => {
+                        self.asked_for(key);
+                        match self.start(key, spec_file, &received) {
                             Ok(pid) => {
                                 self.running.insert(id, pid);
                             }
@@ -466,15 +347,29 @@ impl Spawner {
         Ok(true)
     }
 
-    fn backing_off(&mut self, mode: Mode) -> bool {
+    /// Notes that `key` was asked for: it is kept warm from now on (a
+    /// sandbox with the host's network never is).
+    fn asked_for(&mut self, key: Key) {
+        let now = Instant::now();
+        match self.warmable.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, used)) => *used = now,
+            None if key.0 != Mode::SandboxNetwork => self.warmable.push((key, now)),
+            None => {}
+        }
+    }
+
+    fn backing_off(&mut self, key: Key) -> bool {
         let now = Instant::now();
         self.cold_until.retain(|(_, until)| *until > now);
-        self.cold_until.iter().any(|(m, _)| *m == mode)
+        self.cold_until.iter().any(|(k, _)| *k == key)
     }
 
     /// Replaces warm stubs older than [`WARM_FOR`] (killed, then reaped and
     /// ignored).
     fn retire_old(&mut self) {
+        // A user's slot not used for a while: its stub is not replaced.
+        self.warmable
+            .retain(|((_, user), used)| user.is_none() || used.elapsed() < WARM_FOR);
         self.warm.retain(|w| {
             let old = w.born.elapsed() >= WARM_FOR;
             if old {
@@ -495,8 +390,8 @@ impl Spawner {
     /// One still preparing is taken too: it finishes before reading its
     /// job, sooner than a fresh fork would, and reports a late failure on
     /// the job's status pipe.
-    fn take_warm(&mut self, mode: Mode) -> Option<Warm> {
-        let i = self.warm.iter().position(|w| w.mode == mode)?;
+    fn take_warm(&mut self, key: Key) -> Option<Warm> {
+        let i = self.warm.iter().position(|w| w.key == key)?;
         let warm = self.warm.swap_remove(i);
         let mut buf = [0u8; 512];
         let mut iov = [IoSliceMut::new(&mut buf)];
@@ -515,27 +410,41 @@ impl Spawner {
             _ => {
                 let _ = signal::kill(warm.pid, Signal::SIGKILL);
                 let why = String::from_utf8_lossy(&buf[..said.unwrap_or(0)]).into_owned();
-                self.back_off(mode, &why);
+                self.back_off(key, &why);
                 None
             }
         }
     }
 
-    fn back_off(&mut self, mode: Mode, why: &str) {
+    fn back_off(&mut self, key: Key, why: &str) {
         eprintln!(
             "outpost __spawner: a warm {} stub could not be prepared ({why}); that kind \
              starts cold for {}s",
-            mode.name(),
+            key_name(key.0, key.1),
             COLD_AFTER_FAILURE.as_secs()
         );
-        self.cold_until.retain(|(m, _)| *m != mode);
+        self.cold_until.retain(|(k, _)| *k != key);
         self.cold_until
-            .push((mode, Instant::now() + COLD_AFTER_FAILURE));
+            .push((key, Instant::now() + COLD_AFTER_FAILURE));
     }
 
     /// Starts a stub for the job: the warm one, or a new fork.
-    fn start(&mut self, mode: Mode, spec_file: &[u8], fds: &[OwnedFd]) -> nix::Result<Pid> {
-        if let Some(warm) = self.take_warm(mode) {
+    fn start(&mut self, key: Key, spec_file: &[u8], fds: &[OwnedFd]) -> nix::Result<Pid> {
+        let path = Path::new(OsStr::from_bytes(spec_file));
+        let (mode, user) = key;
+        // A stub that became its user cannot join root's cgroups itself:
+        // the spawner moves it (and a cold stub joins before it changes).
+        let taken = self.take_warm(key).filter(|warm| {
+            user.is_none() || {
+                let moved = move_into_cgroups(warm.pid, path);
+                if let Err(e) = &moved {
+                    eprintln!("outpost __spawner: {e}; starting the action's stub cold");
+                    let _ = signal::kill(warm.pid, Signal::SIGKILL);
+                }
+                moved.is_ok()
+            }
+        });
+        if let Some(warm) = taken {
             let mut job = mode.name().as_bytes().to_vec();
             job.push(b' ');
             job.extend_from_slice(spec_file);
@@ -553,7 +462,6 @@ impl Spawner {
             // It died waiting: reaped (and ignored) later; fork afresh.
             let _ = signal::kill(warm.pid, Signal::SIGKILL);
         }
-        let path = Path::new(OsStr::from_bytes(spec_file));
         let closing = self.descriptors();
         let spawner = nix::unistd::getpid();
         // SAFETY: the spawner is single-threaded, so the child may do anything.
@@ -561,14 +469,15 @@ impl Spawner {
             ForkResult::Parent { child } => Ok(child),
             ForkResult::Child => {
                 die_with(spawner);
-                run_stub(&closing, mode, false, path, fds)
+                run_stub(&closing, mode, None, path, fds)
             }
         }
     }
 
     /// Forks a stub that prepares what it can for a job in `mode` and
     /// waits for it on a socket of its own.
-    fn warm_up(&mut self, mode: Mode) {
+    fn warm_up(&mut self, key: Key) {
+        let (mode, user) = key;
         let Ok((ours, theirs)) = socketpair(
             AddressFamily::Unix,
             SockType::SeqPacket,
@@ -585,7 +494,7 @@ impl Spawner {
             Ok(ForkResult::Parent { child }) => {
                 self.warm.push(Warm {
                     pid: child,
-                    mode,
+                    key,
                     jobs: ours,
                     born: Instant::now(),
                 });
@@ -593,7 +502,14 @@ impl Spawner {
             Ok(ForkResult::Child) => {
                 die_with(spawner);
                 let prepared = match mode {
-                    Mode::Sandbox => super::stub::warm(),
+                    Mode::Sandbox => user
+                        .map_or(Ok(()), |u| {
+                            let became = super::restrict::become_user(u);
+                            // Changing credentials cleared the death signal.
+                            die_with(spawner);
+                            became
+                        })
+                        .and_then(|()| super::stub::warm()),
                     Mode::Reap | Mode::SandboxNetwork => Ok(()),
                 };
                 // The spawner reads this before it hands over a job; a job
@@ -648,7 +564,7 @@ impl Spawner {
                 }
                 let path = Path::new(OsStr::from_bytes(spec_file)).to_owned();
                 closing.push(theirs.as_raw_fd());
-                run_stub(&closing, mode, true, &path, &fds)
+                run_stub(&closing, mode, Some(user), &path, &fds)
             }
             Err(_) => {}
         }
@@ -711,10 +627,28 @@ fn receive(socket: &OwnedFd, buf: &mut [u8]) -> Result<Option<(usize, Vec<OwnedF
     Ok(Some((message.bytes, received)))
 }
 
+/// The cgroups `spec_file` names, joined by `pid` on its behalf.
+fn move_into_cgroups(pid: Pid, spec_file: &Path) -> Result<(), String> {
+    let spec = std::fs::read(spec_file)
+        .map_err(|e| format!("reading the spec {}: {e}", spec_file.display()))
+        .and_then(|bytes| Spec::decode(&bytes))?;
+    for procs in &spec.cgroup_procs {
+        std::fs::write(procs, pid.to_string())
+            .map_err(|e| format!("moving a warm stub into {}: {e}", procs.display()))?;
+    }
+    Ok(())
+}
+
 /// In a forked child: closes the spawner's descriptors, puts the action's
 /// on 0, 1, 2 (and 3), runs the stub and exits with its code. `warmed`:
-/// the child prepared for `mode` before its job came.
-fn run_stub(closing: &[RawFd], mode: Mode, warmed: bool, spec_file: &Path, fds: &[OwnedFd]) -> ! {
+/// the child prepared for `mode` before its job came, as the user given.
+fn run_stub(
+    closing: &[RawFd],
+    mode: Mode,
+    warmed: Option<Option<User>>,
+    spec_file: &Path,
+    fds: &[OwnedFd],
+) -> ! {
     // SAFETY: the child owns its copies of every descriptor. Each received
     // one is first copied above 63, so that moving the copies onto 0..4
     // cannot clobber one not yet moved.
@@ -741,10 +675,10 @@ fn run_stub(closing: &[RawFd], mode: Mode, warmed: bool, spec_file: &Path, fds: 
     // The stub starts with its job's descriptors and nothing else.
     super::fds::close_from(fds.len() as RawFd, false);
     let _ = SigSet::all().thread_unblock();
-    let code = match mode {
-        Mode::Reap => reap_stub(spec_file),
-        Mode::Sandbox if warmed => super::stub::main_file_warmed(spec_file),
-        Mode::Sandbox | Mode::SandboxNetwork => super::stub::main_file(spec_file),
+    let code = match (mode, warmed) {
+        (Mode::Reap, _) => reap_stub(spec_file),
+        (Mode::Sandbox, Some(user)) => super::stub::main_file_warmed(spec_file, user),
+        (Mode::Sandbox | Mode::SandboxNetwork, _) => super::stub::main_file(spec_file),
     };
     std::process::exit(code)
 }
@@ -767,19 +701,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn events_are_parsed() {
-        assert_eq!(
-            parse_event("exited 7 143"),
-            Some(Event::Exited { id: 7, code: 143 })
-        );
-        assert_eq!(
-            parse_event("failed 8 fork: EAGAIN: try again"),
-            Some(Event::Failed {
-                id: 8,
-                message: "fork: EAGAIN: try again".into()
-            })
-        );
-        assert_eq!(parse_event("exited x 1"), None);
-        assert_eq!(parse_event("other 1 2"), None);
+    fn keys_name_their_mode_and_user() {
+        let user = User {
+            uid: 990_001,
+            gid: 990_000,
+        };
+        for key in [
+            (Mode::Reap, None),
+            (Mode::Sandbox, None),
+            (Mode::Sandbox, Some(user)),
+            (Mode::SandboxNetwork, Some(user)),
+        ] {
+            assert_eq!(parse_key(&key_name(key.0, key.1)), Some(key));
+        }
+        assert_eq!(key_name(Mode::Sandbox, Some(user)), "sandbox@990001:990000");
+        assert_eq!(parse_key("reap@1:1"), None, "only a sandbox changes user");
+        assert_eq!(parse_key("sandbox@1"), None);
+        assert_eq!(parse_key("other"), None);
     }
 }
