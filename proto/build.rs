@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 const SCHEMAS: &[&str] = &[
+    "blaze/worker/worker_protocol.proto",
     "build/bazel/semver/semver.proto",
     "build/bazel/remote/execution/v2/remote_execution.proto",
     "google/bytestream/bytestream.proto",

@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use outpost_proto::units::ByteSize;
+use outpost_proto::units::{ByteSize, Span};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -86,6 +86,20 @@ pub struct Config {
     /// those no action uses are removed, least recently used first. 0:
     /// never removed. Images it did not pull are never removed.
     pub docker_image_cache_size: ByteSize,
+    /// Persistent workers (`persistentWorkerKey`) alive at once per worker
+    /// key; an action finding them all busy runs as a plain command.
+    pub worker_max_per_key: u32,
+    /// Requests one persistent worker serves before it is replaced; 0 for
+    /// no bound.
+    pub worker_max_requests: u64,
+    /// How long an idle persistent worker is kept.
+    pub worker_idle_timeout: Span,
+    /// Idle persistent workers kept in all, least recently used stopped
+    /// first.
+    pub worker_max_idle: u32,
+    /// Bytes of one persistent worker response; a larger one breaks the
+    /// worker and the action runs as a plain command.
+    pub worker_max_response: ByteSize,
     /// Log filter.
     pub log: String,
     /// File whose first line is this agent's token for the coordinator.
@@ -159,6 +173,11 @@ impl Default for Config {
             docker_registry_auth: None,
             docker_images_at_start: Vec::new(),
             docker_image_cache_size: ByteSize(20 << 30),
+            worker_max_per_key: 4,
+            worker_max_requests: 0,
+            worker_idle_timeout: Span(std::time::Duration::from_secs(600)),
+            worker_max_idle: 16,
+            worker_max_response: ByteSize(16 << 20),
             log: "info".to_owned(),
             token_file: None,
             tls_ca: None,
@@ -178,6 +197,17 @@ pub fn default_isolation() -> &'static str {
 }
 
 impl Config {
+    /// The persistent worker pool's caps.
+    pub fn worker_caps(&self) -> crate::runner::worker::Caps {
+        crate::runner::worker::Caps {
+            per_key: self.worker_max_per_key.max(1) as usize,
+            requests: self.worker_max_requests,
+            idle: self.worker_idle_timeout.0,
+            idle_total: self.worker_max_idle as usize,
+            response: usize::try_from(self.worker_max_response.0).unwrap_or(usize::MAX),
+        }
+    }
+
     pub fn load(path: &Path) -> anyhow::Result<Config> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| anyhow::anyhow!("cannot read config file {}: {e}", path.display()))?;

@@ -141,6 +141,17 @@ impl Agent {
             let _ = std::fs::remove_dir_all(&actions_dir);
         }
         let cache = cache::Cache::open(work_dir.join("cache"), &actions_dir, config.cache_size.0)?;
+        // Persistent workers' directories: a previous run's went with its
+        // workers (they die with the agent).
+        let workers_dir = work_dir.join("workers");
+        let _ = std::fs::remove_dir_all(&workers_dir);
+        std::fs::create_dir_all(&workers_dir)
+            .with_context(|| format!("creating {}", workers_dir.display()))?;
+        let workers = Arc::new(runner::Workers::new(
+            config.worker_caps(),
+            workers_dir,
+            cache.clone(),
+        ));
         let runners =
             Arc::new(runner::Runners::new(&config, &work_dir, &id, host::memory_bytes()).await?);
         let capabilities = host::capabilities(&config, slots, &work_dir, &runners.offers());
@@ -171,8 +182,13 @@ impl Agent {
             actions_dir,
             runners: Arc::clone(&runners),
             output_limit: config.action_output_limit.0,
+            workers: Arc::clone(&workers),
         });
-        let metrics = metrics::Metrics::new(runners.spawner_starts(), runners.docker_metrics());
+        let metrics = metrics::Metrics::new(
+            runners.spawner_starts(),
+            runners.docker_metrics(),
+            &workers.metrics,
+        );
         let metrics_listener = match config.metrics_listen {
             Some(addr) => Some(metrics::bind(addr).await?),
             None => None,

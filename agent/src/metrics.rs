@@ -32,12 +32,15 @@ pub struct Metrics {
 impl Metrics {
     /// `spawner_starts`: the isolation's count of spawner processes
     /// started (Linux), registered as `outpost_agent_spawner_starts`;
-    /// `docker`: the Docker backend's counters, where it runs.
+    /// `docker`: the Docker backend's counters, where it runs; `warm`:
+    /// persistent workers' counters.
     pub fn new(
         spawner_starts: Option<Counter>,
         docker: Option<crate::runner::DockerMetrics>,
+        warm: &crate::runner::worker::Metrics,
     ) -> Arc<Metrics> {
         let mut registry = Registry::with_prefix("outpost_agent");
+        warm.register(&mut registry);
         if let Some(docker) = docker {
             registry.register(
                 "docker_containers",

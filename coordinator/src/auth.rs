@@ -118,6 +118,12 @@ impl Principal {
     pub fn has_token(&self) -> bool {
         self.token.is_some()
     }
+
+    /// Who the client is, for keeping warm state apart per client: its
+    /// token's hash in hex, "" with no token.
+    pub fn identity(&self) -> String {
+        self.token.map(hex::encode).unwrap_or_default()
+    }
 }
 
 /// Why a request was refused; maps to gRPC UNAUTHENTICATED or

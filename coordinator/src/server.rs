@@ -146,6 +146,7 @@ impl Coordinator {
             default: self.config.default_action_timeout.0,
             max: self.config.max_action_timeout.0,
             keepalive: self.config.stream_keepalive.0,
+            warm_wait: self.config.runner_recycling_max_wait.0,
         };
         let max_message =
             usize::try_from(self.config.max_batch_size.0).unwrap_or(usize::MAX) + MESSAGE_OVERHEAD;

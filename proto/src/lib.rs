@@ -20,6 +20,7 @@ pub mod resource;
 pub mod settings;
 pub mod units;
 pub mod validate;
+pub mod warm;
 pub mod version;
 pub mod xcode;
 
@@ -39,6 +40,15 @@ pub mod build {
                 }
             }
         }
+    }
+}
+
+/// Bazel's persistent worker protocol (`blaze.worker`): what the agent
+/// sends a worker process and reads back.
+#[allow(clippy::all, missing_docs)]
+pub mod blaze {
+    pub mod worker {
+        include!(concat!(env!("OUT_DIR"), "/blaze.worker.rs"));
     }
 }
 

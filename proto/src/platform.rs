@@ -32,14 +32,7 @@ pub const CONFIG_ONLY: &[&str] = &[
     "dockerRunAsRoot",
     "dockerInit",
     "dockerReuse",
-    "recycle-runner",
-    "runner-recycling-key",
-    "runner-recycling-max-wait",
-    "preserve-workspace",
     "clean-workspace-inputs",
-    "persistentWorkerKey",
-    "persistentWorkerProtocol",
-    "persistent-workers",
     "supports-workers",
     "requires-worker-protocol",
     "default-timeout",
@@ -49,6 +42,20 @@ pub const CONFIG_ONLY: &[&str] = &[
     "runner-crashed-exit-codes",
     "env-overrides",
     "extra-args",
+];
+
+/// Routing hints: read by the agent's runner (warm runners, persistent
+/// workers) and by the scheduler, which prefers an agent holding the
+/// action's warm key (`crate::warm`) warm; never matched against what an
+/// agent offers.
+pub const ROUTING: &[&str] = &[
+    "recycle-runner",
+    "runner-recycling-key",
+    "runner-recycling-max-wait",
+    "preserve-workspace",
+    "persistentWorkerKey",
+    "persistentWorkerProtocol",
+    "persistent-workers",
 ];
 
 /// Consumable minimums: property name -> the resource an agent advertises.
@@ -97,6 +104,7 @@ pub fn canonical_name(name: &str) -> Option<&'static str> {
         .iter()
         .chain(CAPABILITY)
         .chain(CONFIG_ONLY)
+        .chain(ROUTING)
         .chain(CONSUMABLE.iter().map(|(n, _)| n))
         .chain(VERSION_MINIMUM)
         .find(|known| known.eq_ignore_ascii_case(name))
@@ -265,7 +273,7 @@ pub fn parse(properties: &[Property]) -> Result<Parsed, String> {
                 quoted(new)
             )
         };
-        if CONFIG_ONLY.contains(&name) {
+        if CONFIG_ONLY.contains(&name) || ROUTING.contains(&name) {
             if let Some(old) = parsed.config.insert(name.to_owned(), p.value.clone())
                 && old != p.value
             {

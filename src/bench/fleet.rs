@@ -90,7 +90,7 @@ async fn agent(
                 None => return Ok(()),
             },
             _ = heartbeat.tick() => {
-                tx.send(send(ToCoordinator::Heartbeat(fleet::Heartbeat { busy_slots: 0 }))).await?;
+                tx.send(send(ToCoordinator::Heartbeat(fleet::Heartbeat { busy_slots: 0, ..Default::default() }))).await?;
             }
             () = stop.cancelled() => return Ok(()),
         }

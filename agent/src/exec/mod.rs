@@ -18,6 +18,7 @@ use crate::runner::{Run, Runners, Workspace, make_dirs};
 
 mod inputs;
 mod outputs;
+mod warm;
 
 use inputs::{prefetched, prefetched_tree};
 use outputs::{Collected, OutputBounds, OutputSpec, check_output_sizes, collect};
@@ -32,6 +33,8 @@ pub struct Executor {
     /// The most bytes one action's outputs (stdout and stderr included)
     /// may total (`action_output_limit`).
     pub output_limit: u64,
+    /// Persistent workers, for the actions that ask for one.
+    pub workers: std::sync::Arc<crate::runner::Workers>,
 }
 
 /// What the lease produced.
@@ -159,6 +162,8 @@ impl Executor {
         let root = workspace.root().to_owned();
         let (linked, input_files) =
             unless_cancelled(&cancel, self.materialize(&remote, &root, root_digest, tree)).await?;
+        let input_digests: Vec<(PathBuf, Digest)> =
+            input_files.iter().cloned().zip(linked.iter().copied()).collect();
         workspace.laid_out(linked);
         meta.input_fetch_completed_timestamp = now();
 
@@ -229,7 +234,20 @@ impl Executor {
             exit_code,
             timed_out,
             message,
-        } = run_to_end(&self.runners, run, &stderr_path, timeout, &cancel).await?;
+        } = self
+            .run_command(
+                warm::Action {
+                    lease,
+                    platform,
+                    inputs: input_digests,
+                    outputs: &outputs,
+                    stderr: &stderr_path,
+                    timeout,
+                },
+                run,
+                &cancel,
+            )
+            .await?;
         meta.execution_completed_timestamp = now();
         events.exited(exit_code);
 

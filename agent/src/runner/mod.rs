@@ -25,9 +25,12 @@ mod linux_sandbox;
 mod none;
 mod options;
 #[cfg(target_os = "linux")]
+mod sandbox_users;
+#[cfg(target_os = "linux")]
 mod spawned;
 #[cfg(target_os = "linux")]
 pub mod spawner;
+pub mod worker;
 mod workspace;
 pub mod xcode;
 
@@ -40,6 +43,7 @@ use crate::config::Config;
 use crate::error::Error;
 
 pub use options::{ContainerOptions, RunOptions};
+pub use worker::Workers;
 pub use workspace::{Workspace, make_dirs};
 
 #[cfg(target_os = "linux")]

@@ -101,7 +101,7 @@ pub fn make_dirs(root: &Path, rel: &Path, what: &str) -> Result<(), Error> {
 }
 
 /// Deletes a tree even if the action made parts of it read-only.
-fn remove_tree(dir: &Path) {
+pub(crate) fn remove_tree(dir: &Path) {
     if std::fs::remove_dir_all(dir).is_ok() || !dir.exists() {
         return;
     }

@@ -50,6 +50,10 @@ pub struct Config {
     /// often while nothing changes, so proxies that cut quiet streams (often
     /// after 60s) leave them open during long actions.
     pub stream_keepalive: Span,
+    /// How long an action asking for a warm runner or persistent worker
+    /// waits for the agent holding one warm before any agent may take it,
+    /// when it does not say (`runner-recycling-max-wait`).
+    pub runner_recycling_max_wait: Span,
     /// Timeout of actions that set none.
     pub default_action_timeout: Span,
     /// Actions asking for a longer timeout are refused.
@@ -117,6 +121,7 @@ impl Default for Config {
             startup_grace: Span(Duration::from_secs(15)),
             abandon_after: Span(Duration::from_secs(60)),
             stream_keepalive: Span(Duration::from_secs(30)),
+            runner_recycling_max_wait: Span(outpost_proto::warm::DEFAULT_MAX_WAIT),
             default_action_timeout: Span(Duration::from_secs(3600)),
             max_action_timeout: Span(Duration::from_secs(6 * 3600)),
             allow_escaping_symlinks: false,

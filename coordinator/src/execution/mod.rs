@@ -29,6 +29,9 @@ pub struct Timeouts {
     pub max: Duration,
     /// An unchanged operation is sent again this often on its streams.
     pub keepalive: Duration,
+    /// How long a warm action waits for its warm agent when it does not
+    /// say (`runner_recycling_max_wait`).
+    pub warm_wait: Duration,
 }
 
 pub struct ExecutionService {
@@ -59,6 +62,23 @@ impl ExecutionService {
 }
 
 /// The build this request belongs to, for fairness.
+/// Where the action may run warm (`outpost_proto::warm`): its warm key
+/// and how long it waits for an agent holding it.
+fn warm_of(
+    instance: &str,
+    platform: &[reapi::platform::Property],
+    client: &str,
+    default_wait: Duration,
+) -> Result<Option<crate::scheduler::Warm>, Status> {
+    let parsed = outpost_proto::platform::parse(platform).map_err(Status::invalid_argument)?;
+    let Some(key) = outpost_proto::warm::warm_key(instance, &parsed, client) else {
+        return Ok(None);
+    };
+    let max_wait =
+        outpost_proto::warm::max_wait(&parsed, default_wait).map_err(Status::invalid_argument)?;
+    Ok(Some(crate::scheduler::Warm { key, max_wait }))
+}
+
 fn invocation_id<T>(request: &Request<T>) -> String {
     request
         .metadata()
@@ -172,6 +192,11 @@ impl Execution for ExecutionService {
         request: Request<reapi::ExecuteRequest>,
     ) -> Result<Response<OperationStream>, Status> {
         let invocation = invocation_id(&request);
+        let client = request
+            .extensions()
+            .get::<crate::auth::Principal>()
+            .map(crate::auth::Principal::identity)
+            .unwrap_or_default();
         let req = request.into_inner();
         let function = function_of(req.digest_function)?;
         let action_digest = required_digest(req.action_digest.as_ref(), function, "action_digest")?;
@@ -248,7 +273,9 @@ impl Execution for ExecutionService {
             )));
         }
         let priority = req.execution_policy.map_or(0, |p| p.priority);
+        let warm = warm_of(&req.instance_name, &platform, &client, self.timeouts.warm_wait)?;
         let job = crate::scheduler::Job {
+            warm,
             instance_name: req.instance_name,
             action_digest,
             requirements,

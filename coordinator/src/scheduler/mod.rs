@@ -80,6 +80,17 @@ pub struct Job {
     /// Bytes of distinct input files; leased only to agents whose input
     /// cache can hold them.
     pub input_bytes: u64,
+    /// Set when the action asks for a warm runner or persistent worker.
+    pub warm: Option<Warm>,
+}
+
+/// What a warm action is routed by.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Warm {
+    /// Its warm key (`outpost_proto::warm::warm_key`).
+    pub key: String,
+    /// How long it is held for an agent holding the key.
+    pub max_wait: Duration,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -68,6 +68,7 @@ fn job(n: u8, build: &str, priority: i32) -> Job {
         queued_at: SystemTime::now(),
         prefetched: Default::default(),
         input_bytes: 0,
+        warm: None,
     }
 }
 
@@ -697,3 +698,6 @@ async fn inputs_go_only_to_agents_whose_cache_holds_them() {
 
 #[path = "tests_xcode.rs"]
 mod xcode;
+
+#[path = "tests_warm.rs"]
+mod warm;

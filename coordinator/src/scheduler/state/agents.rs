@@ -67,6 +67,7 @@ impl State {
             agent.remembered = remembered;
             agent.remembered_at = Instant::now();
             agent.slots = caps.slots;
+            agent.warm_keys = warm_keys_of(&caps);
             agent.outgoing = Some(outgoing);
             agent.session = session.id;
             agent.last_heartbeat = Instant::now();
@@ -94,6 +95,7 @@ impl State {
                     disconnected_at: None,
                     going_away: false,
                     process_id: register.process_id.clone(),
+                    warm_keys: warm_keys_of(&caps),
                     leases: HashSet::new(),
                     failures_in_a_row: 0,
                 },
@@ -169,7 +171,12 @@ impl State {
         }
         agent.last_heartbeat = Instant::now();
         match message {
-            FromAgent::Heartbeat(_) | FromAgent::LeaseAccepted(_) | FromAgent::StageChanged(_) => {}
+            FromAgent::Heartbeat(h) => {
+                if let Some(keys) = agent.warm_keys.as_mut() {
+                    *keys = h.warm_keys.into_iter().collect();
+                }
+            }
+            FromAgent::LeaseAccepted(_) | FromAgent::StageChanged(_) => {}
             FromAgent::Register(_) => {
                 tracing::warn!(agent_id = %session.agent_id, "duplicate registration ignored")
             }
@@ -242,6 +249,16 @@ impl State {
                 // Trouble on the way is nobody's fault in particular.
                 Fault::Transient => {}
                 Fault::Action | Fault::None => agent.failures_in_a_row = 0,
+            }
+            // What ran well warm stays warm there, as far as the scheduler
+            // knows until the agent's next heartbeat says otherwise.
+            if fault == Fault::None
+                && let (Some(keys), Some(warm)) = (
+                    agent.warm_keys.as_mut(),
+                    self.ops.get(&op_name).and_then(|o| o.job.warm.as_ref()),
+                )
+            {
+                keys.insert(warm.key.clone());
             }
         }
         match r.outcome {
@@ -443,6 +460,15 @@ impl State {
         self.ops.insert(name.to_owned(), op);
         self.dispatch_all();
     }
+}
+
+/// The warm keys an agent holds: empty at first for agents with the
+/// "warm-keys" feature, none (never routed to as warm) for older ones.
+fn warm_keys_of(caps: &fleet::Capabilities) -> Option<HashSet<String>> {
+    caps.features
+        .iter()
+        .any(|f| f == outpost_proto::features::WARM_KEYS)
+        .then(HashSet::new)
 }
 
 /// Whose fault an error result is.

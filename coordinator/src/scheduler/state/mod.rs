@@ -155,6 +155,8 @@ struct Agent {
     /// Its registration's process id: a new one is a restart.
     process_id: String,
     leases: HashSet<String>,
+    /// The warm keys it holds ("warm-keys" feature; None for older agents).
+    warm_keys: Option<HashSet<String>>,
     /// Infrastructure failures in a row; the agent is taken out of
     /// rotation at `QUARANTINE_AFTER`.
     failures_in_a_row: u32,

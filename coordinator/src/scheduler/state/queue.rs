@@ -47,16 +47,20 @@ impl State {
         {
             return false;
         }
-        let mut best: Option<((usize, i32, u64), String)> = None;
+        // Actions this agent holds warm first, then fairness between builds.
+        let mut best: Option<((bool, usize, i32, u64), String)> = None;
         for (req, builds) in &self.queue {
             if !agent.offer.satisfies(req) || !fits_now(agent, req) {
                 continue;
             }
             for (build, q) in builds {
-                let Some(((priority, seq), name)) = q.first_key_value() else {
-                    continue;
-                };
-                let Some(op) = self.ops.get(name) else {
+                // The build's first action not held for another agent.
+                let Some(((priority, seq), name, op)) =
+                    q.iter().take(WARM_SCAN).find_map(|(order, name)| {
+                        let op = self.ops.get(name)?;
+                        (!self.held_for_another(agent_id, op, req)).then_some((order, name, op))
+                    })
+                else {
                     continue;
                 };
                 if !agent.offer.holds_inputs(op.job.input_bytes) {
@@ -68,7 +72,12 @@ impl State {
                     continue;
                 }
                 let running = self.running_by_build.get(build).copied().unwrap_or(0);
-                let key = (running, *priority, *seq);
+                let cold = !op
+                    .job
+                    .warm
+                    .as_ref()
+                    .is_some_and(|w| holds_warm(agent, &w.key));
+                let key = (cold, running, *priority, *seq);
                 if best.as_ref().is_none_or(|(k, _)| key < *k) {
                     best = Some((key, name.clone()));
                 }
@@ -77,6 +86,29 @@ impl State {
         let Some((_, name)) = best else { return false };
         self.dequeue(&name);
         self.lease(&name, agent_id)
+    }
+
+    /// Whether `op` waits for another agent that holds its warm key (one
+    /// connected, taking work and able to run it) rather than going to
+    /// `agent_id`: only while it has been queued less than its
+    /// `runner-recycling-max-wait`.
+    pub(super) fn held_for_another(&self, agent_id: &str, op: &Op, req: &Requirements) -> bool {
+        let Some(warm) = &op.job.warm else {
+            return false;
+        };
+        let here = self.agents.get(agent_id);
+        if here.is_some_and(|a| holds_warm(a, &warm.key)) {
+            return false;
+        }
+        let waited = op.job.queued_at.elapsed().unwrap_or_default();
+        waited < warm.max_wait
+            && self.agents.iter().any(|(id, a)| {
+                id != agent_id
+                    && a.outgoing.is_some()
+                    && self.takes_work(id)
+                    && holds_warm(a, &warm.key)
+                    && a.offer.satisfies(req)
+            })
     }
 
     pub(super) fn another_agent_could_run(&self, agent_id: &str, req: &Requirements) -> bool {
@@ -106,6 +138,11 @@ impl State {
                     properties: op.job.platform.clone(),
                 }),
                 queued_at: Some(prost_types::Timestamp::from(op.job.queued_at)),
+                // Only agents that keep workers apart by it get one.
+                warm_key: match (&op.job.warm, self.agents.get(agent_id)) {
+                    (Some(w), Some(a)) if a.warm_keys.is_some() => w.key.clone(),
+                    _ => String::new(),
+                },
                 action: op.job.prefetched.action.clone(),
                 command: op.job.prefetched.command.clone(),
                 directories: op
@@ -173,6 +210,14 @@ impl State {
             })
             .clone()
     }
+}
+
+/// Queued actions of one build looked at past ones held for a warm agent.
+const WARM_SCAN: usize = 64;
+
+/// Whether the agent said it holds `key` warm.
+pub(super) fn holds_warm(agent: &Agent, key: &str) -> bool {
+    agent.warm_keys.as_ref().is_some_and(|k| k.contains(key))
 }
 
 /// Whether the agent has the consumable resources free right now.

@@ -22,6 +22,11 @@ impl State {
     pub(super) fn tick(&mut self) {
         let now = Instant::now();
         self.update_gauges();
+        // An action held for a warm agent goes to any agent once its wait
+        // is over, even if nothing else happens.
+        if self.queued > 0 {
+            self.dispatch_all();
+        }
         let silent_after = self.settings.heartbeat_interval * MISSED_HEARTBEATS;
         let mut lost_agents = Vec::new();
         for (id, agent) in &mut self.agents {

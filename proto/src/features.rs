@@ -1,0 +1,13 @@
+//! Names of the fleet protocol's optional features
+//! (`Capabilities.features`). An agent lists the features it understands;
+//! the coordinator checks the list before it relies on a field an older
+//! agent would ignore. New fields are added without bumping the protocol
+//! version, each with a feature here.
+
+/// Leases carry a warm key (`Lease.warm_key`) the agent keeps persistent
+/// workers under, and its heartbeats list the keys it holds warm
+/// (`Heartbeat.warm_keys`).
+pub const WARM_KEYS: &str = "warm-keys";
+
+/// Every feature this build's agent understands, as it advertises them.
+pub const ALL: &[&str] = &[WARM_KEYS];

@@ -1,0 +1,161 @@
+//! Persistent workers with real Bazel (4.2.3) against a real coordinator
+//! and agent: tests/worker-workspace's Python worker, asked for through
+//! `exec_properties`, serves many actions from one process in both
+//! framings; the same tool without the property runs plain; a worker that
+//! crashes or answers garbage costs its action nothing (it runs again as a
+//! plain command) and is not used again.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::{Agent, Coordinator, tempdir};
+
+/// One output of worker.py: who wrote it.
+#[derive(Debug)]
+struct Written {
+    pid: u32,
+    /// A random id per process: pids repeat across sandboxes.
+    id: String,
+    served: u32,
+    mode: String,
+}
+
+fn read_output(bin: &Path, name: &str) -> Written {
+    let text = std::fs::read_to_string(bin.join(format!("{name}.out")))
+        .unwrap_or_else(|e| panic!("{name}.out: {e}"));
+    let field = |key: &str| {
+        text.split_whitespace()
+            .find_map(|w| w.strip_prefix(&format!("{key}=")))
+            .unwrap_or_else(|| panic!("{key} in {text:?}"))
+            .to_owned()
+    };
+    assert!(text.contains(&format!("text={}", name.replace('_', " "))), "{text}");
+    Written {
+        pid: field("pid").parse().expect("pid"),
+        id: field("id"),
+        served: field("served").parse().expect("served"),
+        mode: field("mode"),
+    }
+}
+
+struct Workspace {
+    dir: PathBuf,
+    output_root: PathBuf,
+}
+
+impl Workspace {
+    fn new(scratch: &Path) -> Option<Workspace> {
+        if Command::new("bazel").arg("help").output().is_err() {
+            let why = "bazel is not installed (apt-get install bazel-bootstrap)";
+            assert!(std::env::var_os("OUTPOST_REQUIRE_BAZEL").is_none(), "{why}");
+            eprintln!("SKIPPED: {why}");
+            return None;
+        }
+        let dir = scratch.join("workspace");
+        let status = Command::new("cp")
+            .arg("-a")
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/worker-workspace"))
+            .arg(&dir)
+            .status()
+            .expect("cp");
+        assert!(status.success());
+        Some(Workspace {
+            dir,
+            output_root: scratch.join("bazel-root"),
+        })
+    }
+
+    fn build(&self, executor: &str, targets: &[&str]) {
+        let mut args = vec![
+            "build",
+            executor,
+            "--remote_timeout=600",
+            "--color=no",
+            "--curses=no",
+            "--noshow_progress",
+            "--jobs=4",
+        ];
+        args.extend(targets);
+        let (ok, text) = common::bazel(&self.dir, &self.output_root, &args);
+        eprintln!("{text}");
+        assert!(ok, "bazel build {targets:?} failed (output above)");
+    }
+
+    fn bin(&self) -> PathBuf {
+        self.dir.join("bazel-bin")
+    }
+}
+
+impl Drop for Workspace {
+    fn drop(&mut self) {
+        let _ = common::bazel(&self.dir, &self.output_root, &["shutdown"]);
+    }
+}
+
+#[test]
+fn one_worker_serves_many_actions_and_broken_workers_fall_back_to_plain_runs() {
+    let scratch = tempdir();
+    let Some(ws) = Workspace::new(scratch.path()) else {
+        return;
+    };
+    let server = Coordinator::start(&scratch.path().join("outpost-data"), &[]);
+    // One slot: the chains run one action at a time, so one worker per key
+    // serves them all.
+    let agent = Agent::start(
+        &server.endpoint(),
+        &scratch.path().join("agent"),
+        &["--slots", "1"],
+    );
+    let executor = format!("--remote_executor={}", server.endpoint());
+    ws.build(&executor, &["//:proto", "//:json", "//:plain", "//:broken"]);
+    let bin = ws.bin();
+
+    for framing in ["proto", "json"] {
+        let written: Vec<Written> = (0..5)
+            .map(|i| read_output(&bin, &format!("{framing}_{i}")))
+            .collect();
+        let processes: BTreeSet<(u32, &str)> =
+            written.iter().map(|w| (w.pid, w.id.as_str())).collect();
+        assert_eq!(
+            processes.len(),
+            1,
+            "{framing}: one worker served all: {written:?}"
+        );
+        assert!(written.iter().all(|w| w.mode == "worker"), "{written:?}");
+        let served: Vec<u32> = written.iter().map(|w| w.served).collect();
+        assert_eq!(served, [1, 2, 3, 4, 5], "{framing}: {written:?}");
+    }
+    let plain: Vec<Written> = (0..5)
+        .map(|i| read_output(&bin, &format!("plain_{i}")))
+        .collect();
+    assert!(
+        plain.iter().all(|w| w.mode == "plain" && w.served == 1),
+        "{plain:?}"
+    );
+    assert_eq!(
+        plain.iter().map(|w| &w.id).collect::<BTreeSet<_>>().len(),
+        5,
+        "each plain run is its own process: {plain:?}"
+    );
+
+    for broken in ["crash", "garbage"] {
+        let before = read_output(&bin, &format!("{broken}_before"));
+        let during = read_output(&bin, &format!("{broken}_broken"));
+        let after = read_output(&bin, &format!("{broken}_after"));
+        assert_eq!(before.mode, "worker", "{before:?}");
+        // The broken request ran again as a plain command.
+        assert_eq!(during.mode, "plain", "{broken}: {during:?}");
+        // The next action of the key got a new worker.
+        assert_eq!(after.mode, "worker", "{after:?}");
+        assert_ne!(after.id, before.id, "{broken}: the broken worker was used again");
+        assert_eq!(after.served, 1, "{after:?}");
+    }
+    assert_eq!(
+        agent.count("persistent worker failed"),
+        2,
+        "one fallback per broken worker"
+    );
+}
