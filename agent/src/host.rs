@@ -14,6 +14,9 @@ use crate::config::Config;
 
 #[cfg(target_os = "linux")]
 mod cgroup;
+mod gpu;
+
+pub use gpu::gpus;
 pub mod mac;
 pub mod xcode;
 
@@ -194,72 +197,6 @@ fn compilers() -> HashMap<String, String> {
         .collect()
 }
 
-/// NVIDIA GPUs: through NVML when its library loads, else `nvidia-smi`;
-/// none when neither works (no driver, no GPU).
-pub fn gpus() -> Vec<fleet::Gpu> {
-    match gpus_from_nvml() {
-        Ok(gpus) => gpus,
-        Err(why) => {
-            tracing::debug!(%why, "NVML unavailable; asking nvidia-smi");
-            gpus_from_nvidia_smi()
-        }
-    }
-}
-
-fn gpus_from_nvml() -> Result<Vec<fleet::Gpu>, nvml_wrapper::error::NvmlError> {
-    let nvml = nvml_wrapper::Nvml::init()?;
-    let driver = nvml.sys_driver_version().unwrap_or_default();
-    let mut gpus = Vec::new();
-    for i in 0..nvml.device_count()? {
-        let device = nvml.device_by_index(i)?;
-        let capability = device
-            .cuda_compute_capability()
-            .map(|c| format!("{}.{}", c.major, c.minor))
-            .unwrap_or_default();
-        gpus.push(fleet::Gpu {
-            model: device.name()?,
-            memory_bytes: device.memory_info().map(|m| m.total).unwrap_or(0),
-            compute_capability: capability,
-            driver: driver.clone(),
-        });
-    }
-    Ok(gpus)
-}
-
-fn gpus_from_nvidia_smi() -> Vec<fleet::Gpu> {
-    let Ok(out) = Command::new("nvidia-smi")
-        .args([
-            "--query-gpu=name,memory.total,compute_cap,driver_version",
-            "--format=csv,noheader,nounits",
-        ])
-        .output()
-    else {
-        return Vec::new();
-    };
-    if !out.status.success() {
-        return Vec::new();
-    }
-    parse_nvidia_smi(&String::from_utf8_lossy(&out.stdout))
-}
-
-fn parse_nvidia_smi(text: &str) -> Vec<fleet::Gpu> {
-    text.lines()
-        .filter(|l| !l.trim().is_empty())
-        .filter_map(|line| {
-            let fields: Vec<&str> = line.split(',').map(str::trim).collect();
-            let [name, memory_mib, compute, driver] = fields[..] else {
-                return None;
-            };
-            Some(fleet::Gpu {
-                model: name.to_owned(),
-                memory_bytes: memory_mib.parse::<u64>().map_or(0, |m| m << 20),
-                compute_capability: compute.to_owned(),
-                driver: driver.to_owned(),
-            })
-        })
-        .collect()
-}
-
 fn prop(name: &str, value: &str) -> Property {
     Property {
         name: name.to_owned(),
@@ -304,8 +241,11 @@ pub fn capabilities(
             properties.push(prop(&format!("{name}-version"), value));
         }
     }
+    // For coordinators that match gpu-model against properties; newer
+    // ones match each device.
     for gpu in &gpus {
         properties.push(prop("gpu-model", &gpu.model));
+        properties.push(prop("gpu-model", &gpu.normalized_model));
     }
     let cpus = cpus();
     let memory = memory_bytes();
@@ -370,16 +310,6 @@ mod tests {
         assert_eq!(version_values("1.95.0"), ["1.95.0"]);
         assert_eq!(version_values("21.0.2+13"), ["21.0.2+13", "21.0.2"]);
         assert_eq!(version_values("12-ea"), ["12-ea"]);
-    }
-
-    #[test]
-    fn nvidia_smi_csv_is_parsed() {
-        let gpus = parse_nvidia_smi("NVIDIA H100 80GB HBM3, 81559, 9.0, 550.54.15\n\n");
-        assert_eq!(gpus.len(), 1);
-        assert_eq!(gpus[0].model, "NVIDIA H100 80GB HBM3");
-        assert_eq!(gpus[0].memory_bytes, 81559 << 20);
-        assert_eq!(gpus[0].compute_capability, "9.0");
-        assert!(parse_nvidia_smi("garbage").is_empty());
     }
 
     #[test]

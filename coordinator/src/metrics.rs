@@ -51,6 +51,13 @@ pub struct PlatformLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GpuLabels {
+    pub agent: String,
+    /// `used` or `free`.
+    pub state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct LookupLabels {
     pub result: &'static str,
 }
@@ -103,6 +110,8 @@ pub struct Metrics {
     pub queue_length: Family<PlatformLabels, Gauge>,
     pub executing: Gauge,
     pub agents_connected: Gauge,
+    /// Connected agents' GPUs, held by a lease or free.
+    pub gpus: Family<GpuLabels, Gauge>,
     pub retries: Counter,
     pub agents_lost: Counter,
     pub cas_lookups: Family<LookupLabels, Counter>,
@@ -137,6 +146,12 @@ impl Default for Metrics {
             "agents_connected",
             "Agents with an open stream",
             agents_connected.clone(),
+        );
+        let gpus = Family::<GpuLabels, Gauge>::default();
+        registry.register(
+            "gpus",
+            "GPUs of connected agents, by agent and state (used: held by a lease)",
+            gpus.clone(),
         );
         let retries = Counter::default();
         registry.register(
@@ -194,6 +209,7 @@ impl Default for Metrics {
             queue_length,
             executing,
             agents_connected,
+            gpus,
             retries,
             agents_lost,
             cas_lookups,

@@ -9,5 +9,9 @@
 /// (`Heartbeat.warm_keys`).
 pub const WARM_KEYS: &str = "warm-keys";
 
+/// Leases name the GPUs an action may use (`Lease.gpus`), and the agent
+/// exposes those and no others; its `Gpu` entries carry index and UUID.
+pub const GPU_ASSIGNMENT: &str = "gpu-assignment";
+
 /// Every feature this build's agent understands, as it advertises them.
 pub const ALL: &[&str] = &[WARM_KEYS];

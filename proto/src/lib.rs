@@ -14,6 +14,7 @@
 pub mod client;
 pub mod digest;
 pub mod features;
+pub mod gpu;
 pub mod platform;
 pub mod quote;
 pub mod resource;

@@ -5,8 +5,11 @@
 //!
 //! Roles:
 //! - **exact** (`OSFamily`, `Arch`, `ISA`, `Pool`, `workload-isolation-type`,
-//!   `dockerNetwork`, `gpu-model`, labels, and any unknown name): an agent
-//!   must offer the value;
+//!   `dockerNetwork`, labels, and any unknown name): an agent must offer
+//!   the value;
+//! - **per-device GPU** (`gpu-model`, `gpu-memory`,
+//!   `cuda-compute-capability`, see [`crate::gpu`]): every GPU the action
+//!   gets must meet them;
 //! - **capabilities** (`container-image`): never matched by value; an agent
 //!   with Docker runs any image, so naming an image requires
 //!   `workload-isolation-type=docker`, and implies it when the action names
@@ -86,7 +89,6 @@ pub const KNOWN_EXACT: &[&str] = &[
     "workload-isolation-type",
     "dockerNetwork",
     "xcode-version",
-    "gpu-model",
 ];
 
 /// Names users already write for a known property.
@@ -104,6 +106,7 @@ pub fn canonical_name(name: &str) -> Option<&'static str> {
         .iter()
         .chain(CAPABILITY)
         .chain(CONFIG_ONLY)
+        .chain(crate::gpu::DEVICE_PROPERTIES)
         .chain(ROUTING)
         .chain(CONSUMABLE.iter().map(|(n, _)| n))
         .chain(VERSION_MINIMUM)
@@ -189,6 +192,8 @@ pub struct Parsed {
     pub at_least: BTreeMap<String, Version>,
     /// Configuration-only properties, by canonical name.
     pub config: BTreeMap<String, String>,
+    /// What each GPU the action gets must be.
+    pub gpu: crate::gpu::DeviceNeed,
     /// Capabilities (`container-image`), by canonical name: what they
     /// require is in `exact`.
     pub capability: BTreeMap<String, String>,
@@ -279,6 +284,8 @@ pub fn parse(properties: &[Property]) -> Result<Parsed, String> {
             {
                 return Err(twice(&old, &p.value));
             }
+        } else if crate::gpu::DEVICE_PROPERTIES.contains(&name) {
+            value = parsed.gpu.set(name, &p.value)?;
         } else if CAPABILITY.contains(&name) {
             value = p.value.trim().to_owned();
             if value.is_empty() {

@@ -7,6 +7,7 @@
 //! from the build with the fewest actions running, then by priority, then
 //! first come. Identical cacheable actions in flight run once.
 
+pub mod gpus;
 pub mod platform;
 mod state;
 

@@ -6,13 +6,20 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
+use outpost_proto::fleet;
+use outpost_proto::gpu::DeviceNeed;
 use outpost_proto::platform::{self, canonical_name, normalize_value};
 use outpost_proto::reapi::platform::Property;
 use outpost_proto::version::Version;
 
+use super::gpus;
+
 /// What an action needs from an agent.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Requirements {
+    /// What each GPU it gets must be (how many: `min["gpu-count"]`).
+    pub gpu: DeviceNeed,
+
     pub exact: BTreeMap<String, String>,
     /// Resource -> minimum amount, in thousandths (so the type is `Eq`).
     pub min: BTreeMap<String, u64>,
@@ -31,11 +38,19 @@ pub struct Offer {
     /// The most input bytes one action may need (the agent's input cache
     /// bound); `None` when the agent does not say.
     pub max_input_bytes: Option<u64>,
+    /// Its GPUs, one by one; empty from agents that list none.
+    pub gpus: Vec<gpus::Device>,
+    /// It reads the GPUs a lease names (feature `gpu-assignment`).
+    pub gpu_assignment: bool,
 }
 
 impl fmt::Display for Requirements {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut first = true;
+        for need in gpus::describe_need(&self.gpu) {
+            write!(f, "{}{need}", if first { "" } else { ", " })?;
+            first = false;
+        }
         for (k, v) in &self.exact {
             write!(f, "{}{k}={v}", if first { "" } else { ", " })?;
             first = false;
@@ -85,14 +100,14 @@ pub fn requirements(properties: &[Property]) -> Result<(Requirements, Vec<Proper
         let pair = platform::network_pair(kind, network);
         exact.insert("dockerNetwork".to_owned(), pair);
     }
-    Ok((
-        Requirements {
-            exact,
-            min: parsed.min,
-            at_least: parsed.at_least,
-        },
-        parsed.properties,
-    ))
+    let mut req = Requirements {
+        gpu: parsed.gpu,
+        exact,
+        min: parsed.min,
+        at_least: parsed.at_least,
+    };
+    gpus::complete(&mut req)?;
+    Ok((req, parsed.properties))
 }
 
 impl Offer {
@@ -147,6 +162,23 @@ impl Offer {
         offer
     }
 
+    /// What an agent offers by its registration: properties, resources,
+    /// input cache bound and GPUs.
+    pub fn of(caps: &fleet::Capabilities) -> Offer {
+        let mut offer = Offer::new(&caps.properties, &caps.resources).holding(caps.max_input_bytes);
+        offer.gpus = caps
+            .gpus
+            .iter()
+            .enumerate()
+            .map(|(i, g)| gpus::Device::of(i, g))
+            .collect();
+        offer.gpu_assignment = caps
+            .features
+            .iter()
+            .any(|f| f == outpost_proto::features::GPU_ASSIGNMENT);
+        offer
+    }
+
     /// The same offer, with the agent's input cache bound (0: not said).
     pub fn holding(mut self, max_input_bytes: u64) -> Offer {
         self.max_input_bytes = (max_input_bytes > 0).then_some(max_input_bytes);
@@ -170,6 +202,7 @@ impl Offer {
                 .iter()
                 .all(|(k, v)| self.resources.get(k).copied().unwrap_or(0) >= *v)
             && req.at_least.iter().all(|(k, v)| self.has_version(k, v))
+            && gpus::could_hold(&self.gpus, req)
     }
 
     /// Whether this offer has a `name` of version `minimum` or above.
@@ -258,6 +291,7 @@ pub fn explain_unsatisfiable(req: &Requirements, input_bytes: u64, offers: &[&Of
             });
         }
     }
+    reasons.extend(gpus::explain(req, offers));
     let matching: Vec<&&Offer> = offers.iter().filter(|o| o.satisfies(req)).collect();
     if reasons.is_empty() && !matching.is_empty() {
         let most = matching

@@ -701,3 +701,6 @@ mod xcode;
 
 #[path = "tests_warm.rs"]
 mod warm;
+
+#[path = "tests_gpu.rs"]
+mod gpu;

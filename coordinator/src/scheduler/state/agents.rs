@@ -30,12 +30,14 @@ impl State {
                 "an agent needs at least one slot".to_owned(),
             ));
         }
-        let offer = Offer::new(&caps.properties, &caps.resources).holding(caps.max_input_bytes);
+        let offer = Offer::of(&caps);
         let remembered = bytes::Bytes::from(
             fleet::Capabilities {
                 properties: caps.properties.clone(),
                 resources: caps.resources.clone(),
                 max_input_bytes: caps.max_input_bytes,
+                gpus: caps.gpus.clone(),
+                features: caps.features.clone(),
                 ..Default::default()
             }
             .encode_to_vec(),
@@ -64,6 +66,7 @@ impl State {
             agent.hostname = register.hostname.clone();
             agent.description = Description::of(&caps);
             agent.offer = offer.clone();
+            agent.gpus.resize(agent.offer.gpus.len());
             agent.remembered = remembered;
             agent.remembered_at = Instant::now();
             agent.slots = caps.slots;
@@ -89,6 +92,7 @@ impl State {
                     slots: caps.slots,
                     used_slots: 0,
                     used: BTreeMap::new(),
+                    gpus: Default::default(),
                     outgoing: Some(outgoing),
                     session: session.id,
                     last_heartbeat: Instant::now(),
@@ -375,6 +379,7 @@ impl State {
         let resources = std::mem::take(&mut lease.resources);
         if let Some(agent) = self.agents.get_mut(&lease.agent) {
             agent.used_slots = agent.used_slots.saturating_sub(1);
+            agent.release_gpus(lease_id);
             for (k, v) in resources {
                 if let Some(u) = agent.used.get_mut(&k) {
                     *u = u.saturating_sub(v);

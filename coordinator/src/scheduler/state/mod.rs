@@ -22,6 +22,7 @@ use crate::metrics::{self, Metrics};
 use crate::storage::{ActionCache, FleetMemory};
 
 mod agents;
+mod gpus;
 mod operations;
 mod queue;
 mod time;
@@ -82,7 +83,6 @@ struct Description {
     platform: String,
     os_version: String,
     isolation: Vec<String>,
-    gpus: Vec<String>,
 }
 
 impl Description {
@@ -103,7 +103,6 @@ impl Description {
             } else {
                 vec![caps.isolation_detail.clone()]
             },
-            gpus: caps.gpus.iter().map(|g| g.model.clone()).collect(),
         }
     }
 }
@@ -146,6 +145,8 @@ struct Agent {
     slots: u32,
     used_slots: u32,
     used: BTreeMap<String, u64>,
+    /// The lease holding each of its GPUs.
+    gpus: gpus::Held,
     outgoing: Option<Outgoing>,
     session: u64,
     last_heartbeat: Instant,
@@ -271,8 +272,7 @@ async fn recall(memory: &dyn FleetMemory, window: Duration) -> HashMap<String, (
                     continue;
                 };
                 let at = now.checked_sub(ago).unwrap_or(now);
-                let offer =
-                    Offer::new(&caps.properties, &caps.resources).holding(caps.max_input_bytes);
+                let offer = Offer::of(&caps);
                 seen.insert(id, (offer, at));
             }
             if !seen.is_empty() {
@@ -416,7 +416,7 @@ impl State {
                     platform: a.description.platform.clone(),
                     os_version: a.description.os_version.clone(),
                     isolation: a.description.isolation.clone(),
-                    gpus: a.description.gpus.clone(),
+                    gpus: a.describe_gpus(),
                     last_heartbeat: a.last_heartbeat.elapsed(),
                 })
                 .collect(),

@@ -125,6 +125,14 @@ impl State {
             return false;
         };
         op.attempt += 1;
+        let (gpus, named_gpus) = self
+            .agents
+            .get(agent_id)
+            .map_or_else(Default::default, |a| {
+                let gpus = a.free_gpus(&op.job.requirements).unwrap_or_default();
+                let named = a.named_gpus(&gpus);
+                (gpus, named)
+            });
         let message = fleet::CoordinatorMessage {
             kind: Some(ToAgent::Lease(fleet::Lease {
                 lease_id: lease_id.clone(),
@@ -155,6 +163,7 @@ impl State {
                         data: data.clone(),
                     })
                     .collect(),
+                gpus: named_gpus,
             })),
         };
         let agent = self
@@ -176,6 +185,7 @@ impl State {
             return false;
         }
         agent.used_slots += 1;
+        agent.hold_gpus(&gpus, &lease_id);
         for (k, v) in &op.job.requirements.min {
             *agent.used.entry(k.clone()).or_default() += v;
         }
@@ -226,5 +236,5 @@ pub(super) fn fits_now(agent: &Agent, req: &Requirements) -> bool {
         let total = agent.offer.resources.get(k).copied().unwrap_or(0);
         let used = agent.used.get(k).copied().unwrap_or(0);
         total.saturating_sub(used) >= *need
-    })
+    }) && agent.free_gpus(req).is_some()
 }

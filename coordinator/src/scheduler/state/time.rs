@@ -17,6 +17,7 @@ impl State {
         self.metrics
             .executing
             .set(i64::try_from(self.leases.len()).unwrap_or(i64::MAX));
+        self.gpu_gauges();
     }
 
     pub(super) fn tick(&mut self) {
