@@ -225,6 +225,9 @@ pub fn capabilities(
     for value in &runners.networks {
         properties.push(prop("dockerNetwork", value));
     }
+    for value in &runners.root_filesystems {
+        properties.push(prop(outpost_proto::platform::ROOT_FILESYSTEM, value));
+    }
     if let Some(pool) = &config.pool {
         properties.push(prop("Pool", pool));
     }
@@ -319,6 +322,7 @@ mod tests {
         let offers = crate::runner::Offers {
             kinds: vec!["none".to_owned()],
             networks: vec!["off", "bridge"],
+            root_filesystems: vec!["host"],
             detail: "none".to_owned(),
         };
         let caps = capabilities(&config, 2, dir.path(), &offers);

@@ -89,7 +89,18 @@ pub const KNOWN_EXACT: &[&str] = &[
     "workload-isolation-type",
     "dockerNetwork",
     "xcode-version",
+    ROOT_FILESYSTEM,
 ];
+
+/// What an action's `/` is (`root-filesystem`): [`HOST_ROOT`], the host's
+/// toolchain read-only with the input root at `/execroot` (the default), or
+/// [`INPUT_ROOT`], the input root itself (a whole sysroot, as BuildStream
+/// sends), which only `linux-sandbox` gives and which it implies.
+pub const ROOT_FILESYSTEM: &str = "root-filesystem";
+pub const HOST_ROOT: &str = "host";
+pub const INPUT_ROOT: &str = "input-root";
+/// The isolation that can make the input root `/`.
+pub const INPUT_ROOT_ISOLATION: &str = "linux-sandbox";
 
 /// Names users already write for a known property.
 const ALIASES: &[(&str, &str)] = &[("gpu", "gpu-count"), ("gpus", "gpu-count")];
@@ -138,7 +149,7 @@ pub fn normalize_value(name: &str, value: &str) -> String {
             "arm64" => "aarch64".to_owned(),
             _ => lower,
         },
-        "workload-isolation-type" => lower,
+        "workload-isolation-type" | ROOT_FILESYSTEM => lower,
         "xcode-version" => crate::xcode::normalize(value),
         "dockerNetwork" => match lower.as_str() {
             "" | "none" => "off".to_owned(),
@@ -348,6 +359,30 @@ pub fn parse(properties: &[Property]) -> Result<Parsed, String> {
             }
         }
     }
+    match parsed.exact.get(ROOT_FILESYSTEM).map(String::as_str) {
+        None | Some(HOST_ROOT) => {}
+        Some(INPUT_ROOT) => match parsed.exact.get("workload-isolation-type") {
+            None => {
+                parsed.exact.insert(
+                    "workload-isolation-type".to_owned(),
+                    INPUT_ROOT_ISOLATION.to_owned(),
+                );
+            }
+            Some(kind) if kind == INPUT_ROOT_ISOLATION => {}
+            Some(kind) => {
+                return Err(format!(
+                    "platform property {ROOT_FILESYSTEM}={INPUT_ROOT} needs \
+                     workload-isolation-type={INPUT_ROOT_ISOLATION}, not {kind}"
+                ));
+            }
+        },
+        Some(other) => {
+            return Err(format!(
+                "platform property {ROOT_FILESYSTEM}={} is not one of {HOST_ROOT}, {INPUT_ROOT}",
+                quoted(other)
+            ));
+        }
+    }
     Ok(parsed)
 }
 
@@ -411,6 +446,29 @@ mod tests {
     use super::*;
 
     use super::from_pairs as props;
+
+    #[test]
+    fn an_input_root_as_root_implies_the_sandbox_that_gives_it() {
+        let parsed = parse(&props(&[("Root-Filesystem", "Input-Root")])).expect("parses");
+        assert_eq!(parsed.get(ROOT_FILESYSTEM), Some(INPUT_ROOT));
+        assert_eq!(parsed.get("workload-isolation-type"), Some("linux-sandbox"));
+        let err = parse(&props(&[
+            ("root-filesystem", "input-root"),
+            ("workload-isolation-type", "docker"),
+        ]))
+        .expect_err("docker cannot");
+        assert!(err.contains("needs workload-isolation-type=linux-sandbox"), "{err}");
+        let err = parse(&props(&[
+            ("root-filesystem", "input-root"),
+            ("container-image", "docker://gcc:12"),
+        ]))
+        .expect_err("a container cannot");
+        assert!(err.contains("input-root"), "{err}");
+        let err = parse(&props(&[("root-filesystem", "chroot")])).expect_err("unknown");
+        assert!(err.contains("is not one of host, input-root"), "{err}");
+        let host = parse(&props(&[("root-filesystem", "host")])).expect("parses");
+        assert_eq!(host.get("workload-isolation-type"), None);
+    }
 
     #[test]
     fn names_are_canonical_whatever_their_case_or_alias() {

@@ -11,6 +11,10 @@ use std::path::{Path, PathBuf};
 /// Where the action's input root appears inside the sandbox.
 pub const EXEC_ROOT: &str = "/execroot";
 
+/// Where the sandbox mounts its own file systems when the input root is
+/// `/`: these directories must be (or are made) in the input root.
+pub const INPUT_ROOT_MOUNTS: [&str; 3] = ["proc", "dev", "tmp"];
+
 /// Resource limits for one action; `None` or 0 means unlimited.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Limits {
@@ -81,6 +85,21 @@ pub struct Spec {
     /// sandbox's namespaces, so the action, its files and its per-user
     /// kernel counters are that user's; `None`: the stub's own.
     pub user: Option<User>,
+    /// The input root is `/` (with the sandbox's own `/proc`, `/dev` and
+    /// `/tmp`), and no host path is shown; otherwise it is at
+    /// [`EXEC_ROOT`] beside the host paths.
+    pub input_root_is_root: bool,
+}
+
+impl Spec {
+    /// Where the input root appears inside the sandbox.
+    pub fn exec_root(&self) -> &'static Path {
+        Path::new(if self.input_root_is_root {
+            "/"
+        } else {
+            EXEC_ROOT
+        })
+    }
 }
 
 impl Spec {
@@ -124,6 +143,9 @@ impl Spec {
         put("scratch", self.scratch.as_os_str());
         if self.network {
             put("network", OsStr::new("1"));
+        }
+        if self.input_root_is_root {
+            put("input_root_is_root", OsStr::new("1"));
         }
         for p in &self.cgroup_procs {
             put("cgroup", p.as_os_str());
@@ -174,6 +196,7 @@ impl Spec {
                 "tmp_size" => spec.tmp_size = number(&value)?,
                 "scratch" => spec.scratch = value.into(),
                 "network" => spec.network = true,
+                "input_root_is_root" => spec.input_root_is_root = true,
                 "cgroup" => spec.cgroup_procs.push(value.into()),
                 "user" => {
                     spec.user = Some(
@@ -277,6 +300,7 @@ mod tests {
                 uid: 990_001,
                 gid: 990_000,
             }),
+            input_root_is_root: true,
         };
         assert_eq!(Spec::decode(&spec.encode().expect("encodes")), Ok(spec));
     }

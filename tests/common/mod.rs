@@ -422,7 +422,8 @@ pub fn put_message<M: prost::Message>(m: &M, uploads: &mut Vec<(Digest, Bytes)>)
 }
 
 /// The Directory for the inputs under `prefix` (paths with `/` make
-/// subdirectories); every blob goes to `uploads`.
+/// subdirectories; ELF files are executable); every blob goes to
+/// `uploads`.
 fn input_tree(
     files: &[(String, Bytes)],
     symlinks: &[(String, String)],
@@ -445,6 +446,8 @@ fn input_tree(
                 dir.files.push(reapi::FileNode {
                     name: rest.to_owned(),
                     digest: Some(d.to_proto()),
+                    // Programs (ELF files) are inputs the action runs.
+                    is_executable: data.starts_with(b"\x7fELF"),
                     ..Default::default()
                 });
             }

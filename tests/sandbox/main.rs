@@ -14,4 +14,5 @@
 mod common;
 mod fleet;
 mod hostile;
+mod input_root;
 mod users;

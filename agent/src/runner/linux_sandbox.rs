@@ -213,7 +213,16 @@ impl LinuxSandbox {
             .map_err(|e| Error::Retryable(format!("creating the action's cgroup: {e}")))?;
         spec.read_only = read_only_paths(run.inputs.iter().map(PathBuf::as_path), &run.writable);
         spec.writable = run.writable.clone();
-        spec.host_paths = self.host_paths.clone();
+        spec.input_root_is_root = run.options.input_root_is_root;
+        if spec.input_root_is_root {
+            // The mount points of the sandbox's own /proc, /dev and /tmp,
+            // made without following a link the input tree put there.
+            for dir in outpost_sandbox::spec::INPUT_ROOT_MOUNTS {
+                super::make_dirs(run.root, Path::new(dir), "a mount point of the sandbox")?;
+            }
+        } else {
+            spec.host_paths = self.host_paths.clone();
+        }
         spec.tmp = tmp;
         let tmp_size = self.tmp_size.load(std::sync::atomic::Ordering::Relaxed);
         spec.tmp_size = (tmp_size > 0).then_some(tmp_size);
@@ -285,6 +294,7 @@ impl LinuxSandbox {
                     kind: Kind::LinuxSandbox,
                     network: false,
                     container: None,
+                    input_root_is_root: false,
                 },
                 stdout,
                 stderr,

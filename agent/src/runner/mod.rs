@@ -282,7 +282,12 @@ impl Runners {
                 .filter(|b| b.allows_network())
                 .map(|b| b.kind().bridge()),
         );
+        let mut root_filesystems = vec![outpost_proto::platform::HOST_ROOT];
+        if self.backend(Kind::LinuxSandbox).is_some() {
+            root_filesystems.push(outpost_proto::platform::INPUT_ROOT);
+        }
         Offers {
+            root_filesystems,
             kinds: self
                 .backends
                 .iter()
@@ -335,5 +340,8 @@ impl Runners {
 pub struct Offers {
     pub kinds: Vec<String>,
     pub networks: Vec<&'static str>,
+    /// `root-filesystem` values: `host`, and `input-root` where
+    /// `linux-sandbox` runs.
+    pub root_filesystems: Vec<&'static str>,
     pub detail: String,
 }

@@ -17,6 +17,9 @@ pub struct RunOptions {
     pub network: bool,
     /// What a container needs (`docker` only).
     pub container: Option<ContainerOptions>,
+    /// The input root is the action's `/` (`root-filesystem=input-root`,
+    /// `linux-sandbox` only): no host path is shown.
+    pub input_root_is_root: bool,
 }
 
 /// The container an action asks for.
@@ -120,10 +123,23 @@ impl RunOptions {
                 })
             })
             .transpose()?;
+        let input_root_is_root = match parsed.get(outpost_proto::platform::ROOT_FILESYSTEM) {
+            Some(outpost_proto::platform::INPUT_ROOT) if backend.kind() == Kind::LinuxSandbox => {
+                true
+            }
+            Some(outpost_proto::platform::INPUT_ROOT) => {
+                return Err(Error::BadInput(format!(
+                    "root-filesystem=input-root needs linux-sandbox, and this action runs in {}",
+                    backend.kind().name()
+                )));
+            }
+            _ => false,
+        };
         Ok(RunOptions {
             kind: backend.kind(),
             network,
             container,
+            input_root_is_root,
         })
     }
 }

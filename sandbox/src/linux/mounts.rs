@@ -13,6 +13,11 @@
 //!                   command line) masked by /dev/null
 //! ```
 //!
+//! With `input_root_is_root` (`root-filesystem=input-root`), `/` is the
+//! action's input root itself, a whole sysroot, with the same read-only
+//! binds over its inputs, and the sandbox's own `/tmp`, `/dev` and `/proc`
+//! on the directories the agent made for them; no host path is shown.
+//!
 //! Everything the action may write is `nosuid,nodev`.
 
 use std::path::{Path, PathBuf};
@@ -154,9 +159,11 @@ fn tmpfs(target: &Path, flags: MsFlags, options: &str) -> Result<(), String> {
         .map_err(|e| fail("mounting tmpfs on", target, e))
 }
 
-fn dev(new_root: &Path, shm_size: Option<u64>) -> Result<(), String> {
+fn dev(new_root: &Path, shm_size: Option<u64>, made: bool) -> Result<(), String> {
     let dev = new_root.join("dev");
-    std::fs::create_dir_all(&dev).map_err(|e| fail("creating", &dev, e))?;
+    if !made {
+        std::fs::create_dir_all(&dev).map_err(|e| fail("creating", &dev, e))?;
+    }
     tmpfs(
         &dev,
         MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
@@ -232,24 +239,28 @@ pub fn build_root(spec: &Spec) -> Result<(), String> {
     )
     .map_err(|e| format!("making mounts private: {e}"))?;
     let new_root = spec.scratch.as_path();
-    tmpfs(
-        new_root,
-        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-        "mode=0755,size=1m",
-    )?;
-
-    let mut bound = Vec::new();
-    for p in &spec.host_paths {
-        bound.extend(host_path(new_root, p)?);
-    }
-    // Read-only, submounts included (one read of the mount table for all).
-    for m in mounts_under(&bound) {
-        remount_read_only(&m)?;
-    }
-
-    let exec_root = new_root.join(EXEC_ROOT.trim_start_matches('/'));
-    std::fs::create_dir_all(&exec_root).map_err(|e| fail("creating", &exec_root, e))?;
-    bind(&spec.root, &exec_root)?;
+    let exec_root = if spec.input_root_is_root {
+        bind(&spec.root, new_root)?;
+        new_root.to_owned()
+    } else {
+        tmpfs(
+            new_root,
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            "mode=0755,size=1m",
+        )?;
+        let mut bound = Vec::new();
+        for p in &spec.host_paths {
+            bound.extend(host_path(new_root, p)?);
+        }
+        // Read-only, submounts included (one read of the mount table for all).
+        for m in mounts_under(&bound) {
+            remount_read_only(&m)?;
+        }
+        let exec_root = new_root.join(EXEC_ROOT.trim_start_matches('/'));
+        std::fs::create_dir_all(&exec_root).map_err(|e| fail("creating", &exec_root, e))?;
+        bind(&spec.root, &exec_root)?;
+        exec_root
+    };
     // The input bindings below inherit these flags.
     remount(&exec_root, MsFlags::MS_NOSUID | MsFlags::MS_NODEV)?;
     for rel in &spec.read_only {
@@ -258,8 +269,11 @@ pub fn build_root(spec: &Spec) -> Result<(), String> {
         remount_read_only(&p)?;
     }
 
+    // In an input root the agent made it (never through a link).
     let tmp = new_root.join("tmp");
-    std::fs::create_dir_all(&tmp).map_err(|e| fail("creating", &tmp, e))?;
+    if !spec.input_root_is_root {
+        std::fs::create_dir_all(&tmp).map_err(|e| fail("creating", &tmp, e))?;
+    }
     match spec.tmp_size {
         Some(size) => tmpfs(
             &tmp,
@@ -272,10 +286,12 @@ pub fn build_root(spec: &Spec) -> Result<(), String> {
         }
     }
 
-    dev(new_root, spec.tmp_size)?;
+    dev(new_root, spec.tmp_size, spec.input_root_is_root)?;
 
     let proc = new_root.join("proc");
-    std::fs::create_dir_all(&proc).map_err(|e| fail("creating", &proc, e))?;
+    if !spec.input_root_is_root {
+        std::fs::create_dir_all(&proc).map_err(|e| fail("creating", &proc, e))?;
+    }
     mount(
         Some("proc"),
         &proc,
@@ -292,6 +308,11 @@ pub fn build_root(spec: &Spec) -> Result<(), String> {
     nix::unistd::pivot_root(".", ".").map_err(|e| format!("pivot_root: {e}"))?;
     umount2(".", MntFlags::MNT_DETACH).map_err(|e| format!("detaching the old root: {e}"))?;
     nix::unistd::chdir("/").map_err(|e| format!("entering the new root: {e}"))?;
+    if spec.input_root_is_root {
+        // `/` is the input root: writable where the spec says (Landlock
+        // and the read-only binds keep the rest), like `/execroot`.
+        return Ok(());
+    }
     remount_read_only(Path::new("/"))
 }
 

@@ -6,7 +6,7 @@
 //! own and the seccomp filter ([`seccomp`](super::seccomp)); and loopback,
 //! which the stub brings up in a private network namespace.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use landlock::{
     ABI, Access, AccessFs, CompatLevel, Compatible, Ruleset, RulesetAttr, RulesetCreatedAttr,
@@ -14,7 +14,7 @@ use landlock::{
 };
 use nix::sys::resource::{Resource, setrlimit};
 
-use crate::spec::{EXEC_ROOT, Spec, User};
+use crate::spec::{Spec, User};
 
 /// The newest Landlock ABI this code knows; older kernels enforce a subset.
 const LANDLOCK_ABI: ABI = ABI::V6;
@@ -89,7 +89,7 @@ fn own_keyring() {
 
 /// Paths, inside the sandbox, the action may write.
 fn writable(spec: &Spec) -> Vec<PathBuf> {
-    let exec_root = Path::new(EXEC_ROOT);
+    let exec_root = spec.exec_root();
     let mut out: Vec<PathBuf> = spec.writable.iter().map(|w| exec_root.join(w)).collect();
     out.extend(["/tmp", "/dev"].map(PathBuf::from));
     out

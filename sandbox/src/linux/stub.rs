@@ -337,7 +337,7 @@ fn init(spec: &Spec, status: &mut Status, stub_alive: &File) -> i32 {
 fn action(spec: &Spec, status: &mut Status) -> i32 {
     let _ = signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
     let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
-    let workdir = std::path::Path::new(crate::spec::EXEC_ROOT).join(&spec.workdir);
+    let workdir = spec.exec_root().join(&spec.workdir);
     if let Err(e) = nix::unistd::chdir(&workdir) {
         status.line(&format!(
             "error: entering the working directory {}: {e}",
