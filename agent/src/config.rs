@@ -114,7 +114,7 @@ pub struct Config {
 }
 
 /// The isolation backends this build knows.
-pub const ISOLATION_KINDS: &[&str] = &["linux-sandbox", "docker", "none"];
+pub const ISOLATION_KINDS: &[&str] = &["linux-sandbox", "docker", "sandbox-exec", "none"];
 
 /// When the Docker backend pulls an action's image.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -237,6 +237,9 @@ impl Config {
             }
             if (kind == "linux-sandbox" || kind == "docker") && !cfg!(target_os = "linux") {
                 anyhow::bail!("isolation {kind} needs Linux; use none on this host");
+            }
+            if kind == "sandbox-exec" && !cfg!(target_os = "macos") {
+                anyhow::bail!("isolation sandbox-exec needs macOS; use linux-sandbox or none here");
             }
         }
         if let Some(cpus) = self.action_cpu_limit

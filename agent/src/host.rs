@@ -130,7 +130,7 @@ fn first_line(program: &str, args: &[&str]) -> Option<String> {
 
 /// What a tool prints (stdout, else stderr), if it succeeds within 3s;
 /// its output is read as it comes, so a long one cannot stall it.
-fn output(program: &str, args: &[&str]) -> Option<String> {
+pub(crate) fn output(program: &str, args: &[&str]) -> Option<String> {
     let child = Command::new(program)
         .args(args)
         .stdin(std::process::Stdio::null())

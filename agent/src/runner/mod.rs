@@ -24,6 +24,7 @@ mod docker;
 mod linux_sandbox;
 mod none;
 mod options;
+mod sandbox_exec;
 #[cfg(target_os = "linux")]
 mod sandbox_users;
 #[cfg(target_os = "linux")]
@@ -67,10 +68,16 @@ pub enum Kind {
     None,
     LinuxSandbox,
     Docker,
+    SandboxExec,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 3] = [Kind::None, Kind::LinuxSandbox, Kind::Docker];
+    pub const ALL: [Kind; 4] = [
+        Kind::None,
+        Kind::LinuxSandbox,
+        Kind::Docker,
+        Kind::SandboxExec,
+    ];
 
     pub fn parse(s: &str) -> Option<Kind> {
         Kind::ALL.into_iter().find(|k| k.name() == s)
@@ -81,6 +88,7 @@ impl Kind {
             Kind::None => "none",
             Kind::LinuxSandbox => "linux-sandbox",
             Kind::Docker => "docker",
+            Kind::SandboxExec => "sandbox-exec",
         }
     }
 
@@ -91,6 +99,7 @@ impl Kind {
             Kind::None => "none/bridge",
             Kind::LinuxSandbox => "linux-sandbox/bridge",
             Kind::Docker => "docker/bridge",
+            Kind::SandboxExec => "sandbox-exec/bridge",
         }
     }
 }
@@ -216,6 +225,11 @@ impl Runners {
                             backends.push(Box::new(sandbox));
                         }
                     }
+                    // Refused by the configuration off macOS; its probe
+                    // would say the same.
+                    Kind::SandboxExec => backends.push(Box::new(
+                        sandbox_exec::SandboxExec::set_up(config, work_dir).await?,
+                    )),
                     Kind::Docker => {
                         let backend = docker::Docker::set_up(config, agent_id).await?;
                         docker_metrics = Some(backend.metrics.clone());
@@ -244,6 +258,9 @@ impl Runners {
                     Kind::Docker => {
                         anyhow::bail!("isolation docker needs Linux; use none on this host")
                     }
+                    Kind::SandboxExec => backends.push(Box::new(
+                        sandbox_exec::SandboxExec::set_up(config, work_dir).await?,
+                    )),
                 }
             }
             Ok(Runners { backends })
