@@ -40,12 +40,15 @@ pub enum Admin {
         #[command(flatten)]
         target: Target,
     },
+    /// Print an action's output: what it wrote so far while it runs
+    /// (`--follow`: as it comes, until it ends), all of it once it ended.
+    Logs(crate::logs::LogsArgs),
 }
 
 /// Sends a plain HTTP request over the same HTTP/2 connection (and TLS,
 /// and token) a gRPC client would use; the body of a 2xx answer, or the
 /// coordinator's reason as the error.
-async fn request(target: &Target, method: &str, path: &str) -> anyhow::Result<String> {
+pub async fn request(target: &Target, method: &str, path: &str) -> anyhow::Result<String> {
     use http_body_util::BodyExt as _;
     use tower::ServiceExt as _;
 
@@ -85,6 +88,7 @@ async fn request(target: &Target, method: &str, path: &str) -> anyhow::Result<St
 
 pub async fn run(admin: Admin) -> anyhow::Result<()> {
     let body = match &admin {
+        Admin::Logs(args) => return crate::logs::run(args.clone()).await,
         Admin::Fleet(t) => request(t, "GET", "/api/fleet").await?,
         Admin::Queue(t) => request(t, "GET", "/api/queue").await?,
         Admin::Drain { agent, target } => {

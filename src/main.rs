@@ -10,6 +10,7 @@ mod bench;
 mod credentials;
 mod install;
 mod logging;
+mod logs;
 mod reload;
 mod supervisor;
 

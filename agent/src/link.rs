@@ -343,6 +343,10 @@ impl Events for LeaseEvents {
                 exit_code,
             }));
     }
+
+    fn output_sink(&self) -> Option<crate::exec::OutputSink> {
+        Some(crate::exec::live_output_sink(self.outbox.clone()))
+    }
 }
 
 fn describe(s: &tonic::Status) -> String {

@@ -90,6 +90,8 @@ pub fn required(path: &str) -> Need {
         // token; health, metrics and the status page itself do not.
         "api" => Need::AnyOf(&[Admin]),
         "blobs" => Need::AnyOf(&[CacheRead, Admin]),
+        // Running actions' output: whoever may read results.
+        "live" => Need::AnyOf(&[CacheRead, Admin]),
         _ => Need::Nothing,
     }
 }

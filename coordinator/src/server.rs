@@ -179,11 +179,14 @@ impl Coordinator {
                     .max_encoding_message_size(max_message),
             )
             .add_service(
-                ByteStreamServer::new(ByteStreamService::new(
-                    ctx.clone(),
-                    self.config.upload_expiry.0,
-                    shutdown.child_token(),
-                ))
+                ByteStreamServer::new(
+                    ByteStreamService::new(
+                        ctx.clone(),
+                        self.config.upload_expiry.0,
+                        shutdown.child_token(),
+                    )
+                    .with_live_output(scheduler.clone()),
+                )
                 .max_decoding_message_size(max_message)
                 .max_encoding_message_size(max_message),
             );
@@ -249,6 +252,10 @@ impl Coordinator {
                 .route("/healthz", get(|| async { "ok\n" }))
                 .route("/readyz", get(ready))
                 .route("/metrics", get(scrape))
+                .merge(crate::execution::live::routes(
+                    scheduler_for_pages.clone(),
+                    Arc::clone(&ctx.cas),
+                ))
                 .merge(status_routes(scheduler_for_pages, Arc::clone(&ctx.cas)))
                 .layer(axum::middleware::from_fn_with_state(
                     self.auth.clone(),
@@ -412,7 +419,7 @@ fn status_routes(scheduler: Scheduler, cas: Arc<dyn crate::storage::Cas>) -> axu
         move || async move {
             snapshot(&s)
                 .await
-                .map(|snap| Html(crate::status::page(&snap)))
+                .map(|snap| Html(crate::status::page(&snap, &s.live().running())))
         }
     };
     let fleet = {

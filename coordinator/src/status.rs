@@ -81,7 +81,7 @@ pub fn queue_text(s: &Snapshot) -> String {
 }
 
 /// The status page.
-pub fn page(s: &Snapshot) -> String {
+pub fn page(s: &Snapshot, running: &[crate::execution::live::Running]) -> String {
     let mut html = String::from(
         r#"<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta http-equiv="refresh" content="5">
@@ -151,7 +151,9 @@ code{font-size:.8rem;color:#344054}.ok{color:#067647}.bad{color:#b42318}.dim{col
             escape(platform)
         );
     }
-    html.push_str("</table><h2>Recent actions</h2><table><tr><th>Action</th><th>Agent</th><th>Queued</th><th>Fetch</th><th>Run</th><th>Upload</th><th>Result</th><th>Logs</th></tr>");
+    html.push_str("</table>");
+    running_actions(&mut html, running);
+    html.push_str("<h2>Recent actions</h2><table><tr><th>Action</th><th>Agent</th><th>Queued</th><th>Fetch</th><th>Run</th><th>Upload</th><th>Result</th><th>Logs</th></tr>");
     if s.recent.is_empty() {
         html.push_str(r#"<tr><td colspan="8" class="dim">No action has finished yet.</td></tr>"#);
     }
@@ -185,4 +187,33 @@ code{font-size:.8rem;color:#344054}.ok{color:#067647}.bad{color:#b42318}.dim{col
     }
     html.push_str("</table></body></html>\n");
     html
+}
+
+/// Actions whose agents stream their output, with links to it as far as
+/// it came (the page refreshes, and so does what the links show).
+fn running_actions(html: &mut String, running: &[crate::execution::live::Running]) {
+    html.push_str("<h2>Running actions</h2><table><tr><th>Operation</th><th>Agent</th><th>Live output</th></tr>");
+    if running.is_empty() {
+        html.push_str(r#"<tr><td colspan="3" class="dim">No running action has printed anything yet.</td></tr>"#);
+    }
+    for r in running {
+        let link = |kind: &str, bytes: u64| {
+            if bytes == 0 {
+                return String::new();
+            }
+            format!(
+                r#"<a href="/live/{}/{kind}">{kind}</a> <span class="dim">{bytes} bytes</span> "#,
+                escape(&r.operation)
+            )
+        };
+        let _ = write!(
+            html,
+            "<tr><td><code>{}</code></td><td><code>{}</code></td><td>{}{}</td></tr>",
+            escape(&r.operation),
+            escape(&r.agent),
+            link("stdout", r.stdout),
+            link("stderr", r.stderr),
+        );
+    }
+    html.push_str("</table>");
 }

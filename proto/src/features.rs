@@ -13,5 +13,9 @@ pub const WARM_KEYS: &str = "warm-keys";
 /// exposes those and no others; its `Gpu` entries carry index and UUID.
 pub const GPU_ASSIGNMENT: &str = "gpu-assignment";
 
+/// The agent sends a running action's stdout and stderr as they are
+/// produced (`OutputChunk`) when its lease says `stream_output`.
+pub const LIVE_OUTPUT: &str = "live-output";
+
 /// Every feature this build's agent understands, as it advertises them.
-pub const ALL: &[&str] = &[WARM_KEYS];
+pub const ALL: &[&str] = &[LIVE_OUTPUT, WARM_KEYS];

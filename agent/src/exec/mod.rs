@@ -22,6 +22,8 @@ mod warm;
 
 use inputs::{prefetched, prefetched_tree};
 use outputs::{Collected, OutputBounds, OutputSpec, check_output_sizes, collect};
+mod stream;
+pub use stream::{OutputSink, outbox_sink as live_output_sink};
 
 pub struct Executor {
     pub agent_id: String,
@@ -54,6 +56,11 @@ pub struct Ran {
 pub trait Events: Send + Sync {
     fn stage(&self, stage: fleet::Stage);
     fn exited(&self, exit_code: i32);
+    /// Where a running action's output chunks go (`stream`); none: the
+    /// output is not streamed.
+    fn output_sink(&self) -> Option<OutputSink> {
+        None
+    }
 }
 
 fn now() -> Option<prost_types::Timestamp> {
@@ -207,6 +214,8 @@ impl Executor {
         meta.execution_start_timestamp = now();
         let stdout_path = dir.join("stdout");
         let stderr_path = dir.join("stderr");
+        // Sends the output as it grows until the lease ends.
+        let _streaming = stream::follow(lease, &stdout_path, &stderr_path, events);
         let timeout = lease
             .timeout
             .and_then(|t| Duration::try_from(t).ok())

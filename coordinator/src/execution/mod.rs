@@ -3,6 +3,7 @@
 //! scheduler and streams the operation until it completes.
 
 pub mod inputs;
+pub mod live;
 
 pub use inputs::Prefetched;
 
@@ -105,10 +106,21 @@ pub fn operation(name: &str, state: &OpState) -> longrunning::Operation {
         Stage::Executing => reapi::execution_stage::Value::Executing,
         Stage::Completed => reapi::execution_stage::Value::Completed,
     };
+    // While it runs, its output can be followed (`live`).
+    let running = state.stage == Stage::Executing;
+    let stream = |kind| {
+        if running {
+            live::stream_name(name, kind)
+        } else {
+            String::new()
+        }
+    };
     let metadata = reapi::ExecuteOperationMetadata {
         stage: stage as i32,
         action_digest: Some(state.action_digest.to_proto()),
         digest_function: state.action_digest.function.to_proto() as i32,
+        stdout_stream_name: stream(live::Kind::Stdout),
+        stderr_stream_name: stream(live::Kind::Stderr),
         ..Default::default()
     };
     longrunning::Operation {

@@ -148,6 +148,8 @@ pub type Outgoing = mpsc::Sender<fleet::CoordinatorMessage>;
 #[derive(Clone)]
 pub struct Scheduler {
     tx: mpsc::Sender<state::Msg>,
+    /// Running actions' output as their agents stream it.
+    live: Arc<crate::execution::live::Live>,
 }
 
 impl Scheduler {
@@ -160,16 +162,22 @@ impl Scheduler {
         shutdown: tokio_util::sync::CancellationToken,
     ) -> Scheduler {
         let (tx, rx) = mpsc::channel(4096);
+        let live = Arc::new(crate::execution::live::Live::default());
         tokio::spawn(state::run(
             settings,
             action_cache,
             memory,
             metrics,
-            tx.clone(),
-            rx,
+            (tx.clone(), rx),
             shutdown,
+            Arc::clone(&live),
         ));
-        Scheduler { tx }
+        Scheduler { tx, live }
+    }
+
+    /// The live output of running actions.
+    pub fn live(&self) -> Arc<crate::execution::live::Live> {
+        Arc::clone(&self.live)
     }
 
     async fn call<T>(

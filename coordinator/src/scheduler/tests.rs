@@ -704,3 +704,6 @@ mod warm;
 
 #[path = "tests_gpu.rs"]
 mod gpu;
+
+#[path = "tests_live.rs"]
+mod live;

@@ -28,6 +28,8 @@ const MAX_SESSIONS: usize = 4096;
 pub struct ByteStreamService {
     ctx: Context,
     uploads: Arc<Uploads>,
+    /// Serves running actions' output (`execution::live`).
+    scheduler: Option<crate::scheduler::Scheduler>,
 }
 
 #[derive(Default)]
@@ -130,7 +132,17 @@ impl ByteStreamService {
                 }
             }
         });
-        ByteStreamService { ctx, uploads }
+        ByteStreamService {
+            ctx,
+            uploads,
+            scheduler: None,
+        }
+    }
+
+    /// Also serves the live output streams of the scheduler's actions.
+    pub fn with_live_output(mut self, scheduler: crate::scheduler::Scheduler) -> Self {
+        self.scheduler = Some(scheduler);
+        self
     }
 
     async fn write_session(
@@ -244,8 +256,6 @@ impl ByteStream for ByteStreamService {
         request: Request<bytestream::ReadRequest>,
     ) -> Result<Response<ReadStream>, Status> {
         let req = request.into_inner();
-        let r = resource::parse_read(&req.resource_name)
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
         if req.read_offset < 0 {
             return Err(Status::out_of_range(format!(
                 "read_offset {} is negative",
@@ -260,6 +270,17 @@ impl ByteStream for ByteStreamService {
         }
         let offset = req.read_offset as u64;
         let limit = (req.read_limit > 0).then_some(req.read_limit as u64);
+        if let (Some((operation, kind)), Some(scheduler)) = (
+            crate::execution::live::parse(&req.resource_name),
+            &self.scheduler,
+        ) {
+            let (ctx, scheduler) = (self.ctx.clone(), scheduler.clone());
+            let stream =
+                crate::execution::live::read(ctx, scheduler, operation, kind, offset, limit);
+            return Ok(Response::new(stream.await?));
+        }
+        let r = resource::parse_read(&req.resource_name)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let digest = r.digest;
         let not_found = || Status::not_found(format!("blob {digest} is not in the CAS"));
         let to_response =

@@ -70,6 +70,7 @@ impl State {
             agent.remembered = remembered;
             agent.remembered_at = Instant::now();
             agent.slots = caps.slots;
+            agent.live_output = streams_output(&caps);
             agent.warm_keys = warm_keys_of(&caps);
             agent.outgoing = Some(outgoing);
             agent.session = session.id;
@@ -99,6 +100,7 @@ impl State {
                     disconnected_at: None,
                     going_away: false,
                     process_id: register.process_id.clone(),
+                    live_output: streams_output(&caps),
                     warm_keys: warm_keys_of(&caps),
                     leases: HashSet::new(),
                     failures_in_a_row: 0,
@@ -193,6 +195,13 @@ impl State {
                 if self.owned_lease(&p.lease_id, &session.agent_id) {
                     self.release_slot(&p.lease_id);
                     self.dispatch_all();
+                }
+            }
+            FromAgent::OutputChunk(chunk) => {
+                if let Some(lease) = self.leases.get(&chunk.lease_id)
+                    && lease.agent == session.agent_id
+                {
+                    self.live.append(&lease.op, &lease.agent, &chunk);
                 }
             }
             FromAgent::LeaseResult(r) => {
@@ -393,6 +402,7 @@ impl State {
     pub(super) fn end_lease(&mut self, lease_id: &str, tell_agent: bool) -> Option<String> {
         self.release_slot(lease_id);
         let lease = self.leases.remove(lease_id)?;
+        self.live.end(&lease.op);
         if let Some(agent) = self.agents.get_mut(&lease.agent) {
             agent.leases.remove(lease_id);
             if tell_agent && let Some(out) = &agent.outgoing {
@@ -498,4 +508,11 @@ pub(super) fn fault_of(r: &fleet::LeaseResult) -> Fault {
         fleet::Fault::Unspecified if r.retryable => Fault::Agent,
         fleet::Fault::Unspecified => Fault::Action,
     }
+}
+
+/// Whether an agent streams its actions' output while they run.
+fn streams_output(caps: &fleet::Capabilities) -> bool {
+    caps.features
+        .iter()
+        .any(|f| f == outpost_proto::features::LIVE_OUTPUT)
 }

@@ -156,6 +156,8 @@ struct Agent {
     /// Its registration's process id: a new one is a restart.
     process_id: String,
     leases: HashSet<String>,
+    /// It streams running actions' output ("live-output" feature).
+    live_output: bool,
     /// The warm keys it holds ("warm-keys" feature; None for older agents).
     warm_keys: Option<HashSet<String>>,
     /// Infrastructure failures in a row; the agent is taken out of
@@ -176,6 +178,8 @@ struct Lease {
 type Queue = HashMap<Requirements, HashMap<String, BTreeMap<(i32, u64), String>>>;
 
 struct State {
+    /// Output chunks of running leases go here (`execution::live`).
+    live: Arc<crate::execution::live::Live>,
     settings: Settings,
     /// For work finished off the scheduler task to report back.
     self_tx: mpsc::Sender<Msg>,
@@ -214,12 +218,13 @@ pub async fn run(
     action_cache: Arc<dyn ActionCache>,
     memory: Arc<dyn FleetMemory>,
     metrics: Arc<Metrics>,
-    self_tx: mpsc::Sender<Msg>,
-    mut rx: mpsc::Receiver<Msg>,
+    (self_tx, mut rx): (mpsc::Sender<Msg>, mpsc::Receiver<Msg>),
     shutdown: tokio_util::sync::CancellationToken,
+    live: Arc<crate::execution::live::Live>,
 ) {
     let seen = recall(&*memory, settings.fleet_memory).await;
     let mut state = State {
+        live,
         settings,
         self_tx,
         action_cache,

@@ -151,6 +151,7 @@ impl State {
                     (Some(w), Some(a)) if a.warm_keys.is_some() => w.key.clone(),
                     _ => String::new(),
                 },
+                stream_output: self.agents.get(agent_id).is_some_and(|a| a.live_output),
                 action: op.job.prefetched.action.clone(),
                 command: op.job.prefetched.command.clone(),
                 directories: op
