@@ -196,6 +196,21 @@ struct AgentArgs {
     /// Bound on the images this agent pulled, unused ones removed past it; 0: never [default: 20GiB].
     #[arg(long, env = "OUTPOST_DOCKER_IMAGE_CACHE_SIZE")]
     docker_image_cache_size: Option<ByteSize>,
+    /// Persistent workers alive at once per worker key [default: 4].
+    #[arg(long, env = "OUTPOST_WORKER_MAX_PER_KEY")]
+    worker_max_per_key: Option<u32>,
+    /// Requests one persistent worker serves before it is replaced; 0: no bound [default: 0].
+    #[arg(long, env = "OUTPOST_WORKER_MAX_REQUESTS")]
+    worker_max_requests: Option<u64>,
+    /// How long an idle persistent worker is kept [default: 10m].
+    #[arg(long, env = "OUTPOST_WORKER_IDLE_TIMEOUT")]
+    worker_idle_timeout: Option<Span>,
+    /// Idle persistent workers kept in all [default: 16].
+    #[arg(long, env = "OUTPOST_WORKER_MAX_IDLE")]
+    worker_max_idle: Option<u32>,
+    /// Bytes of one persistent worker response [default: 16MiB].
+    #[arg(long, env = "OUTPOST_WORKER_MAX_RESPONSE")]
+    worker_max_response: Option<ByteSize>,
     /// Log filter [default: info].
     #[arg(long, env = "OUTPOST_LOG")]
     log: Option<String>,
@@ -276,6 +291,11 @@ impl AgentArgs {
             &mut config.docker_image_cache_size,
             self.docker_image_cache_size,
         );
+        overlay(&mut config.worker_max_per_key, self.worker_max_per_key);
+        overlay(&mut config.worker_max_requests, self.worker_max_requests);
+        overlay(&mut config.worker_idle_timeout, self.worker_idle_timeout);
+        overlay(&mut config.worker_max_idle, self.worker_max_idle);
+        overlay(&mut config.worker_max_response, self.worker_max_response);
         overlay(&mut config.log, self.log.clone());
         if self.token_file.is_some() {
             config.token_file = self.token_file.clone();
@@ -332,6 +352,9 @@ struct CoordinatorArgs {
     /// Resend an unchanged operation on Execute/WaitExecution streams this often [default: 30s].
     #[arg(long, env = "OUTPOST_STREAM_KEEPALIVE")]
     stream_keepalive: Option<Span>,
+    /// How long an action asking for a warm runner waits for the agent holding it [default: 3s].
+    #[arg(long, env = "OUTPOST_RUNNER_RECYCLING_MAX_WAIT")]
+    runner_recycling_max_wait: Option<Span>,
     /// Timeout of actions that set none [default: 1h].
     #[arg(long, env = "OUTPOST_DEFAULT_ACTION_TIMEOUT")]
     default_action_timeout: Option<Span>,
@@ -417,6 +440,10 @@ impl CoordinatorArgs {
         overlay(&mut config.startup_grace, self.startup_grace);
         overlay(&mut config.abandon_after, self.abandon_after);
         overlay(&mut config.stream_keepalive, self.stream_keepalive);
+        overlay(
+            &mut config.runner_recycling_max_wait,
+            self.runner_recycling_max_wait,
+        );
         overlay(
             &mut config.default_action_timeout,
             self.default_action_timeout,

@@ -14,6 +14,23 @@ fn escape(s: &str) -> String {
         .replace('"', "&quot;")
 }
 
+/// An agent's warm keys for people: how many, and the first few, short.
+fn warm_summary(keys: &[String]) -> String {
+    let shown: Vec<&str> = keys.iter().take(4).map(|k| &k[..k.len().min(12)]).collect();
+    let more = keys.len().saturating_sub(shown.len());
+    let mut text = format!(
+        "{} warm key{} ({}",
+        keys.len(),
+        if keys.len() == 1 { "" } else { "s" },
+        shown.join(", ")
+    );
+    if more > 0 {
+        text.push_str(&format!(", {more} more"));
+    }
+    text.push(')');
+    text
+}
+
 fn ms(d: Option<Duration>) -> String {
     d.map_or_else(
         || "-".to_owned(),
@@ -52,6 +69,11 @@ pub fn fleet_text(s: &Snapshot) -> String {
                 a.gpus.join(", ")
             }
         );
+    }
+    for a in &s.agents {
+        if !a.warm_keys.is_empty() {
+            let _ = writeln!(out, "warm: {} {}", a.id, warm_summary(&a.warm_keys));
+        }
     }
     // Said plainly: an agent that bounds actions by rlimits alone does not
     // bound their memory (its isolation detail says so).
@@ -134,7 +156,15 @@ code{font-size:.8rem;color:#344054}.ok{color:#067647}.bad{color:#b42318}.dim{col
             } else {
                 escape(&a.gpus.join(", "))
             },
-            escape(&a.isolation.join(", ")),
+            escape(&a.isolation.join(", "))
+                + &if a.warm_keys.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        r#"<div class="dim">warm: {}</div>"#,
+                        escape(&warm_summary(&a.warm_keys))
+                    )
+                },
             a.used_slots,
             a.slots,
             a.last_heartbeat.as_secs(),

@@ -318,6 +318,8 @@ pub struct AgentSummary {
     pub isolation: Vec<String>,
     pub gpus: Vec<String>,
     pub last_heartbeat: std::time::Duration,
+    /// Warm keys of the persistent workers it holds idle (sorted).
+    pub warm_keys: Vec<String>,
 }
 
 /// One finished action, for the status page.

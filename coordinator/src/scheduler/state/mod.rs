@@ -423,6 +423,12 @@ impl State {
                     isolation: a.description.isolation.clone(),
                     gpus: a.describe_gpus(),
                     last_heartbeat: a.last_heartbeat.elapsed(),
+                    warm_keys: {
+                        let mut keys: Vec<String> =
+                            a.warm_keys.iter().flatten().cloned().collect();
+                        keys.sort();
+                        keys
+                    },
                 })
                 .collect(),
             queue: self
