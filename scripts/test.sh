@@ -63,6 +63,9 @@ cargo fmt --all -- --check
 say "cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
 
+say "cargo clippy, the macOS configuration (portable-check; see docs/macos.md)"
+cargo clippy --workspace --lib --bins --features outpost/portable-check -- -D warnings
+
 say "docker images"
 # The Docker engine runs on the project's machines; tests/docker.rs needs
 # the local toolchain image (built once, about a minute).

@@ -529,7 +529,7 @@ pub fn check_host(paths: &Paths) -> anyhow::Result<()> {
     let root = nix::unistd::geteuid().is_root();
     match paths.manager {
         Manager::Systemd => {
-            if !cfg!(target_os = "linux") || !Path::new("/run/systemd/system").is_dir() {
+            if !cfg!(os_linux) || !Path::new("/run/systemd/system").is_dir() {
                 bail!(
                     "systemd is not running on this host (no /run/systemd/system); \
                      --print shows the unit and the steps to do by other means"

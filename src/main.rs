@@ -474,11 +474,11 @@ fn main() -> ExitCode {
         let code = outpost_sandbox::reaper::main(rest);
         return ExitCode::from(u8::try_from(code).unwrap_or(1));
     }
-    #[cfg(target_os = "linux")]
+    #[cfg(os_linux)]
     if argv.get(1).map(String::as_str) == Some("__spawner") {
         return ExitCode::from(u8::try_from(outpost_sandbox::linux::spawner::main()).unwrap_or(1));
     }
-    #[cfg(target_os = "linux")]
+    #[cfg(os_linux)]
     if argv.get(1).map(String::as_str) == Some("__sandbox") {
         let code = outpost_sandbox::linux::stub::main(argv.get(2..).unwrap_or_default());
         return ExitCode::from(u8::try_from(code).unwrap_or(1));

@@ -189,7 +189,7 @@ impl Default for Config {
 
 /// `linux-sandbox` on Linux; `none` elsewhere (until macOS has its own).
 pub fn default_isolation() -> &'static str {
-    if cfg!(target_os = "linux") {
+    if cfg!(os_linux) {
         "linux-sandbox"
     } else {
         "none"
@@ -235,7 +235,7 @@ impl Config {
                     ISOLATION_KINDS.join(", ")
                 );
             }
-            if (kind == "linux-sandbox" || kind == "docker") && !cfg!(target_os = "linux") {
+            if (kind == "linux-sandbox" || kind == "docker") && !cfg!(os_linux) {
                 anyhow::bail!("isolation {kind} needs Linux; use none on this host");
             }
             if kind == "sandbox-exec" && !cfg!(target_os = "macos") {

@@ -12,7 +12,7 @@ use outpost_proto::reapi::platform::Property;
 
 use crate::config::Config;
 
-#[cfg(target_os = "linux")]
+#[cfg(os_linux)]
 mod cgroup;
 mod gpu;
 
@@ -52,7 +52,7 @@ pub fn arch() -> (&'static str, &'static str) {
 pub fn cpus() -> u32 {
     let online =
         std::thread::available_parallelism().map_or(1, |n| u32::try_from(n.get()).unwrap_or(1));
-    #[cfg(target_os = "linux")]
+    #[cfg(os_linux)]
     if let Some(quota) = cgroup::limits().cpus {
         return online.min(quota).max(1);
     }
@@ -63,7 +63,7 @@ pub fn cpus() -> u32 {
 /// limit of its cgroup (a container's `--memory`, a pod's
 /// `resources.limits.memory`).
 pub fn memory_bytes() -> u64 {
-    #[cfg(target_os = "linux")]
+    #[cfg(os_linux)]
     {
         let physical = std::fs::read_to_string("/proc/meminfo")
             .ok()
@@ -79,7 +79,7 @@ pub fn memory_bytes() -> u64 {
             _ => physical,
         }
     }
-    #[cfg(not(target_os = "linux"))]
+    #[cfg(not(os_linux))]
     {
         first_line("sysctl", &["-n", "hw.memsize"])
             .and_then(|s| s.trim().parse().ok())
@@ -96,7 +96,7 @@ fn disk_bytes(dir: &Path) -> u64 {
 }
 
 fn os_version() -> String {
-    #[cfg(target_os = "linux")]
+    #[cfg(os_linux)]
     {
         let pretty = std::fs::read_to_string("/etc/os-release")
             .ok()
@@ -113,7 +113,7 @@ fn os_version() -> String {
             None => format!("Linux {kernel}"),
         }
     }
-    #[cfg(not(target_os = "linux"))]
+    #[cfg(not(os_linux))]
     {
         first_line("sw_vers", &["-productVersion"])
             .map_or_else(|| "macOS".to_owned(), |v| format!("macOS {v}"))

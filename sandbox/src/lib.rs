@@ -20,7 +20,7 @@
 #![allow(unsafe_code)]
 
 pub mod dirs;
-#[cfg(target_os = "linux")]
+#[cfg(os_linux)]
 pub mod linux;
 pub mod reaper;
 pub mod signals;

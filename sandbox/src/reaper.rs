@@ -53,7 +53,7 @@ pub fn run_spec(spec: &crate::spec::Spec) -> i32 {
 /// Starts `command` in a process group of its own, waits for it, then
 /// kills whatever it left behind; returns its exit code.
 fn supervise(mut command: Command) -> i32 {
-    #[cfg(target_os = "linux")]
+    #[cfg(os_linux)]
     {
         if let Err(e) = nix::sys::prctl::set_child_subreaper(true) {
             eprintln!("outpost __reap: cannot become a child subreaper: {e}");
@@ -164,7 +164,7 @@ fn kill_everything(main_pid: Pid) {
 }
 
 /// The stub's direct children (re-parented orphans included).
-#[cfg(target_os = "linux")]
+#[cfg(os_linux)]
 fn children() -> Vec<Pid> {
     let me = std::process::id() as i32;
     // The stub is single-threaded, so its one task lists all its children.
@@ -202,7 +202,7 @@ fn children() -> Vec<Pid> {
     out
 }
 
-#[cfg(not(target_os = "linux"))]
+#[cfg(not(os_linux))]
 fn children() -> Vec<Pid> {
     Vec::new()
 }

@@ -18,18 +18,18 @@
 //! probe action in it, and refuses to start otherwise: it never falls back
 //! to running actions unisolated on its own.
 
-#[cfg(target_os = "linux")]
+#[cfg(os_linux)]
 mod docker;
-#[cfg(target_os = "linux")]
+#[cfg(os_linux)]
 mod linux_sandbox;
 mod none;
 mod options;
 mod sandbox_exec;
-#[cfg(target_os = "linux")]
+#[cfg(os_linux)]
 mod sandbox_users;
-#[cfg(target_os = "linux")]
+#[cfg(os_linux)]
 mod spawned;
-#[cfg(target_os = "linux")]
+#[cfg(os_linux)]
 pub mod spawner;
 pub mod worker;
 mod workspace;
@@ -47,18 +47,19 @@ pub use options::{ContainerOptions, RunOptions};
 pub use worker::Workers;
 pub use workspace::{Workspace, make_dirs};
 
-#[cfg(target_os = "linux")]
+#[cfg(os_linux)]
 pub use docker::Metrics as DockerMetrics;
-#[cfg(target_os = "linux")]
+#[cfg(os_linux)]
 pub use linux_sandbox::DEFAULT_SANDBOX_MOUNTS;
 
 /// The Docker backend's counters (none off Linux).
-#[cfg(not(target_os = "linux"))]
+#[cfg(not(os_linux))]
 #[derive(Clone)]
 pub struct DockerMetrics {
     pub containers: prometheus_client::metrics::counter::Counter,
     pub pulls: prometheus_client::metrics::counter::Counter,
     pub pull_seconds: prometheus_client::metrics::counter::Counter,
+    pub images_removed: prometheus_client::metrics::counter::Counter,
 }
 
 /// The isolation kinds this build knows, by their
@@ -161,10 +162,10 @@ pub trait Process: Send {
 pub struct Runners {
     backends: Vec<Box<dyn Backend>>,
     /// Forks the stubs (Linux), shared by the backends.
-    #[cfg(target_os = "linux")]
+    #[cfg(os_linux)]
     spawner: Option<std::sync::Arc<spawner::Spawner>>,
     /// The Docker backend's counters, when it is one of the backends.
-    #[cfg(target_os = "linux")]
+    #[cfg(os_linux)]
     docker: Option<DockerMetrics>,
 }
 
@@ -190,7 +191,7 @@ impl Runners {
                 })
             })
             .collect::<anyhow::Result<Vec<Kind>>>()?;
-        #[cfg(target_os = "linux")]
+        #[cfg(os_linux)]
         {
             // Cgroups first: on cgroup v2 the agent moves itself into a leaf
             // and enables controllers on the cgroup it left, which the
@@ -243,7 +244,7 @@ impl Runners {
                 docker: docker_metrics,
             })
         }
-        #[cfg(not(target_os = "linux"))]
+        #[cfg(not(os_linux))]
         {
             let _ = (work_dir, agent_id, host_memory);
             let exe =
@@ -269,17 +270,17 @@ impl Runners {
 
     /// The Docker backend's counters, where it runs, for the metrics.
     pub fn docker_metrics(&self) -> Option<DockerMetrics> {
-        #[cfg(target_os = "linux")]
+        #[cfg(os_linux)]
         return self.docker.clone();
-        #[cfg(not(target_os = "linux"))]
+        #[cfg(not(os_linux))]
         None
     }
 
     /// Spawner processes started so far (Linux), for the metrics.
     pub fn spawner_starts(&self) -> Option<prometheus_client::metrics::counter::Counter> {
-        #[cfg(target_os = "linux")]
+        #[cfg(os_linux)]
         return self.spawner.as_ref().map(|s| s.starts.clone());
-        #[cfg(not(target_os = "linux"))]
+        #[cfg(not(os_linux))]
         None
     }
 

@@ -6,20 +6,20 @@ use super::{Backend, Kind, Process, Run};
 use crate::error::Error;
 
 pub struct Unisolated {
-    #[cfg(target_os = "linux")]
+    #[cfg(os_linux)]
     spawner: std::sync::Arc<super::spawner::Spawner>,
     /// This binary, whose `__reap` mode is the stub (not Linux).
-    #[cfg(not(target_os = "linux"))]
+    #[cfg(not(os_linux))]
     exe: std::path::PathBuf,
 }
 
 impl Unisolated {
-    #[cfg(target_os = "linux")]
+    #[cfg(os_linux)]
     pub fn new(spawner: std::sync::Arc<super::spawner::Spawner>) -> Unisolated {
         Unisolated { spawner }
     }
 
-    #[cfg(not(target_os = "linux"))]
+    #[cfg(not(os_linux))]
     pub fn new(exe: std::path::PathBuf) -> Unisolated {
         Unisolated { exe }
     }
@@ -41,7 +41,7 @@ impl Backend for Unisolated {
     }
 
     async fn start(&self, run: Run<'_>) -> Result<Box<dyn Process>, Error> {
-        #[cfg(target_os = "linux")]
+        #[cfg(os_linux)]
         {
             use outpost_sandbox::linux::spawner::Mode;
             let spec = super::spawned::common_spec(&run);
@@ -49,7 +49,7 @@ impl Backend for Unisolated {
                 super::spawned::Spawned::start(&self.spawner, Mode::Reap, &spec, run, None, None)?;
             Ok(Box::new(process))
         }
-        #[cfg(not(target_os = "linux"))]
+        #[cfg(not(os_linux))]
         {
             let mut command = std::process::Command::new(&self.exe);
             command
@@ -72,10 +72,10 @@ impl Backend for Unisolated {
 }
 
 /// The reaper stub as a child process (not Linux).
-#[cfg(not(target_os = "linux"))]
+#[cfg(not(os_linux))]
 struct Child(tokio::process::Child);
 
-#[cfg(not(target_os = "linux"))]
+#[cfg(not(os_linux))]
 #[tonic::async_trait]
 impl Process for Child {
     async fn wait(&mut self) -> Result<i32, Error> {

@@ -175,9 +175,9 @@ mod tests {
                 .into_iter()
                 .map(|(k, n)| Box::new(Offered(k, n)) as Box<dyn Backend>)
                 .collect(),
-            #[cfg(target_os = "linux")]
+            #[cfg(os_linux)]
             spawner: None,
-            #[cfg(target_os = "linux")]
+            #[cfg(os_linux)]
             docker: None,
         }
     }

@@ -232,7 +232,7 @@ impl Worker {
 /// The agent's ends of the worker's stdin and stdout. Opened read-write
 /// (Linux), so neither open waits for the shell, and a worker that has
 /// not opened its end yet still gets what was written.
-#[cfg(target_os = "linux")]
+#[cfg(os_linux)]
 fn open_fifos(
     requests: &Path,
     responses: &Path,
@@ -248,7 +248,7 @@ fn open_fifos(
     ))
 }
 
-#[cfg(not(target_os = "linux"))]
+#[cfg(not(os_linux))]
 fn open_fifos(
     _requests: &Path,
     _responses: &Path,

@@ -430,13 +430,13 @@ fn read_total(core: &Core) -> Result<u64, Error> {
     Ok(db!("reading totals", stats.get(TOTAL_BYTES))?.map_or(0, |v| v.value()))
 }
 
-#[cfg(target_os = "linux")]
+#[cfg(os_linux)]
 fn sync_filesystem(layout: &Layout, _placed: &[std::path::PathBuf]) -> Result<(), Error> {
     let dir = std::fs::File::open(layout.cas()).map_err(|e| Error::io("syncing blobs", e))?;
     nix::unistd::syncfs(&dir).map_err(|e| Error::io("syncing blobs", e.into()))
 }
 
-#[cfg(not(target_os = "linux"))]
+#[cfg(not(os_linux))]
 fn sync_filesystem(_layout: &Layout, placed: &[std::path::PathBuf]) -> Result<(), Error> {
     let mut dirs = std::collections::BTreeSet::new();
     for path in placed {
