@@ -20,6 +20,8 @@
 #                    from the machine's apt mirror: no registry is reachable
 #   docker-registry  a registry on loopback for the Docker tests' pulls
 #   cargo-nextest    the test runner (falls back to cargo test if it cannot be installed)
+#   buildstream      BuildStream 2 from PyPI in target/buildstream, with bubblewrap
+#                    and busybox-static (scripts/buildstream-env.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -65,6 +67,13 @@ cargo clippy --workspace --all-targets -- -D warnings
 
 say "cargo clippy, the macOS configuration (portable-check; see docs/macos.md)"
 cargo clippy --workspace --lib --bins --features outpost/portable-check -- -D warnings
+
+say "buildstream"
+# tests/buildstream.rs builds with BuildStream 2 against Outpost: PyPI's
+# buildstream in a virtual environment, with bubblewrap and busybox-static
+# (installed once; about 20 s the first time).
+OUTPOST_BUILDSTREAM="$(scripts/buildstream-env.sh target/buildstream)"
+export OUTPOST_BUILDSTREAM OUTPOST_REQUIRE_BUILDSTREAM=1
 
 say "docker images"
 # The Docker engine runs on the project's machines; tests/docker.rs needs

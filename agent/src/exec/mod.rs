@@ -182,6 +182,14 @@ impl Executor {
                 .all()
                 .filter_map(|(_, p)| p.parent().map(Path::to_path_buf)),
         );
+        // An output directory the input tree already has (BuildStream
+        // stages its install root, empty) is written into too.
+        writable.extend(
+            outputs
+                .all()
+                .filter(|(_, p)| root.join(p).symlink_metadata().is_ok_and(|m| m.is_dir()))
+                .map(|(_, p)| p.to_path_buf()),
+        );
         writable.sort();
         writable.dedup();
         {
