@@ -127,7 +127,7 @@ struct AgentArgs {
     /// Serve /metrics, /healthz and /readyz on HOST:PORT [default: no port].
     #[arg(long, env = "OUTPOST_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
-    /// Isolation backends, the default first: linux-sandbox, docker, none [default: linux-sandbox on Linux].
+    /// Isolation backends, the default first: linux-sandbox, docker, sandbox-exec (macOS), none [default: linux-sandbox on Linux, none elsewhere].
     #[arg(long, env = "OUTPOST_ISOLATION", value_delimiter = ',')]
     isolation: Vec<String>,
     /// Let sandboxed actions that ask (dockerNetwork=bridge) use the host's network.
