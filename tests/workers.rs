@@ -32,7 +32,10 @@ fn read_output(bin: &Path, name: &str) -> Written {
             .unwrap_or_else(|| panic!("{key} in {text:?}"))
             .to_owned()
     };
-    assert!(text.contains(&format!("text={}", name.replace('_', " "))), "{text}");
+    assert!(
+        text.contains(&format!("text={}", name.replace('_', " "))),
+        "{text}"
+    );
     Written {
         pid: field("pid").parse().expect("pid"),
         id: field("id"),
@@ -95,38 +98,48 @@ impl Drop for Workspace {
     }
 }
 
+/// Starts a coordinator and an agent of one slot (`extra` flags added) and
+/// returns them with the `--remote_executor` flag.
+fn fleet(scratch: &Path, extra: &[&str]) -> (Coordinator, Agent, String) {
+    let server = Coordinator::start(&scratch.join("outpost-data"), &[]);
+    // One slot: the chains run one action at a time, so one worker per key
+    // serves them all.
+    let mut flags = vec!["--slots", "1"];
+    flags.extend_from_slice(extra);
+    let agent = Agent::start(&server.endpoint(), &scratch.join("agent"), &flags);
+    let executor = format!("--remote_executor={}", server.endpoint());
+    (server, agent, executor)
+}
+
+/// The chain PREFIX_0..4 was written by one worker, in order.
+fn one_worker_wrote(bin: &Path, prefix: &str) {
+    let written: Vec<Written> = (0..5)
+        .map(|i| read_output(bin, &format!("{prefix}_{i}")))
+        .collect();
+    let processes: BTreeSet<(u32, &str)> = written.iter().map(|w| (w.pid, w.id.as_str())).collect();
+    assert_eq!(
+        processes.len(),
+        1,
+        "{prefix}: one worker served all: {written:?}"
+    );
+    assert!(written.iter().all(|w| w.mode == "worker"), "{written:?}");
+    let served: Vec<u32> = written.iter().map(|w| w.served).collect();
+    assert_eq!(served, [1, 2, 3, 4, 5], "{prefix}: {written:?}");
+}
+
 #[test]
 fn one_worker_serves_many_actions_and_broken_workers_fall_back_to_plain_runs() {
     let scratch = tempdir();
     let Some(ws) = Workspace::new(scratch.path()) else {
         return;
     };
-    let server = Coordinator::start(&scratch.path().join("outpost-data"), &[]);
-    // One slot: the chains run one action at a time, so one worker per key
-    // serves them all.
-    let agent = Agent::start(
-        &server.endpoint(),
-        &scratch.path().join("agent"),
-        &["--slots", "1"],
-    );
-    let executor = format!("--remote_executor={}", server.endpoint());
+    // The default isolation: linux-sandbox.
+    let (_server, agent, executor) = fleet(scratch.path(), &[]);
     ws.build(&executor, &["//:proto", "//:json", "//:plain", "//:broken"]);
     let bin = ws.bin();
 
     for framing in ["proto", "json"] {
-        let written: Vec<Written> = (0..5)
-            .map(|i| read_output(&bin, &format!("{framing}_{i}")))
-            .collect();
-        let processes: BTreeSet<(u32, &str)> =
-            written.iter().map(|w| (w.pid, w.id.as_str())).collect();
-        assert_eq!(
-            processes.len(),
-            1,
-            "{framing}: one worker served all: {written:?}"
-        );
-        assert!(written.iter().all(|w| w.mode == "worker"), "{written:?}");
-        let served: Vec<u32> = written.iter().map(|w| w.served).collect();
-        assert_eq!(served, [1, 2, 3, 4, 5], "{framing}: {written:?}");
+        one_worker_wrote(&bin, framing);
     }
     let plain: Vec<Written> = (0..5)
         .map(|i| read_output(&bin, &format!("plain_{i}")))
@@ -150,7 +163,10 @@ fn one_worker_serves_many_actions_and_broken_workers_fall_back_to_plain_runs() {
         assert_eq!(during.mode, "plain", "{broken}: {during:?}");
         // The next action of the key got a new worker.
         assert_eq!(after.mode, "worker", "{after:?}");
-        assert_ne!(after.id, before.id, "{broken}: the broken worker was used again");
+        assert_ne!(
+            after.id, before.id,
+            "{broken}: the broken worker was used again"
+        );
         assert_eq!(after.served, 1, "{after:?}");
     }
     assert_eq!(
@@ -158,4 +174,15 @@ fn one_worker_serves_many_actions_and_broken_workers_fall_back_to_plain_runs() {
         2,
         "one fallback per broken worker"
     );
+}
+
+#[test]
+fn workers_run_unisolated_too() {
+    let scratch = tempdir();
+    let Some(ws) = Workspace::new(scratch.path()) else {
+        return;
+    };
+    let (_server, _agent, executor) = fleet(scratch.path(), &["--isolation", "none"]);
+    ws.build(&executor, &["//:proto"]);
+    one_worker_wrote(&ws.bin(), "proto");
 }

@@ -55,19 +55,21 @@ pub fn warm_key(instance: &str, parsed: &Parsed, client: &str) -> Option<String>
         .map(|p| (p.name.as_str(), p.value.as_str()))
         .collect();
     properties.sort_unstable();
+    let fields = ["outpost-warm-key-v1", instance, client]
+        .into_iter()
+        .chain(properties.into_iter().flat_map(|(n, v)| [n, v]));
+    Some(fingerprint(fields))
+}
+
+/// A short hash (32 hex digits) of `fields`, each length-prefixed so no
+/// two different lists of fields hash alike by running together.
+pub fn fingerprint<'a>(fields: impl IntoIterator<Item = &'a str>) -> String {
     let mut hash = Sha256::new();
-    let mut field = |s: &str| {
-        hash.update((s.len() as u64).to_le_bytes());
-        hash.update(s.as_bytes());
-    };
-    field("outpost-warm-key-v1");
-    field(instance);
-    field(client);
-    for (name, value) in properties {
-        field(name);
-        field(value);
+    for field in fields {
+        hash.update((field.len() as u64).to_le_bytes());
+        hash.update(field.as_bytes());
     }
-    Some(hex::encode(&hash.finalize()[..16]))
+    hex::encode(&hash.finalize()[..16])
 }
 
 /// How long the action may wait for the agent holding its warm key

@@ -45,7 +45,7 @@ impl Executor {
             run.argv,
             &run.env,
             run.workdir,
-            &run.options,
+            &format!("{:?}", run.options),
             run.root,
             &action.inputs,
         )?;

@@ -132,7 +132,8 @@ pub struct Job {
 
 /// Reads whether an action is a worker action and, if it is, what its
 /// worker and request are. `argv`, `env` and `workdir` are the Command's;
-/// `root` holds the laid-out inputs, `inputs` their digests. None: the
+/// `isolation` is how it runs (its run options, as text); `root` holds the
+/// laid-out inputs, `inputs` their digests. None: the
 /// action runs plain (it asks for no worker, came without a warm key, or
 /// has no flagfile argument). A flagfile that cannot be read is the
 /// action's error, as it would be for Bazel.
@@ -143,7 +144,7 @@ pub fn plan(
     argv: &[String],
     env: &[String],
     workdir: &Path,
-    options: &RunOptions,
+    isolation: &str,
     root: &Path,
     inputs: &[(PathBuf, Digest)],
 ) -> Result<Option<Job>, Error> {
@@ -168,23 +169,16 @@ pub fn plan(
         .collect();
     let mut env_sorted = env.to_vec();
     env_sorted.sort();
-    let mut bytes = Vec::new();
-    let mut field = |s: &str| {
-        bytes.extend_from_slice(&(s.len() as u64).to_le_bytes());
-        bytes.extend_from_slice(s.as_bytes());
-    };
-    field(warm_key);
-    field(framing.name());
-    field(&workdir.to_string_lossy());
-    field(&format!("{options:?}"));
-    for part in [&start, &env_sorted, &tools] {
-        field(&part.len().to_string());
-        part.iter().for_each(|s| field(s));
-    }
-    let key = outpost_proto::digest::Function::Sha256
-        .digest_of(&bytes)
-        .hash_hex()[..32]
-        .to_owned();
+    let workdir_text = workdir.to_string_lossy();
+    let counts = [start.len(), env_sorted.len(), tools.len()].map(|n| n.to_string());
+    let key = outpost_proto::warm::fingerprint(
+        [warm_key, framing.name(), &workdir_text, isolation]
+            .into_iter()
+            .chain(counts.iter().map(String::as_str))
+            .chain(start.iter().map(String::as_str))
+            .chain(env_sorted.iter().map(String::as_str))
+            .chain(tools.iter().map(String::as_str)),
+    );
     let request = WorkRequest {
         arguments,
         inputs: inputs
@@ -301,16 +295,10 @@ impl Workers {
 
     /// Forgets a worker, which stops it.
     fn discard(&self, worker: Worker, reason: &'static str) {
-        {
-            let mut pool = lock(&self.pool);
-            if let Some(n) = pool.live.get_mut(&worker.key) {
-                *n = n.saturating_sub(1);
-                if *n == 0 {
-                    pool.live.remove(&worker.key);
-                }
-            }
-            self.metrics.pool_size.set(pool.idle.len() as i64);
-        }
+        self.release_slot(&worker.key);
+        self.metrics
+            .pool_size
+            .set(lock(&self.pool).idle.len() as i64);
         self.metrics.live_workers.dec();
         self.metrics.evicted(reason);
         tracing::debug!(key = %worker.key, served = worker.served, reason, "persistent worker stopped");
@@ -430,7 +418,7 @@ impl Workers {
         }
     }
 
-    /// A slot taken for a worker that never started.
+    /// One live worker of `key` fewer (stopped, or never started).
     fn release_slot(&self, key: &str) {
         let mut pool = lock(&self.pool);
         if let Some(n) = pool.live.get_mut(key) {
@@ -466,5 +454,69 @@ impl Workers {
         self.metrics.live_workers.inc();
         tracing::debug!(key = %job.key, argv = ?job.start, "persistent worker started");
         Ok(worker)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use outpost_proto::digest::Function;
+    use outpost_proto::platform::{from_pairs, parse};
+
+    fn argv(args: &[&str]) -> Vec<String> {
+        args.iter().map(|a| (*a).to_owned()).collect()
+    }
+
+    #[test]
+    fn the_pool_key_follows_the_tool_not_just_the_users_key() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("args"), "--out=x\n").expect("write");
+        let parsed = parse(&from_pairs(&[("persistentWorkerKey", "javac")])).expect("parses");
+        let tool = |content: &[u8]| {
+            vec![
+                (
+                    PathBuf::from("tool.py"),
+                    Function::Sha256.digest_of(content),
+                ),
+                (
+                    PathBuf::from("args"),
+                    Function::Sha256.digest_of(b"--out=x\n"),
+                ),
+            ]
+        };
+        let plan_with = |warm: &str, args: &[&str], inputs: &[(PathBuf, Digest)]| {
+            plan(
+                &parsed,
+                warm,
+                &argv(args),
+                &["A=1".to_owned()],
+                Path::new(""),
+                "none",
+                dir.path(),
+                inputs,
+            )
+            .expect("plans")
+        };
+        let cmd = ["python3", "tool.py", "@args"];
+        let one = plan_with("w", &cmd, &tool(b"v1")).expect("a worker action");
+        assert_eq!(
+            one.start,
+            argv(&["python3", "tool.py", "--persistent_worker"])
+        );
+        assert_eq!(one.request.arguments, argv(&["--out=x"]));
+        assert_eq!(one.request.inputs[0].path, "tool.py");
+        assert_eq!(
+            one.request.inputs[0].digest,
+            Function::Sha256.digest_of(b"v1").hash_hex().into_bytes()
+        );
+        let same = plan_with("w", &cmd, &tool(b"v1")).expect("a worker action");
+        assert_eq!(one.key, same.key);
+        let new_tool = plan_with("w", &cmd, &tool(b"v2")).expect("a worker action");
+        assert_ne!(one.key, new_tool.key, "a changed tool is a new worker");
+        let other_client = plan_with("w2", &cmd, &tool(b"v1")).expect("a worker action");
+        assert_ne!(one.key, other_client.key);
+        // No warm key from the coordinator, or no flagfile: a plain run.
+        assert!(plan_with("", &cmd, &tool(b"v1")).is_none());
+        assert!(plan_with("w", &["python3", "tool.py"], &tool(b"v1")).is_none());
     }
 }
