@@ -290,3 +290,33 @@ async fn outpost_logs_follow_prints_the_output_as_it_comes() {
         "{text}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_skipped_under_the_rate_bound_comes_from_the_blob() {
+    let (_dir, _server, _agent, mut client) = fleet(&[], "1").await;
+    // 2 MB at once: far more than the agent sends live, so it skips to
+    // the newest bytes; then a pause, so the reader waits on the gap.
+    let spec = ActionSpec::shell("head -c 2000000 /dev/zero | tr '\\0' x; echo; sleep 2; echo end");
+    let action = client.upload_action(&spec).await;
+    let (mut stream, first) = client.start_execute(&action).await;
+    let name = first.name.clone();
+    let mut op = first;
+    while metadata(&op).stdout_stream_name.is_empty() {
+        op = stream
+            .message()
+            .await
+            .expect("stream")
+            .expect("an operation");
+    }
+    let stdout_name = metadata(&op).stdout_stream_name;
+    let mut reader = client.clone();
+    let read = tokio::spawn(async move { read_all(&mut reader, &stdout_name, 0).await });
+    let (_, response) = follow(stream).await.expect("done");
+    let result = response.result.expect("a result");
+    let stdout = blob(&mut client, result.stdout_digest.as_ref()).await;
+    assert_eq!(stdout.len(), 2_000_005, "{name}");
+    let read = joined(&read.await.expect("task").expect("read"));
+    // Never a guessed byte: the whole read is the blob.
+    assert_eq!(read.len(), stdout.len());
+    assert!(read == stdout, "the read differs from the stdout blob");
+}
