@@ -18,4 +18,4 @@ pub const GPU_ASSIGNMENT: &str = "gpu-assignment";
 pub const LIVE_OUTPUT: &str = "live-output";
 
 /// Every feature this build's agent understands, as it advertises them.
-pub const ALL: &[&str] = &[LIVE_OUTPUT, WARM_KEYS];
+pub const ALL: &[&str] = &[GPU_ASSIGNMENT, LIVE_OUTPUT, WARM_KEYS];

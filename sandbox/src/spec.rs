@@ -67,6 +67,9 @@ pub struct Spec {
     pub read_only: Vec<PathBuf>,
     /// Host paths made visible read-only at the same place: the toolchain.
     pub host_paths: Vec<PathBuf>,
+    /// Device nodes under the host's `/dev` bound at the same place in the
+    /// sandbox's `/dev` (the GPUs an action was given).
+    pub devices: Vec<PathBuf>,
     /// A host directory that becomes the private, writable `/tmp` when
     /// `tmp_size` is unset.
     pub tmp: PathBuf,
@@ -136,6 +139,9 @@ impl Spec {
         for p in &self.host_paths {
             put("host", p.as_os_str());
         }
+        for p in &self.devices {
+            put("device", p.as_os_str());
+        }
         put("tmp", self.tmp.as_os_str());
         if let Some(size) = self.tmp_size {
             put("tmp_size", OsStr::new(&size.to_string()));
@@ -192,6 +198,7 @@ impl Spec {
                 "writable" => spec.writable.push(value.into()),
                 "read_only" => spec.read_only.push(value.into()),
                 "host" => spec.host_paths.push(value.into()),
+                "device" => spec.devices.push(device(value.into())?),
                 "tmp" => spec.tmp = value.into(),
                 "tmp_size" => spec.tmp_size = number(&value)?,
                 "scratch" => spec.scratch = value.into(),
@@ -262,6 +269,14 @@ impl Spec {
     }
 }
 
+/// A device node the spec may bind: `/dev/NAME`, one plain name.
+fn device(p: PathBuf) -> Result<PathBuf, String> {
+    match p.strip_prefix("/dev") {
+        Ok(name) if name.components().count() == 1 && is_plain_relative(name) => Ok(p),
+        _ => Err(format!("sandbox spec device {p:?} is not /dev/NAME")),
+    }
+}
+
 /// A relative path without `..`, `.` or a root: it cannot leave its base.
 pub fn is_plain_relative(p: &Path) -> bool {
     p.components()
@@ -286,6 +301,7 @@ mod tests {
             writable: vec!["".into(), "out/dir with\nnewline".into()],
             read_only: vec!["src".into()],
             host_paths: vec!["/usr".into(), "/etc/ssl".into()],
+            devices: vec!["/dev/nvidia1".into(), "/dev/nvidiactl".into()],
             tmp: "/w/actions/1/tmp".into(),
             tmp_size: Some(64 << 20),
             scratch: "/w/actions/1/sysroot".into(),
@@ -303,6 +319,27 @@ mod tests {
             input_root_is_root: true,
         };
         assert_eq!(Spec::decode(&spec.encode().expect("encodes")), Ok(spec));
+    }
+
+    #[test]
+    fn only_device_nodes_directly_under_dev_may_be_bound() {
+        for bad in [
+            "/dev/../etc/shadow",
+            "/dev",
+            "/dev/dri/card0",
+            "/etc/passwd",
+            "nvidia0",
+        ] {
+            let spec = Spec {
+                argv: vec!["true".into()],
+                root: "/r".into(),
+                devices: vec![bad.into()],
+                ..Spec::default()
+            };
+            let bytes = spec.encode().expect("encodes");
+            let err = Spec::decode(&bytes).expect_err(bad);
+            assert!(err.contains("is not /dev/NAME"), "{err}");
+        }
     }
 
     #[test]

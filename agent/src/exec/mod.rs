@@ -159,7 +159,8 @@ impl Executor {
                 .as_ref()
                 .map_or(&[][..], |p| &p.properties[..]),
         };
-        let options = self.runners.options(platform)?;
+        let mut options = self.runners.options(platform)?;
+        options.gpus = crate::runner::gpu::for_lease(&lease.gpus)?;
         let apple_env =
             crate::runner::xcode::action_environment(platform, &command.environment_variables)?;
         // Removed however the lease ends.

@@ -222,7 +222,18 @@ impl LinuxSandbox {
             }
         } else {
             spec.host_paths = self.host_paths.clone();
+            // The GPU driver's files the toolchain paths do not show already
+            // (binding one inside another would write through to the host).
+            spec.host_paths.extend(
+                run.options
+                    .gpus
+                    .read_only
+                    .iter()
+                    .filter(|f| !self.host_paths.iter().any(|h| f.starts_with(h)))
+                    .cloned(),
+            );
         }
+        spec.devices = run.options.gpus.devices.clone();
         spec.tmp = tmp;
         let tmp_size = self.tmp_size.load(std::sync::atomic::Ordering::Relaxed);
         spec.tmp_size = (tmp_size > 0).then_some(tmp_size);
@@ -295,6 +306,7 @@ impl LinuxSandbox {
                     network: false,
                     container: None,
                     input_root_is_root: false,
+                    gpus: Default::default(),
                 },
                 stdout,
                 stderr,

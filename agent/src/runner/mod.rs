@@ -20,6 +20,7 @@
 
 #[cfg(os_linux)]
 mod docker;
+pub mod gpu;
 #[cfg(os_linux)]
 mod linux_sandbox;
 mod none;
@@ -342,7 +343,9 @@ impl Runners {
     }
 
     /// Starts `run` on the backend its options chose.
-    pub async fn start(&self, run: Run<'_>) -> Result<Box<dyn Process>, Error> {
+    pub async fn start(&self, mut run: Run<'_>) -> Result<Box<dyn Process>, Error> {
+        // The GPUs it was given, named for CUDA (`runner::gpu`).
+        run.env.extend(run.options.gpus.env.iter().cloned());
         let backend = self.backend(run.options.kind).ok_or_else(|| {
             Error::BadInput(format!(
                 "workload-isolation-type={} is not offered by this agent",

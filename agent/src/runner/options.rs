@@ -20,6 +20,9 @@ pub struct RunOptions {
     /// The input root is the action's `/` (`root-filesystem=input-root`,
     /// `linux-sandbox` only): no host path is shown.
     pub input_root_is_root: bool,
+    /// What it sees of the GPUs its lease names (`runner::gpu`); nothing
+    /// when it was given none.
+    pub gpus: super::gpu::Exposure,
 }
 
 /// The container an action asks for.
@@ -140,6 +143,7 @@ impl RunOptions {
             network,
             container,
             input_root_is_root,
+            gpus: Default::default(),
         })
     }
 }

@@ -7,7 +7,8 @@
 //!                   input subtrees and input files bound read-only on top
 //! /tmp              the action's private temp directory: a tmpfs of the
 //!                   spec's size (on disk without one)
-//! /dev              null zero full random urandom tty, shm, fd links
+//! /dev              null zero full random urandom tty, shm, fd links, and
+//!                   the device nodes the spec names (an action's GPUs)
 //! /proc             a fresh procfs of the sandbox's pid namespace, its
 //!                   host-wide files (keys, kernel addresses, boot id,
 //!                   command line) masked by /dev/null
@@ -146,7 +147,8 @@ fn host_path(new_root: &Path, p: &Path) -> Result<Option<PathBuf>, String> {
     }
     if meta.is_dir() {
         std::fs::create_dir_all(&target).map_err(|e| fail("creating", &target, e))?;
-    } else {
+    } else if std::fs::symlink_metadata(&target).is_err() {
+        // A file already there is another host path's (not truncated).
         std::fs::File::create(&target).map_err(|e| fail("creating", &target, e))?;
     }
     bind(p, &target)?;
@@ -159,7 +161,12 @@ fn tmpfs(target: &Path, flags: MsFlags, options: &str) -> Result<(), String> {
         .map_err(|e| fail("mounting tmpfs on", target, e))
 }
 
-fn dev(new_root: &Path, shm_size: Option<u64>, made: bool) -> Result<(), String> {
+fn dev(
+    new_root: &Path,
+    shm_size: Option<u64>,
+    made: bool,
+    devices: &[PathBuf],
+) -> Result<(), String> {
     let dev = new_root.join("dev");
     if !made {
         std::fs::create_dir_all(&dev).map_err(|e| fail("creating", &dev, e))?;
@@ -177,6 +184,12 @@ fn dev(new_root: &Path, shm_size: Option<u64>, made: bool) -> Result<(), String>
         let target = dev.join(name);
         std::fs::File::create(&target).map_err(|e| fail("creating", &target, e))?;
         bind(&host, &target)?;
+    }
+    // Each is /dev/NAME (the spec checked).
+    for host in devices {
+        let target = dev.join(host.strip_prefix("/dev").unwrap_or(host));
+        std::fs::File::create(&target).map_err(|e| fail("creating", &target, e))?;
+        bind(host, &target)?;
     }
     let shm = dev.join("shm");
     std::fs::create_dir(&shm).map_err(|e| fail("creating", &shm, e))?;
@@ -286,7 +299,12 @@ pub fn build_root(spec: &Spec) -> Result<(), String> {
         }
     }
 
-    dev(new_root, spec.tmp_size, spec.input_root_is_root)?;
+    dev(
+        new_root,
+        spec.tmp_size,
+        spec.input_root_is_root,
+        &spec.devices,
+    )?;
 
     let proc = new_root.join("proc");
     if !spec.input_root_is_root {

@@ -35,6 +35,7 @@
 //! started action's handle.
 
 mod container;
+mod gpus;
 mod images;
 
 use std::collections::HashMap;
@@ -133,6 +134,8 @@ pub struct Docker {
     agent_user: String,
     agent_is_root: bool,
     limits: RwLock<Limits>,
+    /// Whether the engine can give containers GPUs; else its runtimes.
+    nvidia: Result<(), String>,
     pub metrics: Metrics,
 }
 
@@ -206,6 +209,10 @@ impl Docker {
                 .map_err(|e| anyhow::anyhow!("reading who this agent runs as: {e}"))?;
             (me.uid(), me.gid())
         };
+        let nvidia = match engine.info().await {
+            Ok(info) => gpus::nvidia_runtime(&info),
+            Err(e) => Err(format!("unknown, `docker info` failed: {e}")),
+        };
         let docker = Docker {
             engine,
             long,
@@ -225,6 +232,7 @@ impl Docker {
             agent_user: format!("{uid}:{gid}"),
             agent_is_root: uid == 0,
             limits: RwLock::new(limits_of(config)),
+            nvidia,
             metrics,
         };
         if let Some(path) = &docker.images.registry_auth {
@@ -407,6 +415,7 @@ impl Docker {
                     config: None,
                 }),
                 auto_remove: Some(false),
+                device_requests: gpus::device_requests(&run.options.gpus.visible),
                 ..Default::default()
             }),
             ..Default::default()
@@ -508,6 +517,11 @@ impl Backend for Docker {
     }
 
     async fn start(&self, run: Run<'_>) -> Result<Box<dyn Process>, Error> {
+        if !run.options.gpus.visible.is_empty()
+            && let Err(runtimes) = &self.nvidia
+        {
+            return Err(gpus::no_runtime(&self.socket, runtimes));
+        }
         let options = run.options.container.clone().unwrap_or_default();
         let image = self.image(options.image.as_deref())?;
         let user = self.user(options.user.as_deref(), options.run_as_root)?;
