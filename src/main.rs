@@ -140,6 +140,9 @@ struct AgentArgs {
         value_delimiter = ','
     )]
     sandbox_mounts: Vec<PathBuf>,
+    /// Directory searched for Xcode*.app (repeatable) [default: /Applications, /Applications/Xcodes].
+    #[arg(long = "xcode-dir", env = "OUTPOST_XCODE_DIRS", value_delimiter = ',')]
+    xcode_dirs: Vec<PathBuf>,
     /// First of the host ids a root agent's sandboxed actions run as (group BASE, users BASE+1..) [default: 990000].
     #[arg(long, env = "OUTPOST_SANDBOX_UID_BASE")]
     sandbox_uid_base: Option<u32>,
@@ -259,6 +262,9 @@ impl AgentArgs {
         overlay(&mut config.allow_network, self.allow_network);
         if !self.sandbox_mounts.is_empty() {
             config.sandbox_mounts = self.sandbox_mounts.clone();
+        }
+        if !self.xcode_dirs.is_empty() {
+            config.xcode_dirs = self.xcode_dirs.clone();
         }
         if self.action_memory_limit.is_some() {
             config.action_memory_limit = self.action_memory_limit;

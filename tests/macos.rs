@@ -68,3 +68,97 @@ async fn xcode_and_macos_versions_are_matched_as_a_mac_advertises_them() {
         err.message()
     );
 }
+
+/// Writes `Xcode_VERSION.app` as Xcode ships it: `Contents/version.plist`
+/// and an SDK under a versioned name.
+fn install_xcode(apps: &std::path::Path, version: &str, build: &str, sdk: (&str, &str)) {
+    let contents = apps.join(format!("Xcode_{version}.app/Contents"));
+    let (platform, sdk_version) = sdk;
+    let sdks = contents.join(format!(
+        "Developer/Platforms/{platform}.platform/Developer/SDKs"
+    ));
+    std::fs::create_dir_all(sdks.join(format!("{platform}{sdk_version}.sdk"))).expect("mkdir");
+    std::fs::write(
+        contents.join("version.plist"),
+        format!(
+            r#"<?xml version="1.0" encoding="UTF-8"?>
+<!DOCTYPE plist PUBLIC "-//Apple//DTD PLIST 1.0//EN" "http://www.apple.com/DTDs/PropertyList-1.0.dtd">
+<plist version="1.0">
+<dict>
+	<key>BuildVersion</key>
+	<string>4</string>
+	<key>CFBundleShortVersionString</key>
+	<string>{version}</string>
+	<key>CFBundleVersion</key>
+	<string>22618</string>
+	<key>ProductBuildVersion</key>
+	<string>{build}</string>
+	<key>ProjectName</key>
+	<string>IDEApplication</string>
+</dict>
+</plist>
+"#
+        ),
+    )
+    .expect("version.plist");
+}
+
+#[tokio::test]
+async fn an_action_runs_with_the_developer_dir_and_sdk_of_the_xcode_it_names() {
+    let dir = tempdir();
+    let apps = dir.path().join("Applications");
+    install_xcode(&apps, "15.2", "15C500b", ("iPhoneSimulator", "17.2"));
+    install_xcode(&apps, "14.3.1", "14E300c", ("iPhoneSimulator", "16.4"));
+    let server = Coordinator::start(&dir.path().join("data"), &["--startup-grace", "0s"]);
+    let _agent = Agent::start(
+        &server.endpoint(),
+        &dir.path().join("agent"),
+        &[
+            "--isolation",
+            "none",
+            "--xcode-dir",
+            apps.to_str().expect("utf-8"),
+        ],
+    );
+    let mut client = server.client().await;
+    wait_for_fleet(&mut client).await;
+    let mut spec = ActionSpec::shell("echo \"$DEVELOPER_DIR\"; echo \"$SDKROOT\"");
+    for (name, value) in [
+        ("XCODE_VERSION_OVERRIDE", "14.3.1.14E300c"),
+        ("APPLE_SDK_PLATFORM", "iPhoneSimulator"),
+        ("APPLE_SDK_VERSION_OVERRIDE", "16.4"),
+    ] {
+        spec.env.push((name.into(), value.into()));
+    }
+    let ran = client.run(&spec).await;
+    assert_eq!(ran.result.exit_code, 0, "{}", ran.stderr);
+    let developer = apps.join("Xcode_14.3.1.app/Contents/Developer");
+    let sdk =
+        developer.join("Platforms/iPhoneSimulator.platform/Developer/SDKs/iPhoneSimulator16.4.sdk");
+    assert_eq!(
+        ran.stdout,
+        format!("{}\n{}\n", developer.display(), sdk.display())
+    );
+    // The Xcode as a property, version only: the one installed build.
+    let spec = ActionSpec::shell("echo \"$DEVELOPER_DIR\"").with_platform("xcode-version", "15.2");
+    let ran = client.run(&spec).await;
+    assert_eq!(
+        ran.stdout,
+        format!(
+            "{}\n",
+            apps.join("Xcode_15.2.app/Contents/Developer").display()
+        )
+    );
+    // An SDK that Xcode lacks: the action's error, naming what it has.
+    let mut spec = ActionSpec::shell("true").with_platform("xcode-version", "15.2");
+    spec.env
+        .push(("APPLE_SDK_PLATFORM".into(), "iPhoneOS".into()));
+    let action = client.upload_action(&spec).await;
+    let (_, response) = client.execute(&action, true).await.expect("execute");
+    let status = response.status.unwrap_or_default();
+    assert!(
+        status.message.contains("has no SDK iPhoneOS")
+            && status.message.contains("iPhoneSimulator17.2"),
+        "{status:?}"
+    );
+}

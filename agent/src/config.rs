@@ -100,6 +100,10 @@ pub struct Config {
     /// Bytes of one persistent worker response; a larger one breaks the
     /// worker and the action runs as a plain command.
     pub worker_max_response: ByteSize,
+    /// Directories searched for Xcodes (each `Xcode*.app` in them): they
+    /// are advertised as `xcode-version` and chosen by the actions that
+    /// name one (`DEVELOPER_DIR`).
+    pub xcode_dirs: Vec<PathBuf>,
     /// Log filter.
     pub log: String,
     /// File whose first line is this agent's token for the coordinator.
@@ -157,6 +161,10 @@ impl Default for Config {
             isolation: vec![default_isolation().to_owned()],
             allow_network: false,
             sandbox_mounts: Vec::new(),
+            xcode_dirs: crate::host::xcode::APPLICATION_DIRS
+                .iter()
+                .map(PathBuf::from)
+                .collect(),
             sandbox_uid_base: 990_000,
             sandbox_uid_count: 1000,
             action_memory_limit: None,
@@ -246,6 +254,9 @@ impl Config {
             && !(cpus.is_finite() && cpus > 0.0)
         {
             anyhow::bail!("action_cpu_limit {cpus} must be a positive number of CPUs");
+        }
+        if let Some(p) = self.xcode_dirs.iter().find(|p| !p.is_absolute()) {
+            anyhow::bail!("xcode_dirs entry {} must be an absolute path", p.display());
         }
         for p in &self.sandbox_mounts {
             if !p.is_absolute() {
@@ -342,6 +353,17 @@ mod tests {
             ..Config::default()
         };
         assert!(c.validate().is_err());
+        let c = Config {
+            xcode_dirs: vec!["Applications".into()],
+            ..Config::default()
+        };
+        assert!(c.validate().is_err());
+        // sandbox-exec is macOS's own.
+        let c = Config {
+            isolation: vec!["sandbox-exec".into()],
+            ..Config::default()
+        };
+        assert_eq!(c.validate().is_ok(), cfg!(target_os = "macos"));
         let c = Config {
             docker_default_image: Some("oci://gcc".into()),
             ..Config::default()

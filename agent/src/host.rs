@@ -236,9 +236,9 @@ pub fn capabilities(
             properties.push(prop(k.trim(), v.trim()));
         }
     }
-    if os_family() == "darwin" {
-        properties.extend(mac::Facts::read().properties());
-    }
+    // The tools a Mac has are missing elsewhere, and then say nothing;
+    // Xcodes are looked for wherever `xcode_dirs` says.
+    properties.extend(mac::Facts::read().properties());
     for (name, version) in &toolchains {
         for value in version_values(version) {
             properties.push(prop(&format!("{name}-version"), value));

@@ -154,6 +154,7 @@ impl Agent {
         ));
         let runners =
             Arc::new(runner::Runners::new(&config, &work_dir, &id, host::memory_bytes()).await?);
+        host::xcode::search_in(config.xcode_dirs.clone());
         let capabilities = host::capabilities(&config, slots, &work_dir, &runners.offers());
         tracing::info!(
             agent_id = %id,

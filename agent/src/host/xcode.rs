@@ -12,8 +12,17 @@ use std::path::{Path, PathBuf};
 
 use outpost_proto::xcode::XcodeVersion;
 
-/// Where Xcodes are looked for.
+/// Where Xcodes are looked for unless `xcode_dirs` says otherwise.
 pub const APPLICATION_DIRS: &[&str] = &["/Applications", "/Applications/Xcodes"];
+
+/// The agent's `xcode_dirs`, set once at start-up.
+static SEARCH_DIRS: std::sync::OnceLock<Vec<PathBuf>> = std::sync::OnceLock::new();
+
+/// Makes `dirs` where [`installed`] looks (the agent's `xcode_dirs`; the
+/// first call wins).
+pub fn search_in(dirs: Vec<PathBuf>) {
+    let _ = SEARCH_DIRS.set(dirs);
+}
 
 /// One installed Xcode.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -34,10 +43,18 @@ pub struct Sdk {
     pub path: PathBuf,
 }
 
-/// The Xcodes in the usual applications directories.
+/// The Xcodes in the agent's `xcode_dirs` (the usual applications
+/// directories until it is set).
 pub fn installed() -> Vec<Xcode> {
-    let dirs: Vec<PathBuf> = APPLICATION_DIRS.iter().map(PathBuf::from).collect();
-    find(&dirs)
+    match SEARCH_DIRS.get() {
+        Some(dirs) => find(dirs),
+        None => find(
+            &APPLICATION_DIRS
+                .iter()
+                .map(PathBuf::from)
+                .collect::<Vec<_>>(),
+        ),
+    }
 }
 
 /// The Xcodes (`Xcode*.app` with a readable version) in `dirs`, newest
