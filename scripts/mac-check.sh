@@ -54,6 +54,8 @@ bin="$(pwd)/target/debug/outpost"
 # The parsers, the Xcode discovery, the profile renderer and the process
 # tree, now against this Mac's own ps, plist files and file system.
 step unit-tests cargo test -p outpost-agent --lib -- host:: sandbox_exec xcode
+# Xcode selection end to end against generated Xcodes, as on Linux.
+step xcode-selection-tests cargo test --test macos
 
 # What the agent reads, shown raw beside what it advertises below.
 facts() {
