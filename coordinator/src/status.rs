@@ -66,7 +66,7 @@ pub fn fleet_text(s: &Snapshot) -> String {
             if a.gpus.is_empty() {
                 "-".to_owned()
             } else {
-                a.gpus.join(", ")
+                a.gpus.join("; ")
             }
         );
     }
@@ -154,7 +154,7 @@ code{font-size:.8rem;color:#344054}.ok{color:#067647}.bad{color:#b42318}.dim{col
             if a.gpus.is_empty() {
                 "-".to_owned()
             } else {
-                escape(&a.gpus.join(", "))
+                escape(&a.gpus.join("; "))
             },
             escape(&a.isolation.join(", "))
                 + &if a.warm_keys.is_empty() {
@@ -246,4 +246,43 @@ fn running_actions(html: &mut String, running: &[crate::execution::live::Running
         );
     }
     html.push_str("</table>");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::scheduler::AgentSummary;
+
+    #[test]
+    fn each_gpu_and_whether_it_is_in_use_is_shown() {
+        let gpus = vec![
+            "#0 l4 (24GiB, compute capability 8.9), in use".to_owned(),
+            "#1 l4 (24GiB, compute capability 8.9)".to_owned(),
+        ];
+        let snapshot = Snapshot {
+            agents: vec![AgentSummary {
+                id: "gpu-box".to_owned(),
+                hostname: "gpu-box".to_owned(),
+                connected: true,
+                slots: 4,
+                used_slots: 1,
+                draining: false,
+                platform: "linux/amd64".to_owned(),
+                os_version: String::new(),
+                isolation: Vec::new(),
+                gpus,
+                last_heartbeat: Duration::ZERO,
+                warm_keys: Vec::new(),
+            }],
+            ..Snapshot::default()
+        };
+        let shown =
+            "#0 l4 (24GiB, compute capability 8.9), in use; #1 l4 (24GiB, compute capability 8.9)";
+        assert!(
+            fleet_text(&snapshot).contains(shown),
+            "{}",
+            fleet_text(&snapshot)
+        );
+        assert!(page(&snapshot, &[]).contains(shown));
+    }
 }
