@@ -214,6 +214,12 @@ struct AgentArgs {
     /// Bytes of one persistent worker response [default: 16MiB].
     #[arg(long, env = "OUTPOST_WORKER_MAX_RESPONSE")]
     worker_max_response: Option<ByteSize>,
+    /// Workspaces of recycle-runner actions kept for the next action of their key [default: 4].
+    #[arg(long, env = "OUTPOST_RUNNER_MAX_COUNT")]
+    runner_max_count: Option<u32>,
+    /// Bytes the kept workspaces may take in all [default: 10GiB].
+    #[arg(long, env = "OUTPOST_RUNNER_MAX_DISK")]
+    runner_max_disk: Option<ByteSize>,
     /// Log filter [default: info].
     #[arg(long, env = "OUTPOST_LOG")]
     log: Option<String>,
@@ -302,6 +308,8 @@ impl AgentArgs {
         overlay(&mut config.worker_idle_timeout, self.worker_idle_timeout);
         overlay(&mut config.worker_max_idle, self.worker_max_idle);
         overlay(&mut config.worker_max_response, self.worker_max_response);
+        overlay(&mut config.runner_max_count, self.runner_max_count);
+        overlay(&mut config.runner_max_disk, self.runner_max_disk);
         overlay(&mut config.log, self.log.clone());
         if self.token_file.is_some() {
             config.token_file = self.token_file.clone();

@@ -100,6 +100,12 @@ pub struct Config {
     /// Bytes of one persistent worker response; a larger one breaks the
     /// worker and the action runs as a plain command.
     pub worker_max_response: ByteSize,
+    /// Workspaces of actions with `recycle-runner=true` kept for the next
+    /// action of their key, least recently used removed first past it.
+    pub runner_max_count: u32,
+    /// Bytes the kept workspaces may take on disk in all (one larger is
+    /// not kept).
+    pub runner_max_disk: ByteSize,
     /// Directories searched for Xcodes (each `Xcode*.app` in them): they
     /// are advertised as `xcode-version` and chosen by the actions that
     /// name one (`DEVELOPER_DIR`).
@@ -186,6 +192,8 @@ impl Default for Config {
             worker_idle_timeout: Span(std::time::Duration::from_secs(600)),
             worker_max_idle: 16,
             worker_max_response: ByteSize(16 << 20),
+            runner_max_count: 4,
+            runner_max_disk: ByteSize(10 << 30),
             log: "info".to_owned(),
             token_file: None,
             tls_ca: None,
@@ -213,6 +221,14 @@ impl Config {
             idle: self.worker_idle_timeout.0,
             idle_total: self.worker_max_idle as usize,
             response: usize::try_from(self.worker_max_response.0).unwrap_or(usize::MAX),
+        }
+    }
+
+    /// The kept workspaces' caps.
+    pub fn runner_caps(&self) -> crate::runner::recycle::Caps {
+        crate::runner::recycle::Caps {
+            count: self.runner_max_count as usize,
+            disk: self.runner_max_disk.0,
         }
     }
 

@@ -184,6 +184,10 @@ impl Agent {
             runners: Arc::clone(&runners),
             output_limit: config.action_output_limit.0,
             workers: Arc::clone(&workers),
+            recycler: Arc::new(runner::Recycler::new(
+                config.runner_caps(),
+                workers.metrics.clone(),
+            )),
         });
         let metrics = metrics::Metrics::new(
             runners.spawner_starts(),

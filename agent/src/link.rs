@@ -228,7 +228,7 @@ impl Link {
                 }
                 _ = heartbeat.tick() => {
                     let busy = u32::try_from(self.running.len()).unwrap_or(u32::MAX);
-                    let _ = tx.try_send(send(ToCoordinator::Heartbeat(fleet::Heartbeat { busy_slots: busy, warm_keys: self.executor.workers.warm_keys() })));
+                    let _ = tx.try_send(send(ToCoordinator::Heartbeat(fleet::Heartbeat { busy_slots: busy, warm_keys: self.executor.warm_keys() })));
                 }
                 Ok(()) = self.capabilities.changed(), if !draining => {
                     // Running leases resume under the new registration.

@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use crate::cache::Cache;
 use crate::error::Error;
 use crate::remote::Remote;
-use crate::runner::{Run, Runners, Workspace, make_dirs};
+use crate::runner::{Run, Runners, make_dirs};
 
 mod inputs;
 mod outputs;
@@ -37,6 +37,8 @@ pub struct Executor {
     pub output_limit: u64,
     /// Persistent workers, for the actions that ask for one.
     pub workers: std::sync::Arc<crate::runner::Workers>,
+    /// Kept workspaces, for actions with `recycle-runner=true`.
+    pub recycler: std::sync::Arc<crate::runner::Recycler>,
 }
 
 /// What the lease produced.
@@ -164,19 +166,26 @@ impl Executor {
         let apple_env =
             crate::runner::xcode::action_environment(platform, &command.environment_variables)?;
         // Removed however the lease ends.
-        let mut workspace =
-            Workspace::create(&self.actions_dir, &lease.lease_id, self.cache.clone())?;
+        let recycling = warm::recycling(lease, platform, &options)?;
+        let mut workspace = self.workspace_for(lease, recycling.as_ref()).await?;
         let dir = workspace.dir().to_owned();
         let root = workspace.root().to_owned();
         let (linked, input_files) =
             unless_cancelled(&cancel, self.materialize(&remote, &root, root_digest, tree)).await?;
-        let input_digests: Vec<(PathBuf, Digest)> =
-            input_files.iter().cloned().zip(linked.iter().copied()).collect();
+        let input_digests: Vec<(PathBuf, Digest)> = input_files
+            .iter()
+            .cloned()
+            .zip(linked.iter().copied())
+            .collect();
         workspace.laid_out(linked);
+        if recycling.is_some() {
+            crate::runner::Recycler::restore(&workspace).await?;
+        }
         meta.input_fetch_completed_timestamp = now();
 
         let workdir_rel = normalize(Path::new(""), &command.working_directory)?;
         let outputs = OutputSpec::of(&command, &workdir_rel)?;
+        let output_paths: Vec<PathBuf> = outputs.all().map(|(_, p)| p.clone()).collect();
         let mut writable: Vec<PathBuf> = vec![workdir_rel.clone()];
         writable.extend(
             outputs
@@ -301,7 +310,15 @@ impl Executor {
         meta.worker_completed_timestamp = now();
         result.exit_code = exit_code;
         result.execution_metadata = Some(meta);
-        drop(workspace);
+        match recycling {
+            Some(r) => {
+                let ok = exit_code == 0 && !timed_out && status.as_ref().is_none_or(|s| s.code == 0);
+                self.recycler
+                    .give_back(r, workspace, ok, input_files, output_paths)
+                    .await;
+            }
+            None => drop(workspace),
+        }
         Ok(Ran {
             result,
             timed_out,

@@ -16,8 +16,9 @@ use tokio_util::sync::CancellationToken;
 use super::outputs::OutputSpec;
 use super::{Executor, Finished, append_note, run_to_end};
 use crate::error::Error;
-use crate::runner::Run;
+use crate::runner::recycle::Recycling;
 use crate::runner::worker::{self, Outcome, Request};
+use crate::runner::{Run, RunOptions, Workspace};
 
 /// The action as the command runner needs it.
 pub(super) struct Action<'a> {
@@ -30,7 +31,52 @@ pub(super) struct Action<'a> {
     pub timeout: Duration,
 }
 
+/// The action's `recycle-runner=true`, read: its runner key and whether
+/// it keeps what earlier actions left (`preserve-workspace`). None without
+/// the coordinator's warm key (an older coordinator): never recycled.
+pub(super) fn recycling(
+    lease: &fleet::Lease,
+    platform: &[reapi::platform::Property],
+    options: &RunOptions,
+) -> Result<Option<Recycling>, Error> {
+    let parsed = outpost_proto::platform::parse(platform).map_err(Error::BadInput)?;
+    if !outpost_proto::warm::wants_recycling(&parsed) || lease.warm_key.is_empty() {
+        return Ok(None);
+    }
+    let options = format!("{options:?}");
+    Ok(Some(Recycling {
+        key: outpost_proto::warm::fingerprint(["runner", lease.warm_key.as_str(), &options]),
+        warm_key: lease.warm_key.clone(),
+        preserve: parsed
+            .get("preserve-workspace")
+            .is_some_and(|v| v.trim().eq_ignore_ascii_case("true")),
+    }))
+}
+
 impl Executor {
+    /// The action's workspace: a kept one of its runner key, or a new one.
+    pub(super) async fn workspace_for(
+        &self,
+        lease: &fleet::Lease,
+        recycling: Option<&Recycling>,
+    ) -> Result<Workspace, Error> {
+        if let Some(r) = recycling
+            && let Some(kept) = self.recycler.take(r).await?
+        {
+            return Ok(kept);
+        }
+        Workspace::create(&self.actions_dir, &lease.lease_id, self.cache.clone())
+    }
+
+    /// The warm keys this agent holds: idle workers and kept workspaces.
+    pub fn warm_keys(&self) -> Vec<String> {
+        let mut keys = self.workers.warm_keys();
+        keys.extend(self.recycler.warm_keys());
+        keys.sort();
+        keys.dedup();
+        keys
+    }
+
     /// Runs `run`'s command, in a worker where the action asks for one.
     pub(super) async fn run_command(
         &self,

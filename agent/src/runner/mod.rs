@@ -32,6 +32,7 @@ mod sandbox_users;
 mod spawned;
 #[cfg(os_linux)]
 pub mod spawner;
+pub mod recycle;
 pub mod worker;
 mod workspace;
 pub mod xcode;
@@ -45,6 +46,7 @@ use crate::config::Config;
 use crate::error::Error;
 
 pub use options::{ContainerOptions, RunOptions};
+pub use recycle::Recycler;
 pub use worker::Workers;
 pub use workspace::{Workspace, make_dirs};
 

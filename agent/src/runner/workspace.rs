@@ -62,6 +62,14 @@ impl Workspace {
     pub fn laid_out(&mut self, linked: Vec<Digest>) {
         self.linked.extend(linked);
     }
+
+    /// The input links are gone (a recycled workspace before its next
+    /// action): their cache entries are checked again now.
+    pub fn restamp_linked(&mut self) {
+        for d in std::mem::take(&mut self.linked) {
+            self.cache.restamp(&d);
+        }
+    }
 }
 
 impl Drop for Workspace {
