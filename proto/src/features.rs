@@ -17,5 +17,10 @@ pub const GPU_ASSIGNMENT: &str = "gpu-assignment";
 /// produced (`OutputChunk`) when its lease says `stream_output`.
 pub const LIVE_OUTPUT: &str = "live-output";
 
+/// The agent runs an action naming an Xcode (`xcode-version`, or
+/// `XCODE_VERSION_OVERRIDE` in its environment) with `DEVELOPER_DIR` and
+/// `SDKROOT` of that Xcode; agents without it are never matched by Xcode.
+pub const XCODE_SELECTION: &str = "xcode-selection";
+
 /// Every feature this build's agent understands, as it advertises them.
-pub const ALL: &[&str] = &[GPU_ASSIGNMENT, LIVE_OUTPUT, WARM_KEYS];
+pub const ALL: &[&str] = &[GPU_ASSIGNMENT, LIVE_OUTPUT, WARM_KEYS, XCODE_SELECTION];

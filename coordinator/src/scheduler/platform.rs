@@ -176,6 +176,16 @@ impl Offer {
             .features
             .iter()
             .any(|f| f == outpost_proto::features::GPU_ASSIGNMENT);
+        // An agent from before Xcode selection would run an action naming
+        // an Xcode without its DEVELOPER_DIR: its xcode-version values
+        // (labels) match nothing.
+        if !caps
+            .features
+            .iter()
+            .any(|f| f == outpost_proto::features::XCODE_SELECTION)
+        {
+            offer.exact.remove(outpost_proto::xcode::PROPERTY);
+        }
         offer
     }
 

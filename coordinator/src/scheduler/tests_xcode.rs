@@ -12,9 +12,19 @@ use outpost_proto::xcode::{self, XcodeVersion};
 /// Joins a Mac agent offering these Xcodes (`VERSION.BUILD`) as it
 /// advertises them.
 async fn join_mac(s: &Scheduler, id: &str, xcodes: &[&str]) -> FakeAgent {
+    join_xcodes(s, id, xcodes, true).await
+}
+
+/// `selects`: the agent has the xcode-selection feature (older ones have
+/// not, and may still carry xcode-version labels).
+async fn join_xcodes(s: &Scheduler, id: &str, xcodes: &[&str], selects: bool) -> FakeAgent {
     join_with(s, id, 1, vec![], |r| {
         let caps = r.capabilities.as_mut().expect("capabilities");
         caps.properties = props(&[("OSFamily", "darwin")]);
+        if selects {
+            caps.features
+                .push(outpost_proto::features::XCODE_SELECTION.to_owned());
+        }
         for x in xcodes {
             let installed = XcodeVersion::parse(x).expect("an Xcode");
             for value in xcode::offered_values(&installed) {
@@ -107,4 +117,24 @@ fn an_environment_and_a_property_naming_different_xcodes_contradict() {
         &[("xcode-version", "15.2")],
     )
     .expect("the same Xcode");
+}
+
+#[tokio::test]
+async fn an_agent_that_cannot_select_xcodes_is_never_given_an_xcode_action() {
+    let f = fixture(settings()).await;
+    // An older agent labelled with the Xcode it has: it would run the
+    // action without DEVELOPER_DIR, so its label matches nothing.
+    let mut old = join_xcodes(&f.scheduler, "old", &["15.2.15C500b"], false).await;
+    let job = xcode_job(6, &[(xcode::ENV_VERSION, "15.2.0.15C500b")], &[]).expect("valid");
+    let Err(super::super::Error::Precondition(why)) = f.scheduler.submit(job).await else {
+        panic!("leased to an agent that cannot select Xcodes");
+    };
+    assert!(why.contains("no agent offers xcode-version"), "{why}");
+    // Its other work goes on.
+    let _waiter = f.scheduler.submit(job_plain(7)).await.expect("submit");
+    old.next_lease().await;
+}
+
+fn job_plain(n: u8) -> Job {
+    xcode_job(n, &[], &[]).expect("valid")
 }
