@@ -13,7 +13,8 @@
 # `run` stops at once, before changing anything, on a host without an
 # NVIDIA GPU or without nvcc. Its evidence:
 #   gpu-host.txt      the GPUs as nvidia-smi reports them, and the driver
-#   nvcc.txt          the CUDA program's build
+#   nvcc.txt          the CUDA program's build, and its run on the host
+#                     (which also has the driver make /dev/nvidia-uvm)
 #   gpu-tests.txt     tests/gpu.rs: the agent's detected GPUs ("GPU found"
 #                     lines), an action with gpu-count=1 in linux-sandbox
 #                     (nvidia-smi -L, CUDA_VISIBLE_DEVICES, its /dev/nvidia*,
@@ -121,6 +122,10 @@ run)
   status_nvcc=0
   "$nvcc" --version >"$out/nvcc.txt" 2>&1 || true
   "$nvcc" -O2 -o "$dir/cuda-check" "$dir/cuda-check.cu" >>"$out/nvcc.txt" 2>&1 || status_nvcc=$?
+  if [ "$status_nvcc" = 0 ]; then
+    echo "== the CUDA program on the host" >>"$out/nvcc.txt"
+    "$dir/cuda-check" >>"$out/nvcc.txt" 2>&1 || status_nvcc=$?
+  fi
   cat "$out/nvcc.txt"
   want=$(cat "$dir/outpost-path")
   mkdir -p "$(dirname "$want")"
@@ -137,7 +142,7 @@ run)
   OUT=$out scripts/device-sandbox.sh run >/dev/null 2>&1 || status_sandbox=$?
   tail -n 5 "$out/sandbox-tests.txt" 2>/dev/null || true
   {
-    echo "nvcc: $status_nvcc"
+    echo "nvcc (build, and the run on the host): $status_nvcc"
     echo "gpu tests: $status_gpu"
     echo "sandbox suite: $status_sandbox"
   } | tee "$out/summary.txt"

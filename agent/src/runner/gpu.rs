@@ -86,11 +86,19 @@ pub enum Error {
 }
 
 impl Host {
-    /// Describes this host: `/dev/nvidia*`, and the driver's libraries as
-    /// the dynamic linker finds them (`ldconfig -p`), beside those in the
-    /// directory NVML was loaded from.
+    /// Describes this host: `/dev/nvidia*` ([`Host::nodes_now`]) and the
+    /// driver's files ([`Host::driver_files`]).
     pub fn discover() -> Host {
-        let nodes = std::fs::read_dir("/dev")
+        Host {
+            nodes: Host::nodes_now(),
+            files: Host::driver_files(),
+        }
+    }
+
+    /// The `/dev` entries named `nvidia*` now: the driver makes some on
+    /// first use (`nvidia-uvm` when a CUDA program first runs).
+    pub fn nodes_now() -> Vec<String> {
+        std::fs::read_dir("/dev")
             .map(|entries| {
                 entries
                     .flatten()
@@ -98,7 +106,13 @@ impl Host {
                     .filter(|n| n.starts_with("nvidia"))
                     .collect()
             })
-            .unwrap_or_default();
+            .unwrap_or_default()
+    }
+
+    /// The driver's libraries as the dynamic linker finds them (`ldconfig
+    /// -p`), those beside the NVML library this process loaded, and the
+    /// driver's programs on `PATH`.
+    pub fn driver_files() -> Vec<PathBuf> {
         let linker_cache = std::process::Command::new("ldconfig")
             .arg("-p")
             .output()
@@ -111,7 +125,7 @@ impl Host {
         files.extend(programs_on_path());
         files.sort();
         files.dedup();
-        Host { nodes, files }
+        files
     }
 
     /// What an action given `assigned` gets; nothing when it was given
@@ -152,16 +166,20 @@ impl Host {
     }
 }
 
-/// What an action given `assigned` gets on this host (described once, at
-/// the first action given a GPU). A device the host lacks is the agent's
-/// fault: the action is retried elsewhere.
+/// What an action given `assigned` gets on this host: its device nodes as
+/// they are now, the driver's files as found for the first action given a
+/// GPU. A device the host lacks is the agent's fault: the action is
+/// retried elsewhere.
 pub fn for_lease(assigned: &[GpuDevice]) -> Result<Exposure, crate::error::Error> {
-    static HOST: std::sync::OnceLock<Host> = std::sync::OnceLock::new();
+    static FILES: std::sync::OnceLock<Vec<PathBuf>> = std::sync::OnceLock::new();
     if assigned.is_empty() {
         return Ok(Exposure::default());
     }
-    HOST.get_or_init(Host::discover)
-        .exposure(assigned)
+    let host = Host {
+        nodes: Host::nodes_now(),
+        files: FILES.get_or_init(Host::driver_files).clone(),
+    };
+    host.exposure(assigned)
         .map_err(|e| crate::error::Error::Retryable(e.to_string()))
 }
 
@@ -317,6 +335,7 @@ mod tests {
                 "NVIDIA_VISIBLE_DEVICES=GPU-1a9a6a1e-8f5c-2a3d-0c39-2d2f1e7f7d4b"
             ]
         );
+        assert_eq!(second.visible, [gpu(1).uuid]);
         let first = host.exposure(&[gpu(0)]).expect("exposed");
         assert!(first.devices.contains(&PathBuf::from("/dev/nvidia0")));
         assert!(!first.devices.contains(&PathBuf::from("/dev/nvidia1")));
