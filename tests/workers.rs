@@ -134,7 +134,8 @@ fn one_worker_serves_many_actions_and_broken_workers_fall_back_to_plain_runs() {
         return;
     };
     // The default isolation: linux-sandbox.
-    let (_server, agent, executor) = fleet(scratch.path(), &[]);
+    let listen = format!("127.0.0.1:{}", common::free_port());
+    let (_server, agent, executor) = fleet(scratch.path(), &["--metrics-listen", &listen]);
     ws.build(&executor, &["//:proto", "//:json", "//:plain", "//:broken"]);
     let bin = ws.bin();
 
@@ -174,6 +175,42 @@ fn one_worker_serves_many_actions_and_broken_workers_fall_back_to_plain_runs() {
         2,
         "one fallback per broken worker"
     );
+
+    // Ten chained actions in two workers, six in four (two broken).
+    let metrics = metrics_of(&listen);
+    let series = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+            .unwrap_or(0.0)
+    };
+    let warm = "outpost_agent_warm_requests_total";
+    assert_eq!(
+        series(&format!("{warm}{{kind=\"worker\",status=\"miss\"}}")),
+        6.0
+    );
+    assert_eq!(
+        series(&format!("{warm}{{kind=\"worker\",status=\"hit\"}}")),
+        10.0
+    );
+    assert_eq!(
+        series("outpost_agent_warm_evictions_total{kind=\"worker\",reason=\"broken\"}"),
+        2.0
+    );
+    assert_eq!(series("outpost_agent_live_workers"), 4.0, "{metrics}");
+    assert_eq!(series("outpost_agent_worker_pool_size"), 4.0, "{metrics}");
+}
+
+/// The agent's /metrics text.
+fn metrics_of(listen: &str) -> String {
+    let addr = listen.parse().expect("address");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let (status, body) = runtime.block_on(common::http_get(addr, "/metrics"));
+    assert_eq!(status, 200);
+    body
 }
 
 #[test]

@@ -95,6 +95,15 @@ impl Recycler {
             .inc();
     }
 
+    /// Brings the pool gauges up to date.
+    fn gauge(&self, kept: &[Kept]) {
+        self.metrics.kept_runners.set(kept.len() as i64);
+        let bytes: u64 = kept.iter().map(|k| k.bytes).sum();
+        self.metrics
+            .kept_runner_bytes
+            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+    }
+
     /// The warm keys of the kept workspaces.
     pub fn warm_keys(&self) -> Vec<String> {
         lock(&self.kept)
@@ -108,9 +117,12 @@ impl Recycler {
     pub async fn take(&self, r: &Recycling) -> Result<Option<Workspace>, Error> {
         let found = {
             let mut kept = lock(&self.kept);
-            kept.iter()
+            let found = kept
+                .iter()
                 .rposition(|k| k.key == r.key)
-                .map(|i| kept.remove(i))
+                .map(|i| kept.remove(i));
+            self.gauge(&kept);
+            found
         };
         let Some(mut kept) = found else {
             self.count("miss");
@@ -203,6 +215,7 @@ impl Recycler {
             while kept.iter().map(|k| k.bytes).sum::<u64>() > caps.disk {
                 gone.push((kept.remove(0), "disk"));
             }
+            self.gauge(&kept);
             gone
         };
         for (k, reason) in evicted {

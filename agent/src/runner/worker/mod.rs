@@ -73,6 +73,9 @@ pub struct Metrics {
     pub live_workers: Gauge,
     /// Idle workers in the pool now.
     pub pool_size: Gauge,
+    /// Recycled runners' workspaces kept now, and their bytes on disk.
+    pub kept_runners: Gauge,
+    pub kept_runner_bytes: Gauge,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -108,6 +111,16 @@ impl Metrics {
             "worker_pool_size",
             "Idle persistent workers kept for the next action",
             self.pool_size.clone(),
+        );
+        registry.register(
+            "kept_runners",
+            "Workspaces of recycle-runner actions kept for the next action of their key",
+            self.kept_runners.clone(),
+        );
+        registry.register(
+            "kept_runner_bytes",
+            "Bytes the kept workspaces take on disk",
+            self.kept_runner_bytes.clone(),
         );
     }
 
