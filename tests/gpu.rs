@@ -1,7 +1,9 @@
 //! GPUs end to end: a coordinator and an agent as separate processes.
 //!
 //! On this machine (no GPU) an action asking for one fails at once, saying
-//! the fleet has none. The tests marked `ignore` need an NVIDIA GPU and
+//! the fleet has none, and the sandbox shows the device nodes its spec
+//! names and no others (what GPUs go through, on `/dev/fuse`). The tests
+//! marked `ignore` need an NVIDIA GPU and
 //! its driver; `scripts/device-gpu.sh` runs them on such a host, with a
 //! CUDA program it built there with `nvcc` (`OUTPOST_TEST_CUDA_PROGRAM`).
 
@@ -134,4 +136,75 @@ run ./cuda-check"
         "{}",
         ran.stdout
     );
+}
+
+/// The binding GPUs go through, on a device node every Linux host has:
+/// a sandbox whose spec names `/dev/fuse` shows it, and no other node the
+/// host has (`/dev/kvm`, `/dev/loop-control`, ...).
+#[cfg(target_os = "linux")]
+#[test]
+fn the_sandbox_shows_exactly_the_device_nodes_its_spec_names() {
+    use std::io::Read as _;
+    use std::os::fd::AsFd;
+
+    use outpost_sandbox::linux::spawner::{Client, Event, Mode};
+    use outpost_sandbox::spec::Spec;
+
+    let dir = tempdir();
+    let made = |name: &str| {
+        let p = dir.path().join(name);
+        std::fs::create_dir_all(&p).expect("a directory");
+        p
+    };
+    let spec = Spec {
+        argv: vec![
+            "/bin/sh".into(),
+            "-c".into(),
+            "test -c /dev/fuse && echo fuse: shown; ls /dev".into(),
+        ],
+        env: vec!["PATH=/usr/bin:/bin".into()],
+        root: made("root"),
+        writable: vec!["".into()],
+        host_paths: outpost_agent::runner::DEFAULT_SANDBOX_MOUNTS
+            .iter()
+            .map(Into::into)
+            .collect(),
+        devices: vec!["/dev/fuse".into()],
+        tmp: made("tmp"),
+        scratch: made("sysroot"),
+        ..Spec::default()
+    };
+    let spec_file = dir.path().join("run.spec");
+    std::fs::write(&spec_file, spec.encode().expect("encodes")).expect("spec");
+    let (client, mut child) = Client::start(Path::new(common::OUTPOST)).expect("start");
+    let null = std::fs::File::open("/dev/null").expect("/dev/null");
+    let out_path = dir.path().join("out");
+    let out = std::fs::File::create(&out_path).expect("out");
+    let (mut status, status_w) = std::io::pipe().expect("a status pipe");
+    client
+        .start_run(
+            1,
+            Mode::Sandbox,
+            None,
+            &spec_file,
+            &[null.as_fd(), out.as_fd(), out.as_fd(), status_w.as_fd()],
+        )
+        .expect("sent");
+    drop(status_w);
+    let event = client.next_event().expect("event");
+    let mut said = String::new();
+    status.read_to_string(&mut said).expect("the status");
+    let shown = std::fs::read_to_string(&out_path).expect("out");
+    assert_eq!(
+        event,
+        Some(Event::Exited { id: 1, code: 0 }),
+        "{said}\n{shown}"
+    );
+    assert!(shown.contains("fuse: shown"), "{shown}");
+    let nodes: Vec<&str> = shown.lines().skip(1).collect();
+    for other in ["kvm", "loop-control", "kmsg", "nvidiactl", "nvidia0"] {
+        assert!(!nodes.contains(&other), "/dev/{other} is shown: {shown}");
+    }
+    drop(client);
+    let _ = child.wait();
 }
