@@ -219,7 +219,38 @@ fn workers_run_unisolated_too() {
     let Some(ws) = Workspace::new(scratch.path()) else {
         return;
     };
-    let (_server, _agent, executor) = fleet(scratch.path(), &["--isolation", "none"]);
+    let (_server, agent, executor) = fleet(scratch.path(), &["--isolation", "none"]);
     ws.build(&executor, &["//:proto"]);
     one_worker_wrote(&ws.bin(), "proto");
+
+    // The worker is alive in its directory under the agent's; killing the
+    // agent (SIGKILL: it cleans nothing up) takes the worker with it.
+    let workers_dir = scratch.path().join("agent/workers");
+    assert_eq!(processes_under(&workers_dir).len(), 1, "one live worker");
+    agent.kill();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !processes_under(&workers_dir).is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "workers outlived the agent: {:?}",
+            processes_under(&workers_dir)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// Pids of the processes whose working directory is under `dir`, but
+/// the shells and stubs around them.
+fn processes_under(dir: &Path) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .expect("/proc")
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let cwd = std::fs::read_link(format!("/proc/{pid}/cwd"));
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            cwd.is_ok_and(|c| c.starts_with(dir))
+                && String::from_utf8_lossy(&cmdline).contains("--persistent_worker")
+        })
+        .collect()
 }
