@@ -254,3 +254,61 @@ fn processes_under(dir: &Path) -> Vec<u32> {
         })
         .collect()
 }
+
+/// A worker that never answers is stopped at the action's timeout, and the
+/// action runs again as a plain command (here, without Bazel).
+#[tokio::test]
+async fn a_hung_worker_is_stopped_at_the_timeout_and_the_action_runs_plain() {
+    let scratch = tempdir();
+    let (server, agent, _) = fleet(scratch.path(), &["--isolation", "none"]);
+    let mut client = server.client().await;
+    common::wait_for_fleet(&mut client).await;
+    let tool = std::fs::read(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/worker-workspace/worker.py"),
+    )
+    .expect("worker.py");
+    let spec = common::ActionSpec {
+        args: ["python3", "worker.py", "@args"].map(String::from).to_vec(),
+        env: vec![("PATH".into(), "/usr/bin:/bin".into())],
+        platform: vec![("persistentWorkerKey".into(), "hangs".into())],
+        output_paths: vec!["out.txt".into()],
+        timeout: Some(std::time::Duration::from_secs(2)),
+        inputs: vec![
+            ("worker.py".into(), tool.into()),
+            (
+                "args".into(),
+                "--src=src.txt\n--out=out.txt\n--break=hang\n".into(),
+            ),
+            ("src.txt".into(), "hang 0\n".into()),
+        ],
+        ..Default::default()
+    };
+    let started = std::time::Instant::now();
+    let ran = client.run(&spec).await;
+    assert_eq!(ran.result.exit_code, 0, "{}", ran.stderr);
+    assert!(started.elapsed() >= std::time::Duration::from_secs(2));
+    assert!(
+        ran.stderr.contains("did not answer within 2s")
+            && ran.stderr.contains("ran again as a plain command"),
+        "{}",
+        ran.stderr
+    );
+    let out = ran
+        .result
+        .output_files
+        .first()
+        .and_then(|f| f.digest.clone())
+        .expect("out.txt");
+    let text = client.text(Some(&out)).await;
+    assert!(text.contains("mode=plain"), "{text}");
+    // The hung worker is gone.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !processes_under(&scratch.path().join("agent/workers")).is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the hung worker lives on"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    drop(agent);
+}

@@ -6,8 +6,9 @@ the pid of this process, a random id of it (pids repeat across sandboxes)
 and how many requests it served. Run plain, it
 reads its @flagfile itself. With --persistent_worker it reads WorkRequests
 on stdin (varint-delimited protos, or JSON values with --json) and answers
-WorkResponses on stdout. --break=crash exits mid-request and
---break=garbage answers garbage, in a worker only. --startup-ms=N sleeps
+WorkResponses on stdout. --break=crash exits mid-request,
+--break=garbage answers garbage and --break=hang never answers, in a
+worker only. --startup-ms=N sleeps
 first, like a tool with a slow start.
 """
 
@@ -26,6 +27,8 @@ def work(args, worker):
     global served
     served += 1
     opts = dict(a[2:].split("=", 1) for a in args if a.startswith("--") and "=" in a)
+    if worker and opts.get("break") == "hang":
+        time.sleep(3600)
     if worker and opts.get("break") == "crash":
         sys.stderr.write("worker %d: crashing as asked\n" % os.getpid())
         sys.stderr.flush()
