@@ -22,6 +22,8 @@ pub mod tree;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+#[cfg(test)]
+use std::time::Duration;
 
 use anyhow::Context as _;
 
@@ -64,7 +66,8 @@ impl SandboxExec {
         let writable = ["DARWIN_USER_TEMP_DIR", "DARWIN_USER_CACHE_DIR"]
             .iter()
             .filter_map(|name| crate::host::output("getconf", &[name]))
-            .map(|dir| PathBuf::from(dir.trim()))
+            // `getconf` ends them with a slash; as components, none.
+            .map(|dir| Path::new(dir.trim()).components().collect::<PathBuf>())
             .filter(|dir| dir.is_absolute())
             .collect();
         let backend = SandboxExec {
@@ -292,5 +295,97 @@ impl Process for Sandboxed {
 impl Drop for Sandboxed {
     fn drop(&mut self) {
         self.follow.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A `sandbox-exec` that enforces nothing: it checks its arguments as
+    /// the agent passes them and runs the command.
+    fn lax_sandbox_exec(dir: &Path) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let path = dir.join("sandbox-exec");
+        std::fs::write(
+            &path,
+            "#!/bin/sh\n[ \"$1\" = -f ] && [ -f \"$2\" ] || exit 64\nshift 2\n\
+             [ \"$1\" = -- ] && shift\nexec \"$@\"\n",
+        )
+        .expect("write");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        path
+    }
+
+    fn backend(program: PathBuf, work_dir: &Path) -> SandboxExec {
+        SandboxExec {
+            program,
+            hidden: vec![work_dir.to_owned()],
+            writable: Vec::new(),
+            allow_network: false,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_sandbox_that_does_not_hold_is_refused_at_start_up() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let work = dir.path().join("work");
+        std::fs::create_dir_all(&work).expect("mkdir");
+        let lax = backend(lax_sandbox_exec(dir.path()), &work);
+        let err = lax.probe(&work).await.expect_err("it wrote the work dir");
+        assert!(
+            err.to_string()
+                .contains("wrote the agent's work directory: true"),
+            "{err:#}"
+        );
+        assert!(!work.join("forbidden").exists());
+        let missing = backend(dir.path().join("no-such-tool"), &work);
+        let err = missing.probe(&work).await.expect_err("no tool");
+        assert!(err.to_string().contains("cannot run"), "{err:#}");
+    }
+
+    /// What `start` runs, with the lax tool and a profile beside it.
+    fn command(program: &Path, script: &str) -> std::process::Command {
+        let profile = program.with_file_name("action.sb");
+        std::fs::write(&profile, "(version 1)\n").expect("profile");
+        let mut c = std::process::Command::new(program);
+        c.arg("-f")
+            .arg(&profile)
+            .args(["--", "/bin/sh", "-c", script]);
+        c
+    }
+
+    #[tokio::test]
+    async fn what_an_action_leaves_behind_dies_with_it_and_stop_kills_it_all() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let program = lax_sandbox_exec(dir.path());
+        let pidfile = dir.path().join("daemon");
+        // A daemon out of the action's group (setsid), then the action ends.
+        let script = format!(
+            "setsid sleep 300 & echo $! > {}; sleep 1.5; exit 3",
+            pidfile.display()
+        );
+        let mut action = Sandboxed::start(command(&program, &script)).expect("start");
+        assert_eq!(action.wait().await.expect("wait"), 3);
+        let daemon: i32 = std::fs::read_to_string(&pidfile)
+            .expect("pid")
+            .trim()
+            .parse()
+            .expect("a pid");
+        let rows = tree::table().expect("ps");
+        assert!(
+            !rows.iter().any(|r| r.pid == daemon && !r.zombie),
+            "the daemon outlived its action"
+        );
+        // Stopped while running: everything goes, the exit code says how.
+        let mut action =
+            Sandboxed::start(command(&program, "sleep 300 & sleep 300")).expect("start");
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        action.stop();
+        let code = tokio::time::timeout(Duration::from_secs(10), action.wait())
+            .await
+            .expect("ended")
+            .expect("wait");
+        assert_eq!(code, 128 + 9);
     }
 }
