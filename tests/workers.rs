@@ -263,26 +263,7 @@ async fn a_hung_worker_is_stopped_at_the_timeout_and_the_action_runs_plain() {
     let (server, agent, _) = fleet(scratch.path(), &["--isolation", "none"]);
     let mut client = server.client().await;
     common::wait_for_fleet(&mut client).await;
-    let tool = std::fs::read(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/worker-workspace/worker.py"),
-    )
-    .expect("worker.py");
-    let spec = common::ActionSpec {
-        args: ["python3", "worker.py", "@args"].map(String::from).to_vec(),
-        env: vec![("PATH".into(), "/usr/bin:/bin".into())],
-        platform: vec![("persistentWorkerKey".into(), "hangs".into())],
-        output_paths: vec!["out.txt".into()],
-        timeout: Some(std::time::Duration::from_secs(2)),
-        inputs: vec![
-            ("worker.py".into(), tool.into()),
-            (
-                "args".into(),
-                "--src=src.txt\n--out=out.txt\n--break=hang\n".into(),
-            ),
-            ("src.txt".into(), "hang 0\n".into()),
-        ],
-        ..Default::default()
-    };
+    let spec = worker_action("hangs", "hang 0", &["--break=hang"]);
     let started = std::time::Instant::now();
     let ran = client.run(&spec).await;
     assert_eq!(ran.result.exit_code, 0, "{}", ran.stderr);
@@ -293,13 +274,7 @@ async fn a_hung_worker_is_stopped_at_the_timeout_and_the_action_runs_plain() {
         "{}",
         ran.stderr
     );
-    let out = ran
-        .result
-        .output_files
-        .first()
-        .and_then(|f| f.digest.clone())
-        .expect("out.txt");
-    let text = client.text(Some(&out)).await;
+    let text = output_of(&mut client, &ran).await;
     assert!(text.contains("mode=plain"), "{text}");
     // The hung worker is gone.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
@@ -311,4 +286,87 @@ async fn a_hung_worker_is_stopped_at_the_timeout_and_the_action_runs_plain() {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
     drop(agent);
+}
+
+/// worker.py run with a flagfile, asking for a worker of `key`, on
+/// `text`, with `extra` arguments in the flagfile.
+fn worker_action(key: &str, text: &str, extra: &[&str]) -> common::ActionSpec {
+    let tool = std::fs::read(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/worker-workspace/worker.py"),
+    )
+    .expect("worker.py");
+    let mut args = String::from("--src=src.txt\n--out=out.txt\n");
+    for a in extra {
+        args.push_str(a);
+        args.push('\n');
+    }
+    common::ActionSpec {
+        args: ["python3", "worker.py", "@args"].map(String::from).to_vec(),
+        env: vec![("PATH".into(), "/usr/bin:/bin".into())],
+        platform: vec![("persistentWorkerKey".into(), key.into())],
+        output_paths: vec!["out.txt".into()],
+        timeout: Some(std::time::Duration::from_secs(2)),
+        inputs: vec![
+            ("worker.py".into(), tool.into()),
+            ("args".into(), args.into()),
+            ("src.txt".into(), format!("{text}\n").into()),
+        ],
+        ..Default::default()
+    }
+}
+
+/// The action's out.txt.
+async fn output_of(client: &mut common::Client, ran: &common::Ran) -> String {
+    let out = ran
+        .result
+        .output_files
+        .first()
+        .and_then(|f| f.digest.clone())
+        .expect("out.txt");
+    client.text(Some(&out)).await
+}
+
+/// Who wrote the output of `key`'s action on `text`.
+async fn served_by(client: &mut common::Client, key: &str, text: &str) -> (String, u32) {
+    let ran = client.run(&worker_action(key, text, &[])).await;
+    assert_eq!(ran.result.exit_code, 0, "{}", ran.stderr);
+    let out = output_of(client, &ran).await;
+    let field = |k: &str| {
+        out.split_whitespace()
+            .find_map(|w| w.strip_prefix(&format!("{k}=")))
+            .unwrap_or_else(|| panic!("{k} in {out:?}"))
+            .to_owned()
+    };
+    assert_eq!(field("mode"), "worker", "{out}");
+    (field("id"), field("served").parse().expect("served"))
+}
+
+#[tokio::test]
+async fn a_worker_is_replaced_after_its_requests_and_the_idle_pool_is_bounded() {
+    let scratch = tempdir();
+    let (server, _agent, _) = fleet(
+        scratch.path(),
+        &[
+            "--isolation",
+            "none",
+            "--worker-max-requests",
+            "2",
+            "--worker-max-idle",
+            "1",
+        ],
+    );
+    let mut client = server.client().await;
+    common::wait_for_fleet(&mut client).await;
+    let (a1, n1) = served_by(&mut client, "a", "one").await;
+    let (a2, n2) = served_by(&mut client, "a", "two").await;
+    let (a3, n3) = served_by(&mut client, "a", "three").await;
+    assert_eq!((a1 == a2, n1, n2), (true, 1, 2), "one worker, two requests");
+    assert_ne!(a3, a1, "replaced after worker_max_requests");
+    assert_eq!(n3, 1);
+    // Another key's worker takes the one idle place: a's worker goes.
+    let (b1, _) = served_by(&mut client, "b", "four").await;
+    let (a4, n4) = served_by(&mut client, "a", "five").await;
+    assert_ne!(a4, a3, "the least recently used idle worker was stopped");
+    assert_ne!(a4, b1);
+    assert_eq!(n4, 1);
 }
