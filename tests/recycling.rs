@@ -163,3 +163,46 @@ async fn the_action_goes_to_the_agent_holding_its_runner_until_its_wait_is_over(
     );
     assert_eq!(worker_of(&hold.await.expect("held action")), second);
 }
+
+/// With client tokens, one client's kept workspace never reaches another
+/// client's action of the same key.
+#[tokio::test]
+async fn a_kept_workspace_stays_with_its_client() {
+    let scratch = tempdir();
+    let dir = scratch.path();
+    std::fs::write(
+        dir.join("client-tokens"),
+        "client-a-token-0001\nclient-b-token-0001\n",
+    )
+    .expect("write");
+    std::fs::write(dir.join("agent-tokens"), "agent-token-00000001\n").expect("write");
+    std::fs::write(dir.join("agent.token"), "agent-token-00000001\n").expect("write");
+    let path = |name: &str| dir.join(name).display().to_string();
+    let server = Coordinator::start(
+        &dir.join("data"),
+        &[
+            "--client-tokens",
+            &path("client-tokens"),
+            "--agent-tokens",
+            &path("agent-tokens"),
+        ],
+    );
+    let agent = Agent::start(
+        &server.endpoint(),
+        &dir.join("agent"),
+        &["--slots", "1", "--token-file", &path("agent.token")],
+    );
+    agent
+        .wait_for("registered with the coordinator", Duration::from_secs(30))
+        .await;
+    let uri = format!("http://{}", server.addr);
+    let mut a = common::Client::connect_as(&uri, Some("client-a-token-0001")).await;
+    let mut b = common::Client::connect_as(&uri, Some("client-b-token-0001")).await;
+    let ran = a.run(&recycled("k", "echo mine > left.txt")).await;
+    assert_eq!(ran.result.exit_code, 0, "{}", ran.stderr);
+    let absent = "cat left.txt 2>/dev/null || echo absent";
+    let ran = b.run(&recycled("k", absent)).await;
+    assert_eq!(ran.stdout, "absent\n", "another client's workspace");
+    let ran = a.run(&recycled("k", absent)).await;
+    assert_eq!(ran.stdout, "mine\n", "its own client's workspace");
+}
