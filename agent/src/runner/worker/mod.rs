@@ -19,8 +19,9 @@
 //! A worker that dies, hangs past the action's timeout, or answers
 //! garbage or too much is stopped and never reused, and the caller runs
 //! the action once as a plain command. Worker processes die with the agent
-//! (they hang off the spawner like any action, or are containers the
-//! Docker backend removes).
+//! (they hang off the spawner like any action; a Docker worker is a
+//! container the backend removes, at the latest when the agent starts
+//! again).
 
 pub mod flagfiles;
 pub mod mirror;
