@@ -8,25 +8,36 @@
 
 mod common;
 
-use common::{ActionSpec, Agent, Coordinator, tempdir, wait_for_fleet};
+use std::path::Path;
+
+use common::{ActionSpec, Agent, Client, Coordinator, tempdir, wait_for_fleet};
 use tonic::Code;
+
+/// A coordinator (no start-up grace, so requirements fail at once) and an
+/// unisolated agent with `agent_args` in `dir`, connected.
+async fn mac_fleet(dir: &Path, agent_args: &[&str]) -> (Coordinator, Agent, Client) {
+    let server = Coordinator::start(&dir.join("data"), &["--startup-grace", "0s"]);
+    let args: Vec<&str> = ["--isolation", "none"]
+        .into_iter()
+        .chain(agent_args.iter().copied())
+        .collect();
+    let agent = Agent::start(&server.endpoint(), &dir.join("agent"), &args);
+    let mut client = server.client().await;
+    wait_for_fleet(&mut client).await;
+    (server, agent, client)
+}
 
 #[tokio::test]
 async fn xcode_and_macos_versions_are_matched_as_a_mac_advertises_them() {
     let dir = tempdir();
-    let server = Coordinator::start(&dir.path().join("data"), &["--startup-grace", "0s"]);
-    let _agent = Agent::start(
-        &server.endpoint(),
-        &dir.path().join("agent"),
+    let (_server, _agent, mut client) = mac_fleet(
+        dir.path(),
         &[
-            "--isolation",
-            "none",
             "--label",
             "xcode-version=15.2.0.15C500b,macos-version=14.10",
         ],
-    );
-    let mut client = server.client().await;
-    wait_for_fleet(&mut client).await;
+    )
+    .await;
 
     // An Xcode no agent has, named only in the environment: refused at
     // once, with the versions the fleet has.
@@ -71,7 +82,7 @@ async fn xcode_and_macos_versions_are_matched_as_a_mac_advertises_them() {
 
 /// Writes `Xcode_VERSION.app` as Xcode ships it: `Contents/version.plist`
 /// and an SDK under a versioned name.
-fn install_xcode(apps: &std::path::Path, version: &str, build: &str, sdk: (&str, &str)) {
+fn install_xcode(apps: &Path, version: &str, build: &str, sdk: (&str, &str)) {
     let contents = apps.join(format!("Xcode_{version}.app/Contents"));
     let (platform, sdk_version) = sdk;
     let sdks = contents.join(format!(
@@ -109,19 +120,8 @@ async fn an_action_runs_with_the_developer_dir_and_sdk_of_the_xcode_it_names() {
     let apps = dir.path().join("Applications");
     install_xcode(&apps, "15.2", "15C500b", ("iPhoneSimulator", "17.2"));
     install_xcode(&apps, "14.3.1", "14E300c", ("iPhoneSimulator", "16.4"));
-    let server = Coordinator::start(&dir.path().join("data"), &["--startup-grace", "0s"]);
-    let _agent = Agent::start(
-        &server.endpoint(),
-        &dir.path().join("agent"),
-        &[
-            "--isolation",
-            "none",
-            "--xcode-dir",
-            apps.to_str().expect("utf-8"),
-        ],
-    );
-    let mut client = server.client().await;
-    wait_for_fleet(&mut client).await;
+    let (_server, _agent, mut client) =
+        mac_fleet(dir.path(), &["--xcode-dir", apps.to_str().expect("utf-8")]).await;
     let mut spec = ActionSpec::shell("echo \"$DEVELOPER_DIR\"; echo \"$SDKROOT\"");
     for (name, value) in [
         ("XCODE_VERSION_OVERRIDE", "14.3.1.14E300c"),
