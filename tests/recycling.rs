@@ -137,6 +137,10 @@ async fn the_action_goes_to_the_agent_holding_its_runner_until_its_wait_is_over(
     let again = client.run(&recycled("route", "cat left.txt")).await;
     assert_eq!(worker_of(&again), second);
     assert_eq!(again.stdout, "one\n");
+    // The status page shows the warm runner on its agent.
+    let (status, page) = common::http_get(server.addr, "/").await;
+    assert_eq!(status, 200);
+    assert!(page.contains("warm: 1 warm key ("), "{page}");
 
     // The warm agent is busy for longer than the wait: the action goes to
     // the other agent.
