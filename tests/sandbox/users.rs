@@ -158,3 +158,47 @@ async fn an_inotify_flood_reaches_no_other_action_nor_root() {
         "the flood got {got} of its user's {limit}: it shares a count with others"
     );
 }
+
+/// Whether `path` is a mount point in this process's mount namespace.
+fn mounted(path: &Path) -> bool {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    let path = path.to_string_lossy();
+    info.lines()
+        .any(|l| l.split(' ').nth(4) == Some(path.as_ref()))
+}
+
+/// A root agent whose work directory lies under a directory other users
+/// may not enter (here a 0700 temporary directory, as `/root` is) still
+/// runs sandboxed actions as their own users: it binds the work directory
+/// at `/run/outpost/ID` for them, and removes the bind when it stops.
+#[tokio::test]
+async fn a_work_dir_in_a_private_directory_is_reached_through_a_bind() {
+    let dir = common::tempdir();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).expect("chmod");
+    let server = common::Coordinator::start(&dir.path().join("data"), &[]);
+    let agent = common::Agent::start(&server.endpoint(), &dir.path().join("agent"), &[]);
+    agent
+        .wait_for("registered with the coordinator", Duration::from_secs(30))
+        .await;
+    let bind = Path::new("/run/outpost").join(agent.id());
+    assert!(mounted(&bind), "no bind at {}", bind.display());
+    let mut client = server.client().await;
+    let action = client
+        .upload_action(&ActionSpec::shell("id -u; echo made > out.txt"))
+        .await;
+    let (_, response) = client.execute(&action, true).await.expect("execute");
+    let result = response.result.unwrap_or_default();
+    assert_eq!(result.exit_code, 0, "{:?}", response.message);
+    let digest = outpost_proto::digest::Digest::from_proto(
+        result.stdout_digest.as_ref().expect("stdout"),
+        outpost_proto::digest::Function::Sha256,
+    )
+    .expect("digest");
+    let uid: u32 = String::from_utf8_lossy(&client.download(&digest).await.expect("stdout"))
+        .trim()
+        .parse()
+        .expect("a uid");
+    assert!(uid > BASE, "ran as {uid}");
+    agent.stop().await;
+    assert!(!mounted(&bind), "the bind outlived the agent");
+}

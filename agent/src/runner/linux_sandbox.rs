@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use outpost_sandbox::linux::{cgroup, launch, spawner::Mode};
+use outpost_sandbox::linux::{alias::Alias, cgroup, launch, spawner::Mode};
 use outpost_sandbox::spec::{Limits, Spec};
 
 use super::sandbox_users::{Lease, Users, mapped};
@@ -62,6 +62,11 @@ pub struct LinuxSandbox {
     spawner: Option<Arc<Spawner>>,
     /// On an agent running as root, the host users actions run as.
     users: Option<Arc<Users>>,
+    /// The work directory's bind where those users can reach it, when
+    /// they cannot reach it where it is; actions' paths are named by it.
+    alias: Option<Alias>,
+    /// This agent's id, as a file name.
+    name: String,
 }
 
 /// One action's limits under `config`; memory defaults to the host's.
@@ -99,11 +104,10 @@ impl LinuxSandbox {
                 }
             })
             .collect();
-        let limiter = tokio::task::spawn_blocking(move || {
-            cgroup::Limiter::detect(&format!("outpost-{name}"))
-        })
-        .await
-        .context("detecting cgroups")?;
+        let cgroup_name = format!("outpost-{name}");
+        let limiter = tokio::task::spawn_blocking(move || cgroup::Limiter::detect(&cgroup_name))
+            .await
+            .context("detecting cgroups")?;
         let users = Self::users(config)?;
         Ok(LinuxSandbox {
             host_paths,
@@ -115,6 +119,8 @@ impl LinuxSandbox {
             host_memory,
             spawner: None,
             users,
+            alias: None,
+            name,
         })
     }
 
@@ -173,6 +179,16 @@ impl LinuxSandbox {
             .spawner
             .as_ref()
             .ok_or_else(|| Error::Retryable("this agent has no spawner".into()))?;
+        // The paths the stub (as its user) binds, by the alias if any.
+        let (dir, root) = match &self.alias {
+            Some(alias) => (alias.map(run.dir), alias.map(run.root)),
+            None => (run.dir.to_owned(), run.root.to_owned()),
+        };
+        let run = Run {
+            dir: &dir,
+            root: &root,
+            ..run
+        };
         let mut spec = common_spec(&run);
         let lease = self.users.as_ref().map(Users::take).transpose()?;
         spec.user = lease.as_ref().map(|l| l.user);
@@ -253,6 +269,16 @@ impl LinuxSandbox {
                 users
                     .open_to_group(&dir)
                     .with_context(|| format!("opening {} to the sandbox group", dir.display()))?;
+            }
+            self.alias = Alias::reach(work_dir, users.gid(), &self.name)
+                .map_err(|e| anyhow::anyhow!("isolation linux-sandbox cannot start: {e}"))?;
+            if let Some(alias) = &self.alias {
+                tracing::info!(
+                    work_dir = %work_dir.display(),
+                    at = %alias.path().display(),
+                    "the sandbox users cannot pass through a directory above the work \
+                     directory: actions' directories are named by its bind"
+                );
             }
         }
         let landlock = self.probe_sandbox(work_dir).await.map_err(|e| {

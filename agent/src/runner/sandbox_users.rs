@@ -56,6 +56,11 @@ impl Users {
         }))
     }
 
+    /// The group every sandbox user is in.
+    pub fn gid(&self) -> u32 {
+        self.gid
+    }
+
     /// The lowest free user.
     pub fn take(self: &Arc<Users>) -> Result<Lease, Error> {
         let uid = {

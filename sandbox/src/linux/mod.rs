@@ -6,6 +6,7 @@
 //! ([`stub::main`]) builds the sandbox and execs the action. Resource
 //! limits live in [`cgroup`], which the agent drives.
 
+pub mod alias;
 pub mod cgroup;
 mod fds;
 pub mod launch;
