@@ -44,6 +44,7 @@ pub struct SandboxExec {
     /// Writable besides the workspace: the Darwin user temp and cache dirs.
     writable: Vec<PathBuf>,
     allow_network: bool,
+    follower: Follower,
 }
 
 impl SandboxExec {
@@ -75,6 +76,7 @@ impl SandboxExec {
             hidden,
             writable,
             allow_network: config.allow_network,
+            follower: Follower::start(),
         };
         backend.probe(&work_dir).await?;
         Ok(backend)
@@ -187,7 +189,60 @@ impl Backend for SandboxExec {
             .stdin(std::process::Stdio::null())
             .stdout(run.stdout)
             .stderr(run.stderr);
-        Ok(Box::new(Sandboxed::start(command)?))
+        Ok(Box::new(Sandboxed::start(command, &self.follower)?))
+    }
+}
+
+type Followed = Arc<Mutex<tree::Family>>;
+
+/// Follows every running action's family with one `ps` per poll, however
+/// many run (none while none does); its task ends with the backend.
+#[derive(Clone)]
+struct Follower {
+    families: Arc<Mutex<Vec<std::sync::Weak<Mutex<tree::Family>>>>>,
+}
+
+impl Follower {
+    fn start() -> Follower {
+        let follower = Follower {
+            families: Arc::default(),
+        };
+        let families = Arc::downgrade(&follower.families);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(tree::POLL).await;
+                let Some(families) = families.upgrade() else {
+                    return;
+                };
+                let live: Vec<Followed> = match families.lock() {
+                    Ok(mut list) => {
+                        list.retain(|f| f.strong_count() > 0);
+                        list.iter().filter_map(std::sync::Weak::upgrade).collect()
+                    }
+                    Err(_) => return,
+                };
+                drop(families);
+                if live.is_empty() {
+                    continue;
+                }
+                let Ok(Ok(rows)) = tokio::task::spawn_blocking(tree::table).await else {
+                    continue;
+                };
+                for family in live {
+                    if let Ok(mut f) = family.lock() {
+                        f.refresh(&rows);
+                    }
+                }
+            }
+        });
+        follower
+    }
+
+    /// Follows `family` for as long as it is held elsewhere.
+    fn follow(&self, family: &Followed) {
+        if let Ok(mut list) = self.families.lock() {
+            list.push(Arc::downgrade(family));
+        }
     }
 }
 
@@ -195,13 +250,12 @@ impl Backend for SandboxExec {
 /// runs, and the power assertion.
 struct Sandboxed {
     child: tokio::process::Child,
-    family: Arc<Mutex<tree::Family>>,
-    follow: tokio::task::JoinHandle<()>,
+    family: Followed,
     _awake: Option<tokio::process::Child>,
 }
 
 impl Sandboxed {
-    fn start(mut command: std::process::Command) -> Result<Sandboxed, Error> {
+    fn start(mut command: std::process::Command, follower: &Follower) -> Result<Sandboxed, Error> {
         use std::os::unix::process::CommandExt;
         command.process_group(0);
         let child = tokio::process::Command::from(command)
@@ -213,22 +267,10 @@ impl Sandboxed {
             .and_then(|p| i32::try_from(p).ok())
             .ok_or_else(|| Error::Retryable("sandbox-exec exited at once".into()))?;
         let family = Arc::new(Mutex::new(tree::Family::new(pid)));
-        let followed = Arc::clone(&family);
-        let follow = tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(tree::POLL).await;
-                let Ok(Ok(rows)) = tokio::task::spawn_blocking(tree::table).await else {
-                    continue;
-                };
-                if let Ok(mut f) = followed.lock() {
-                    f.refresh(&rows);
-                }
-            }
-        });
+        follower.follow(&family);
         Ok(Sandboxed {
             child,
             family,
-            follow,
             _awake: stay_awake(pid),
         })
     }
@@ -273,7 +315,6 @@ impl Process for Sandboxed {
             .wait()
             .await
             .map_err(|e| Error::local("waiting for the action", e))?;
-        self.follow.abort();
         // What it left behind goes with it.
         let killer = self.kill_all();
         let _ = tokio::task::spawn_blocking(move || killer.join()).await;
@@ -289,12 +330,6 @@ impl Process for Sandboxed {
 
     async fn finish(self: Box<Self>) -> Result<Option<String>, Error> {
         Ok(None)
-    }
-}
-
-impl Drop for Sandboxed {
-    fn drop(&mut self) {
-        self.follow.abort();
     }
 }
 
@@ -323,6 +358,7 @@ mod tests {
             hidden: vec![work_dir.to_owned()],
             writable: Vec::new(),
             allow_network: false,
+            follower: Follower::start(),
         }
     }
 
@@ -359,13 +395,14 @@ mod tests {
     async fn what_an_action_leaves_behind_dies_with_it_and_stop_kills_it_all() {
         let dir = tempfile::tempdir().expect("tempdir");
         let program = lax_sandbox_exec(dir.path());
+        let follower = Follower::start();
         let pidfile = dir.path().join("daemon");
         // A daemon out of the action's group (setsid), then the action ends.
         let script = format!(
             "setsid sleep 300 & echo $! > {}; sleep 1.5; exit 3",
             pidfile.display()
         );
-        let mut action = Sandboxed::start(command(&program, &script)).expect("start");
+        let mut action = Sandboxed::start(command(&program, &script), &follower).expect("start");
         assert_eq!(action.wait().await.expect("wait"), 3);
         let daemon: i32 = std::fs::read_to_string(&pidfile)
             .expect("pid")
@@ -379,7 +416,7 @@ mod tests {
         );
         // Stopped while running: everything goes, the exit code says how.
         let mut action =
-            Sandboxed::start(command(&program, "sleep 300 & sleep 300")).expect("start");
+            Sandboxed::start(command(&program, "sleep 300 & sleep 300"), &follower).expect("start");
         tokio::time::sleep(Duration::from_millis(600)).await;
         action.stop();
         let code = tokio::time::timeout(Duration::from_secs(10), action.wait())
