@@ -370,3 +370,19 @@ async fn a_worker_is_replaced_after_its_requests_and_the_idle_pool_is_bounded() 
     assert_ne!(a4, b1);
     assert_eq!(n4, 1);
 }
+
+#[tokio::test]
+async fn an_idle_worker_is_stopped_after_the_idle_timeout() {
+    let scratch = tempdir();
+    let (server, _agent, _) = fleet(
+        scratch.path(),
+        &["--isolation", "none", "--worker-idle-timeout", "1s"],
+    );
+    let mut client = server.client().await;
+    common::wait_for_fleet(&mut client).await;
+    let (first, _) = served_by(&mut client, "idle", "one").await;
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let (second, served) = served_by(&mut client, "idle", "two").await;
+    assert_ne!(first, second, "an idle worker outlived worker_idle_timeout");
+    assert_eq!(served, 1);
+}

@@ -369,6 +369,8 @@ impl Workers {
         req: Request<'_>,
         cancel: &CancellationToken,
     ) -> Result<Outcome, Error> {
+        // Idle workers past their time go now, not only at the heartbeat.
+        self.expire(Instant::now());
         let hit = |status| WarmLabels {
             kind: "worker",
             status,
