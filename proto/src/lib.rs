@@ -21,8 +21,8 @@ pub mod resource;
 pub mod settings;
 pub mod units;
 pub mod validate;
-pub mod warm;
 pub mod version;
+pub mod warm;
 pub mod xcode;
 
 #[allow(clippy::all, missing_docs)]

@@ -457,7 +457,10 @@ mod tests {
             ("workload-isolation-type", "docker"),
         ]))
         .expect_err("docker cannot");
-        assert!(err.contains("needs workload-isolation-type=linux-sandbox"), "{err}");
+        assert!(
+            err.contains("needs workload-isolation-type=linux-sandbox"),
+            "{err}"
+        );
         let err = parse(&props(&[
             ("root-filesystem", "input-root"),
             ("container-image", "docker://gcc:12"),

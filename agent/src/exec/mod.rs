@@ -312,7 +312,8 @@ impl Executor {
         result.execution_metadata = Some(meta);
         match recycling {
             Some(r) => {
-                let ok = exit_code == 0 && !timed_out && status.as_ref().is_none_or(|s| s.code == 0);
+                let ok =
+                    exit_code == 0 && !timed_out && status.as_ref().is_none_or(|s| s.code == 0);
                 self.recycler
                     .give_back(r, workspace, ok, input_files, output_paths)
                     .await;

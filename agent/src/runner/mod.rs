@@ -25,6 +25,7 @@ pub mod gpu;
 mod linux_sandbox;
 mod none;
 mod options;
+pub mod recycle;
 mod sandbox_exec;
 #[cfg(os_linux)]
 mod sandbox_users;
@@ -32,7 +33,6 @@ mod sandbox_users;
 mod spawned;
 #[cfg(os_linux)]
 pub mod spawner;
-pub mod recycle;
 pub mod worker;
 mod workspace;
 pub mod xcode;

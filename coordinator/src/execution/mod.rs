@@ -285,7 +285,12 @@ impl Execution for ExecutionService {
             )));
         }
         let priority = req.execution_policy.map_or(0, |p| p.priority);
-        let warm = warm_of(&req.instance_name, &platform, &client, self.timeouts.warm_wait)?;
+        let warm = warm_of(
+            &req.instance_name,
+            &platform,
+            &client,
+            self.timeouts.warm_wait,
+        )?;
         let job = crate::scheduler::Job {
             warm,
             instance_name: req.instance_name,

@@ -424,8 +424,7 @@ impl State {
                     gpus: a.describe_gpus(),
                     last_heartbeat: a.last_heartbeat.elapsed(),
                     warm_keys: {
-                        let mut keys: Vec<String> =
-                            a.warm_keys.iter().flatten().cloned().collect();
+                        let mut keys: Vec<String> = a.warm_keys.iter().flatten().cloned().collect();
                         keys.sort();
                         keys
                     },
