@@ -76,7 +76,7 @@ OUTPOST_BUILDSTREAM="$(scripts/buildstream-env.sh target/buildstream)"
 export OUTPOST_BUILDSTREAM OUTPOST_REQUIRE_BUILDSTREAM=1
 
 say "docker images"
-# The Docker engine runs on the project's machines; tests/docker.rs needs
+# The Docker engine runs on the project's machines; tests/docker/ needs
 # the local toolchain image (built once, about a minute).
 scripts/test-image.sh
 # tests/containers.rs runs the agent's image, of the binary under test

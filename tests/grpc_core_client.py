@@ -7,7 +7,7 @@ Execute or WaitExecution stream breaks it waits on the operation again by
 name with WaitExecution, and when the coordinator does not know the
 operation any more (it restarted) it executes the action again.
 
-Used by tests/execution.rs and scripts/soak.py. As a command:
+Used by tests/execution/ and scripts/soak.py. As a command:
 
     grpc_core_client.py HOST:PORT SCRIPT [--break-first] [--timeout SECONDS]
 
