@@ -64,10 +64,7 @@ async fn the_cli_and_the_page_show_the_fleet_and_drain_works() {
     let action = client
         .upload_action(&ActionSpec::shell("echo drained-then-ran"))
         .await;
-    let waiting = {
-        let mut client = client.clone();
-        tokio::spawn(async move { client.execute(&action, true).await })
-    };
+    let waiting = client.execute_in_background(action);
     tokio::time::sleep(Duration::from_millis(700)).await;
     assert!(!waiting.is_finished(), "a drained agent got work");
     let (_, queue) = admin(&["queue"], &endpoint);

@@ -59,10 +59,7 @@ async fn the_page_shows_both_agents_and_recent_actions_in_a_browser() {
     }
     // One still running while the page is rendered.
     let long = client.upload_action(&ActionSpec::shell("sleep 20")).await;
-    let running = {
-        let mut client = client.clone();
-        tokio::spawn(async move { client.execute(&long, true).await })
-    };
+    let running = client.execute_in_background(long);
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     let url = format!("http://{}/", server.addr);

@@ -165,6 +165,16 @@ impl Client {
             .into_inner();
         follow(stream).await
     }
+
+    /// Executes `action` (no cache lookup) on a clone of this client, in
+    /// the background; the handle gives what [`Client::execute`] returns.
+    pub fn execute_in_background(
+        &self,
+        action: Digest,
+    ) -> tokio::task::JoinHandle<Result<(String, reapi::ExecuteResponse), tonic::Status>> {
+        let mut client = self.clone();
+        tokio::spawn(async move { client.execute(&action, true).await })
+    }
 }
 
 impl Client {

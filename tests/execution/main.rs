@@ -293,10 +293,7 @@ async fn work_of_a_killed_agent_runs_on_another() {
             marker.display()
         )))
         .await;
-    let running = {
-        let mut client = client.clone();
-        tokio::spawn(async move { client.execute(&action, true).await })
-    };
+    let running = client.execute_in_background(action);
     read_pid_or_text(&marker).await;
     let second = Agent::start(
         &server.endpoint(),
@@ -362,10 +359,7 @@ async fn agents_reconnect_after_a_coordinator_restart_mid_action() {
             marker.display()
         )))
         .await;
-    let running = {
-        let mut client = client.clone();
-        tokio::spawn(async move { client.execute(&long, true).await })
-    };
+    let running = client.execute_in_background(long);
     read_pid_or_text(&marker).await;
     server.kill();
     assert!(
@@ -432,10 +426,7 @@ async fn the_fleet_is_remembered_across_a_restart() {
     let linux = client
         .upload_action(&ActionSpec::shell("echo waited").with_platform("OSFamily", "linux"))
         .await;
-    let waiting = {
-        let mut client = client.clone();
-        tokio::spawn(async move { client.execute(&linux, true).await })
-    };
+    let waiting = client.execute_in_background(linux);
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(
         !waiting.is_finished(),
@@ -463,10 +454,7 @@ async fn a_draining_agent_finishes_its_work_and_exits() {
             marker.display()
         )))
         .await;
-    let running = {
-        let mut client = client.clone();
-        tokio::spawn(async move { client.execute(&action, true).await })
-    };
+    let running = client.execute_in_background(action);
     read_pid_or_text(&marker).await;
     let status = agent.stop().await;
     assert!(status.success(), "the agent exited with {status}");

@@ -35,10 +35,7 @@ async fn a_dead_spawner_takes_its_actions_along_and_is_replaced() {
             p = pid_file.display()
         )))
         .await;
-    let running = {
-        let mut client = client.clone();
-        tokio::spawn(async move { client.execute(&action, true).await })
-    };
+    let running = client.execute_in_background(action);
     let sleeper = read_pid(&pid_file).await;
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(first),
