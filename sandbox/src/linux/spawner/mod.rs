@@ -428,23 +428,27 @@ impl Spawner {
             .push((key, Instant::now() + COLD_AFTER_FAILURE));
     }
 
+    /// The warm stub of `key`, ready for the job in `spec_file`. One that
+    /// became another user cannot join root's cgroups itself (a cold stub
+    /// joins before it changes user), so it is moved into them here; one
+    /// that cannot be moved is killed, and the job starts cold.
+    fn warm_for(&mut self, key: Key, spec_file: &Path) -> Option<Warm> {
+        let warm = self.take_warm(key)?;
+        if key.1.is_some()
+            && let Err(e) = move_into_cgroups(warm.pid, spec_file)
+        {
+            eprintln!("outpost __spawner: {e}; starting the action's stub cold");
+            let _ = signal::kill(warm.pid, Signal::SIGKILL);
+            return None;
+        }
+        Some(warm)
+    }
+
     /// Starts a stub for the job: the warm one, or a new fork.
     fn start(&mut self, key: Key, spec_file: &[u8], fds: &[OwnedFd]) -> nix::Result<Pid> {
         let path = Path::new(OsStr::from_bytes(spec_file));
-        let (mode, user) = key;
-        // A stub that became its user cannot join root's cgroups itself:
-        // the spawner moves it (and a cold stub joins before it changes).
-        let taken = self.take_warm(key).filter(|warm| {
-            user.is_none() || {
-                let moved = move_into_cgroups(warm.pid, path);
-                if let Err(e) = &moved {
-                    eprintln!("outpost __spawner: {e}; starting the action's stub cold");
-                    let _ = signal::kill(warm.pid, Signal::SIGKILL);
-                }
-                moved.is_ok()
-            }
-        });
-        if let Some(warm) = taken {
+        let mode = key.0;
+        if let Some(warm) = self.warm_for(key, path) {
             let mut job = mode.name().as_bytes().to_vec();
             job.push(b' ');
             job.extend_from_slice(spec_file);
