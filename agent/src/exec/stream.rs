@@ -101,7 +101,9 @@ pub fn follow(
                 offset: 0,
             },
         ];
-        let mut tick = tokio::time::interval(TICK);
+        // The first look is a tick in: an action shorter than that (most
+        // of them) never has its files opened here.
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + TICK, TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
