@@ -161,12 +161,14 @@ impl Executor {
                 .as_ref()
                 .map_or(&[][..], |p| &p.properties[..]),
         };
-        let mut options = self.runners.options(platform)?;
+        // Read once; everything below goes by this reading.
+        let parsed = outpost_proto::platform::parse(platform).map_err(Error::BadInput)?;
+        let mut options = self.runners.options(&parsed)?;
         options.gpus = crate::runner::gpu::for_lease(&lease.gpus)?;
         let apple_env =
             crate::runner::xcode::action_environment(platform, &command.environment_variables)?;
         // Removed however the lease ends.
-        let recycling = warm::recycling(lease, platform, &options)?;
+        let recycling = warm::recycling(lease, &parsed, &options)?;
         let mut workspace = self.workspace_for(lease, recycling.as_ref()).await?;
         let dir = workspace.dir().to_owned();
         let root = workspace.root().to_owned();
@@ -265,7 +267,7 @@ impl Executor {
             .run_command(
                 warm::Action {
                     lease,
-                    platform,
+                    platform: &parsed,
                     inputs: input_digests,
                     outputs: &outputs,
                     stderr: &stderr_path,

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use outpost_proto::digest::Digest;
 use outpost_proto::fleet;
-use outpost_proto::reapi;
+use outpost_proto::platform::Parsed;
 use tokio_util::sync::CancellationToken;
 
 use super::outputs::OutputSpec;
@@ -23,7 +23,8 @@ use crate::runner::{Run, RunOptions, Workspace};
 /// The action as the command runner needs it.
 pub(super) struct Action<'a> {
     pub lease: &'a fleet::Lease,
-    pub platform: &'a [reapi::platform::Property],
+    /// Its platform, read through the shared vocabulary.
+    pub platform: &'a Parsed,
     /// The input files, under the root, with their digests.
     pub inputs: Vec<(PathBuf, Digest)>,
     pub outputs: &'a OutputSpec,
@@ -36,11 +37,10 @@ pub(super) struct Action<'a> {
 /// the coordinator's warm key (an older coordinator): never recycled.
 pub(super) fn recycling(
     lease: &fleet::Lease,
-    platform: &[reapi::platform::Property],
+    parsed: &Parsed,
     options: &RunOptions,
 ) -> Result<Option<Recycling>, Error> {
-    let parsed = outpost_proto::platform::parse(platform).map_err(Error::BadInput)?;
-    if !outpost_proto::warm::wants_recycling(&parsed) || lease.warm_key.is_empty() {
+    if !outpost_proto::warm::wants_recycling(parsed) || lease.warm_key.is_empty() {
         return Ok(None);
     }
     let options = format!("{options:?}");
@@ -84,9 +84,8 @@ impl Executor {
         run: Run<'_>,
         cancel: &CancellationToken,
     ) -> Result<Finished, Error> {
-        let parsed = outpost_proto::platform::parse(action.platform).map_err(Error::BadInput)?;
         let job = worker::plan(
-            &parsed,
+            action.platform,
             &action.lease.warm_key,
             run.argv,
             &run.env,

@@ -40,7 +40,7 @@ pub mod xcode;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
-use outpost_proto::reapi::platform::Property;
+use outpost_proto::platform::Parsed;
 
 use crate::config::Config;
 use crate::error::Error;
@@ -333,7 +333,7 @@ impl Runners {
 
     /// How an action's platform asks to run it, checked against what this
     /// agent offers.
-    pub fn options(&self, platform: &[Property]) -> Result<RunOptions, Error> {
+    pub fn options(&self, platform: &Parsed) -> Result<RunOptions, Error> {
         RunOptions::read(platform, self)
     }
 

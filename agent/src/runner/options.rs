@@ -1,7 +1,7 @@
 //! Run options: what an action's platform asks of the runner, read through
 //! the same vocabulary the coordinator matched it with.
 
-use outpost_proto::reapi::platform::Property;
+use outpost_proto::platform::Parsed;
 
 use super::{Kind, Runners};
 use crate::error::Error;
@@ -60,8 +60,7 @@ impl RunOptions {
     /// Reads `platform`, checked against what `runners` offer: asking for
     /// a backend or the network this agent does not give is the action's
     /// error, which names what the agent offers.
-    pub fn read(platform: &[Property], runners: &Runners) -> Result<RunOptions, Error> {
-        let parsed = outpost_proto::platform::parse(platform).map_err(Error::BadInput)?;
+    pub fn read(parsed: &Parsed, runners: &Runners) -> Result<RunOptions, Error> {
         let offered = || {
             runners
                 .backends
@@ -186,12 +185,18 @@ mod tests {
         }
     }
 
-    use outpost_proto::platform::from_pairs as props;
+    /// `runners`' options for a platform of pairs, read as the executor
+    /// reads it (a platform the vocabulary refuses is the action's error).
+    fn read(runners: &Runners, pairs: &[(&str, &str)]) -> Result<RunOptions, Error> {
+        let platform = outpost_proto::platform::from_pairs(pairs);
+        let parsed = outpost_proto::platform::parse(&platform).map_err(Error::BadInput)?;
+        runners.options(&parsed)
+    }
 
     #[test]
     fn actions_get_the_default_or_what_they_ask_for() {
         let sandboxed = runners(vec![(Kind::LinuxSandbox, false), (Kind::None, true)]);
-        let pick = |p: &[(&str, &str)]| sandboxed.options(&props(p));
+        let pick = |p: &[(&str, &str)]| read(&sandboxed, p);
         assert_eq!(pick(&[]).expect("default").kind, Kind::LinuxSandbox);
         assert_eq!(
             pick(&[("Workload-Isolation-Type", "none")])
@@ -219,7 +224,7 @@ mod tests {
         assert_eq!(sandboxed.offers().networks, vec!["off", "none/bridge"]);
         let open = runners(vec![(Kind::LinuxSandbox, true)]);
         assert!(
-            open.options(&props(&[("dockerNetwork", "bridge")]))
+            read(&open, &[("dockerNetwork", "bridge")])
                 .expect("allowed")
                 .network
         );
@@ -241,7 +246,7 @@ mod tests {
     #[test]
     fn a_container_image_runs_in_docker_with_what_the_action_asks() {
         let both = runners(vec![(Kind::LinuxSandbox, false), (Kind::Docker, true)]);
-        let pick = |p: &[(&str, &str)]| both.options(&props(p));
+        let pick = |p: &[(&str, &str)]| read(&both, p);
         // No isolation named: the image chooses Docker, not the default.
         let options = pick(&[
             ("container-image", "docker://gcc:12"),
@@ -290,9 +295,8 @@ mod tests {
         assert!(err.to_string().contains("not true or false"), "{err}");
         // An agent without Docker refuses an image outright.
         let sandboxed = runners(vec![(Kind::LinuxSandbox, false)]);
-        let err = sandboxed
-            .options(&props(&[("container-image", "docker://gcc:12")]))
-            .expect_err("no docker");
+        let err =
+            read(&sandboxed, &[("container-image", "docker://gcc:12")]).expect_err("no docker");
         assert!(
             err.to_string().contains("workload-isolation-type=docker"),
             "{err}"
